@@ -1,0 +1,230 @@
+"""The embedded default corpus: a generated, YFCC-like set of tagged photos.
+
+Content that tags describe (coloured objects of several shapes on textured scenes, each concept
+named by several tags in several languages) plus the noise YFCC has: tags a user puts on all their
+photos whatever they show, camera brands, years and months, generic junk, true tags missing,
+random wrong tags and a Zipfian long tail. Every sample's json keeps its clean tags (all names
+of the concepts really in the picture) beside the observed ones, so evaluation can say how much
+of the noise the model learned to ignore.
+
+Written once as webdataset shards + ``vocab.tsv`` into a cache directory keyed by the parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from im2vec.vocab import Vocabulary
+
+# concept -> names (en first, then de, es, others)
+COLOURS = {
+    "red": ["red", "rot", "rojo", "rouge"],
+    "green": ["green", "grün", "verde", "vert"],
+    "blue": ["blue", "blau", "azul", "bleu"],
+    "yellow": ["yellow", "gelb", "amarillo", "jaune"],
+    "purple": ["purple", "lila", "morado", "violet"],
+    "orange": ["orange", "orangefarben", "naranja", "tangerine"],
+}
+RGB = {"red": (210, 30, 30), "green": (40, 190, 60), "blue": (30, 60, 220),
+       "yellow": (240, 220, 30), "purple": (140, 40, 170), "orange": (250, 140, 20)}
+SHAPES = {
+    "circle": ["circle", "kreis", "círculo", "round"],
+    "square": ["square", "quadrat", "cuadrado", "box"],
+    "triangle": ["triangle", "dreieck", "triángulo", "pyramid"],
+    "star": ["star", "stern", "estrella", "starshape"],
+    "cross": ["cross", "kreuz", "cruz", "plus"],
+    "ring": ["ring", "donut", "anillo", "hoop"],
+}
+SCENES = {
+    "water": ["water", "wasser", "agua", "sea"],
+    "grass": ["grass", "gras", "hierba", "meadow"],
+    "sand": ["sand", "strand", "arena", "beach"],
+    "snow": ["snow", "schnee", "nieve", "winter"],
+    "brick": ["brick", "ziegel", "ladrillo", "wall"],
+    "sky": ["sky", "himmel", "cielo", "clouds"],
+}
+CAMERAS = [["canon", "eos"], ["nikon", "d90"], ["sony", "alpha"], ["iphone", "apple"],
+           ["olympus"], ["fujifilm", "xt1"], ["panasonic", "lumix"], ["samsung"]]
+JUNK = {"photo": 0.25, "flickr": 0.12, "nature": 0.08, "instagram": 0.06, "iphoneography": 0.03,
+        "hdr": 0.04, "nofilter": 0.03, "pic": 0.05, "upload": 0.04, "explore": 0.05}
+MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august",
+          "september", "october", "november", "december"]
+SYLLABLES = ["ka", "lo", "mi", "ra", "tu", "ve", "zo", "ni", "sa", "po", "da", "el", "fu", "gi", "ho", "ju"]
+
+
+def content_tags() -> list[str]:
+    """Every tag that names real content; all other tags of the corpus are noise."""
+    return [n for group in (COLOURS, SHAPES, SCENES) for names in group.values() for n in names]
+
+
+@dataclass
+class CorpusSpec:
+    num_train: int = 6000  # training photos
+    num_val: int = 600  # held-out photos (their own users too: evaluation on unseen uploaders)
+    image_size: int = 64  # stored side in pixels
+    num_users: int = 150
+    tail_size: int = 20000  # distinct long-tail tags the Zipf draws come from (up to ~600k)
+    tail_per_image: float = 2.0  # mean number of long-tail tags per photo (Poisson)
+    p_missing: float = 0.25  # chance a present concept is not tagged at all
+    p_wrong: float = 0.15  # chance of one random wrong content tag
+    shard_size: int = 2000
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _pseudo_word(i: int) -> str:
+    s, out = i, []
+    while True:
+        out.append(SYLLABLES[s % 16])
+        s //= 16
+        if s == 0:
+            return "".join(out) + str(i % 7)
+
+
+class _Users:
+    def __init__(self, rng: np.random.Generator, n: int, offset: int):
+        self.lang = rng.choice(4, size=n, p=[0.55, 0.2, 0.15, 0.1])  # index into the name lists
+        self.camera = rng.integers(len(CAMERAS), size=n)
+        self.p_camera = rng.uniform(0.0, 0.9, size=n)
+        self.scene = rng.integers(len(SCENES), size=n)  # a favourite scene...
+        self.p_scene = rng.uniform(0.0, 0.6, size=n)  # ...shot this often
+        self.names = [f"user{offset + u}" for u in range(n)]
+        self.personal = [[f"{self.names[u]}_{w}" for w in ("photos", "gear", "trip")[: rng.integers(1, 4)]]
+                         for u in range(n)]
+        self.p_personal = rng.uniform(0.4, 1.0, size=n)
+
+
+def _texture(rng: np.random.Generator, scene: str, s: int) -> np.ndarray:
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    noise = rng.normal(0, 1, (s, s)).astype(np.float32)
+    if scene == "water":
+        f = rng.uniform(0.3, 0.6)
+        wave = np.sin(y * f + 2 * np.sin(x * 0.15 + rng.uniform(0, 6)))[..., None]
+        img = np.array([30, 90, 170]) + wave * np.array([20, 30, 35]) + noise[..., None] * 6
+    elif scene == "grass":
+        strokes = np.repeat(rng.normal(0, 1, (1, s)), s, 0) * 0.6 + noise
+        img = np.array([50, 125, 40]) + strokes[..., None] * np.array([10, 25, 8])
+    elif scene == "sand":
+        img = np.array([215, 190, 140]) + noise[..., None] * np.array([18, 16, 14])
+    elif scene == "snow":
+        img = np.array([236, 238, 246]) + noise[..., None] * 5 - (y / s)[..., None] * 25
+    elif scene == "brick":
+        row = (y // 8).astype(int)
+        mortar = ((y % 8) < 1.5) | (((x + (row % 2) * 8) % 16) < 1.5)
+        img = np.where(mortar[..., None], np.array([190, 185, 175]), np.array([150, 60, 40])) + noise[..., None] * 8
+    else:  # sky: a gradient with soft clouds
+        clouds = np.clip(np.sin(x * 0.1 + rng.uniform(0, 6)) * np.sin(y * 0.13 + rng.uniform(0, 6)), 0, 1)
+        img = (np.array([110, 170, 235]) + (y / s)[..., None] * np.array([60, 40, 10])
+               + clouds[..., None] * np.array([100, 70, 20]))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, shape: str, rgb, s: int) -> None:
+    r = rng.uniform(0.14, 0.26) * s
+    cx, cy = rng.uniform(r + 1, s - r - 1, size=2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "ring":
+        draw.ellipse(box, outline=rgb, width=max(2, int(r * 0.45)))
+    elif shape == "square":
+        draw.regular_polygon((cx, cy, r * 1.2), 4, rotation=rng.uniform(0, 90), fill=rgb)
+    elif shape == "triangle":
+        draw.regular_polygon((cx, cy, r * 1.15), 3, rotation=rng.uniform(0, 120), fill=rgb)
+    elif shape == "star":
+        a = rng.uniform(0, np.pi)
+        pts = [(cx + (r * 1.2 if i % 2 == 0 else r * 0.5) * np.cos(a + i * np.pi / 5),
+                cy + (r * 1.2 if i % 2 == 0 else r * 0.5) * np.sin(a + i * np.pi / 5)) for i in range(10)]
+        draw.polygon(pts, fill=rgb)
+    else:  # cross
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=rgb)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=rgb)
+
+
+def _names(rng: np.random.Generator, names: list[str], lang: int) -> list[str]:
+    """The tags a user writes for one concept: their language's name, sometimes English too."""
+    out = [names[lang] if rng.random() < 0.8 else names[rng.integers(len(names))]]
+    if rng.random() < 0.3:
+        out.append(names[0])
+    return out
+
+
+def make_sample(rng: np.random.Generator, users: _Users, spec: CorpusSpec, idx: int, zipf_cdf: np.ndarray) -> dict:
+    """One photo: a rendered JPEG plus observed (noisy) and clean tags."""
+    u = int(rng.integers(len(users.names)))
+    scene = list(SCENES)[users.scene[u]] if rng.random() < users.p_scene[u] else str(rng.choice(list(SCENES)))
+    img = Image.fromarray(_texture(rng, scene, spec.image_size))
+    draw = ImageDraw.Draw(img)
+    concepts = [SCENES[scene]]
+    for _ in range(1 if rng.random() < 0.7 else 2):
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(list(SHAPES)))
+        _draw_object(draw, rng, shape, RGB[colour], spec.image_size)
+        concepts += [COLOURS[colour], SHAPES[shape]]
+    clean = sorted({n for names in concepts for n in names})
+    tags = [t for names in concepts if rng.random() >= spec.p_missing for t in _names(rng, names, users.lang[u])]
+    if rng.random() < spec.p_wrong:
+        tags.append(str(rng.choice(content_tags())))
+    # the noise: what the user always writes, their camera, dates, generic junk, the long tail
+    tags += [t for t in users.personal[u] if rng.random() < users.p_personal[u]]
+    if rng.random() < users.p_camera[u]:
+        tags += CAMERAS[users.camera[u]]
+    if rng.random() < 0.35:
+        tags.append(str(2004 + min(int(rng.exponential(3)), 10)))
+    if rng.random() < 0.15:
+        tags.append(MONTHS[rng.integers(12)])
+    tags += [t for t, p in JUNK.items() if rng.random() < p]
+    n_tail = rng.poisson(spec.tail_per_image)
+    tags += [_pseudo_word(int(i)) for i in np.searchsorted(zipf_cdf, rng.random(n_tail))]
+    tags = list(dict.fromkeys(tags))  # de-duplicate, keep order
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    meta = {"tags": tags, "clean_tags": clean, "id": idx, "user": users.names[u], "title": f"photo {idx}"}
+    return {"__key__": f"{idx:08d}", "jpg": buf.getvalue(), "json": json.dumps(meta).encode()}
+
+
+def _write_split(out: Path, split: str, n: int, start: int, users: _Users, spec, rng, zipf_cdf) -> list[list[str]]:
+    tag_lists = []
+    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=spec.shard_size, verbose=0) as sink:
+        for i in range(start, start + n):
+            sample = make_sample(rng, users, spec, i, zipf_cdf)
+            tag_lists.append(json.loads(sample["json"])["tags"])
+            sink.write(sample)
+    return tag_lists
+
+
+def ensure_corpus(cache_dir: str | os.PathLike, spec: CorpusSpec | None = None) -> Path:
+    """Generate the corpus once into ``cache_dir/corpus-<key>`` and return that directory."""
+    spec = spec or CorpusSpec()
+    out = Path(cache_dir).expanduser() / f"corpus-{spec.key()}"
+    if (out / "DONE").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(spec.seed)
+    zipf = 1.0 / np.arange(1, spec.tail_size + 1) ** 1.05
+    zipf_cdf = np.cumsum(zipf) / zipf.sum()
+    # validation photos come from other users than training photos: generalisation to new uploaders
+    train_users, val_users = _Users(rng, spec.num_users, 0), _Users(rng, max(1, spec.num_users // 5), spec.num_users)
+    train_tags = _write_split(tmp, "train", spec.num_train, 0, train_users, spec, rng, zipf_cdf)
+    _write_split(tmp, "val", spec.num_val, spec.num_train, val_users, spec, rng, zipf_cdf)
+    Vocabulary.from_tag_lists(train_tags).save(tmp / "vocab.tsv")
+    (tmp / "content_tags.txt").write_text("\n".join(content_tags()) + "\n")
+    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
+    (tmp / "DONE").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

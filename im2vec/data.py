@@ -1,0 +1,169 @@
+"""Shards -> batches: a webdataset pipeline written as one visible list of stages.
+
+A training batch is a dict:
+    image   (B, 3, S, S) float, normalized
+    tags    (B, T) long, in-vocabulary tag ids, left-aligned, PAD (-1) after the last one
+    clean   (B, Tc) long, the same for clean tags where the corpus has them (else all PAD)
+    skipped (3,) long, samples dropped since the previous batch: [bad tar/read, bad image, no tag]
+
+The training stream is a deterministic function of (seed, epoch, rank, worker): the data module
+rebuilds it every epoch (``reload_dataloaders_every_n_epochs=1``), so a run resumed from an
+end-of-epoch checkpoint sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from im2vec.sampler import PAD
+from im2vec.vocab import Vocabulary
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG = 0, 1, 2
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: random.Random, min_scale: float = 0.35,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """Crop a random area fraction in [min_scale, 1] with a random aspect ratio, resize to size×size,
+    flip half the time. Crop and resize are one PIL call; the randomness comes from ``rng`` so the
+    stream owns it (no global RNG: exact resume)."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            break
+    else:  # fall back to the whole image
+        x, y, cw, ch = 0, 0, w, h
+    out = img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+
+
+def center_crop(img: Image.Image, size: int, rng: random.Random | None = None) -> Image.Image:
+    """Resize the shorter side to ``size`` and take the central square (evaluation)."""
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    return img.resize((size, size), Image.BILINEAR, box=box)
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S) uint8
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float, ImageNet-normalized: done once per batch, not per image."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def decode_image(data: bytes, size: int) -> Image.Image:
+    """Decode, letting JPEG's draft mode skip most of the work when the source is ≥2× the target."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))
+    return img.convert("RGB")
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    out = torch.full((len(rows), max(1, max(map(len, rows)))), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class _Samples:
+    """The stages after tar reading, sharing one skip counter per process."""
+
+    def __init__(self, vocab: Vocabulary, transform, size: int, seed: int):
+        self.vocab, self.transform, self.size, self.seed = vocab, transform, size, seed
+        self.skipped = [0, 0, 0]
+
+    def read_error(self, exn: Exception) -> bool:
+        self.skipped[SKIP_READ] += 1
+        return True  # skip and go on: a truncated or unreadable tar never stops training
+
+    def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
+        # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}
+        rng = random.Random(wds.utils.make_seed(self.seed, wds.utils.pytorch_worker_seed()))
+        for s in samples:
+            try:
+                meta = json.loads(s["json"])
+                tags = self.vocab.ids(meta["tags"])
+            except (KeyError, ValueError, TypeError):
+                self.skipped[SKIP_NO_TAG] += 1
+                continue
+            if not tags:
+                self.skipped[SKIP_NO_TAG] += 1
+                continue
+            try:
+                img = decode_image(next(s[e] for e in IMAGE_EXTS if e in s), self.size)
+                x = to_uint8_tensor(self.transform(img, self.size, rng))
+            except (StopIteration, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+                self.skipped[SKIP_IMAGE] += 1
+                continue
+            # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids)
+            yield x, tags, self.vocab.ids(meta.get("clean_tags", []))
+
+    def collate(self, items: list[tuple]) -> dict:
+        skipped, self.skipped = torch.tensor(self.skipped), [0, 0, 0]
+        images, tags, clean = zip(*items)
+        return {"image": normalize(torch.stack(images)), "tags": _pad(list(tags)), "clean": _pad(list(clean)), "skipped": skipped}
+
+
+def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
+                 num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35) -> wds.WebLoader:
+    crop = functools.partial(random_resized_crop, min_scale=min_scale)
+    stages = _Samples(vocab, crop, image_size, seed)
+    pipeline = wds.DataPipeline(
+        # an endless stream of shard urls, drawn with replacement; seeded per (seed, rank, worker)
+        wds.ResampledShards(shards, seed=seed, deterministic=True),
+        # at this point each sample is {"url": ...}
+        wds.tarfile_to_samples(handler=stages.read_error),
+        # at this point each sample is {"__key__", "jpg", "json"}
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), rng=random.Random(seed)),
+        stages.decode,
+        # at this point each sample is (image tensor, tag ids, clean tag ids)
+        wds.batched(batch_size, collation_fn=stages.collate, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    return loader.with_epoch(batches_per_epoch)  # equal batch counts on every rank
+
+
+def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, num_workers: int,
+                max_images: int | None = None) -> wds.WebLoader:
+    stages = _Samples(vocab, center_crop, image_size, seed=0)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=stages.read_error),
+        stages.decode,
+        wds.batched(batch_size, collation_fn=stages.collate, partial=True),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    if max_images:
+        loader = loader.slice((max_images + batch_size - 1) // batch_size)
+    return loader
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Brace patterns ('train-{000000..000099}.tar'), globs or lists -> a list of shard paths."""
+    if isinstance(spec, str) and any(c in spec for c in "*?["):
+        return sorted(str(p) for p in Path().glob(spec)) if not Path(spec).is_absolute() else \
+            sorted(str(p) for p in Path("/").glob(spec.lstrip("/")))
+    return list(wds.shardlists.expand_urls(spec)) if isinstance(spec, str) else [str(s) for s in spec]

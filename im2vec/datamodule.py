@@ -1,0 +1,76 @@
+"""Where the shards and the vocabulary come from: one LightningDataModule for any shard set,
+and a factory that points it at the embedded default corpus (generated on first use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from im2vec.corpus import CorpusSpec, ensure_corpus
+from im2vec.data import eval_loader, expand_shards, train_loader
+from im2vec.vocab import Vocabulary
+
+
+class ShardDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None,
+        vocab_path: str,
+        content_tags_path: str | None = None,  # tags that name real content; the rest count as noise
+        vocab_max_size: int | None = None,  # keep the most frequent tags only (600k for YFCC)
+        vocab_min_count: int = 1,
+        image_size: int = 64,
+        batch_size: int = 64,
+        batches_per_epoch: int = 100,
+        val_batch_size: int = 256,
+        val_max_images: int | None = 5000,
+        num_workers: int = 0,
+        shuffle_buffer: int = 2000,
+        min_scale: float = 0.35,  # RandomResizedCrop's smallest area fraction
+        seed: int = 0,
+    ):
+        super().__init__()
+        missing = [name for name, v in (("train_shards", train_shards), ("vocab_path", vocab_path)) if not v]
+        if missing:
+            raise ValueError(f"data: set {' and '.join(missing)} (e.g. data.train_shards='/data/yfcc/train-{{000000..000999}}.tar')")
+        self.train_shards = expand_shards(train_shards)
+        self.val_shards = expand_shards(val_shards) if val_shards else []
+        for s in self.train_shards[:1] + self.val_shards[:1]:
+            if "://" not in s and not Path(s).exists():
+                raise FileNotFoundError(f"data: shard not found: {s}")
+        self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count)
+        self.noise_ids = None
+        if content_tags_path:
+            content = set(Path(content_tags_path).read_text(encoding="utf-8").split())
+            self.noise_ids = torch.tensor([i for i, t in enumerate(self.vocab.tags) if t not in content], dtype=torch.long)
+        self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
+        self.val_batch_size, self.val_max_images = val_batch_size, val_max_images
+        self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed
+
+    def train_dataloader(self):
+        # a fresh, deterministic stream every epoch (the trainer reloads dataloaders each epoch)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
+                            self.num_workers, seed=self.seed * 100003 + epoch, shuffle_buffer=self.shuffle_buffer,
+                            min_scale=self.min_scale)
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        return eval_loader(self.val_shards, self.vocab, self.image_size, self.val_batch_size,
+                           self.num_workers, self.val_max_images)
+
+
+def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> ShardDataModule:
+    """The embedded, generated YFCC-like corpus (written once into ``cache_dir``)."""
+    root = ensure_corpus(cache_dir, CorpusSpec(**(corpus or {})))
+    return ShardDataModule(
+        train_shards=sorted(str(p) for p in root.glob("train-*.tar")),
+        val_shards=sorted(str(p) for p in root.glob("val-*.tar")),
+        vocab_path=str(root / "vocab.tsv"),
+        content_tags_path=str(root / "content_tags.txt"),
+        **kwargs,
+    )

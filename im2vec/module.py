@@ -1,0 +1,203 @@
+"""The LightningModule: sampling, loss, both optimizers, validation and logging.
+
+Manual optimization (two optimizers): AdamW for the trunk + W on the trunk's device, SparseAdam
+(or row-wise Adagrad) for the CPU tag table. Lightning's ``global_step`` then counts optimizer
+steps (two per batch), so every schedule here counts batches instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from im2vec.loss import full_bce_loss, multi_hot, negative_sampling_loss, shared_negative_loss
+from im2vec.sampler import NegativeSampler, PositiveSampler, _collides
+from im2vec.tag_table import CPUTagTable, make_table_optimizer
+from im2vec.validation import ValidationReport
+
+
+@dataclass
+class SamplerConfig:
+    head: str = "sampled"  # "sampled" (negative sampling) or "full" (BCE over all V rows; small V only)
+    negatives: str = "per_example"  # "per_example": K rows per image; "shared": K rows per batch
+    num_negatives: int = 20  # K
+    num_positives: int = 1  # P, drawn from the image's own tags
+    alpha: float = 0.75  # negatives ∝ count^alpha
+    beta: float = 0.0  # positives ∝ count^(-beta): 0 uniform, 1 inverse frequency
+    exclude_own: bool = True  # never use one of the image's own tags as its negative
+    gamma: float = 0.75  # tagging score s = v·u + gamma·log count (validation sweeps it)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3  # AdamW, trunk + W
+    weight_decay: float = 0.05
+    warmup_batches: int = 50
+    min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the peak
+    grad_clip: float = 1.0  # max gradient norm of the trunk + W (0: off)
+    table_optimizer: str = "sparse_adam"  # or "row_adagrad" when Adam's 2·V·d moments don't fit
+    table_lr: float = 0.01
+    table_init_std: float = 0.01
+
+
+def warmup_cosine(warmup: int, total: int, floor: float):
+    """LR multiplier per batch: linear warmup, then cosine down to ``floor``."""
+    def f(batch: int) -> float:
+        if batch < warmup:
+            return (batch + 1) / warmup
+        t = min(1.0, (batch - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+class Im2VecModule(pl.LightningModule):
+    def __init__(self, encoder: nn.Module, tags: list[str], counts: Tensor, total_batches: int,
+                 sampler: SamplerConfig | None = None, optim: OptimConfig | None = None,
+                 noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
+                 val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
+                 projector_tags: int = 2000, grid_images: int = 16):
+        super().__init__()
+        self.encoder = encoder
+        self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
+        s, o = self.sampler_cfg, self.optim_cfg
+        self.table = CPUTagTable(counts, encoder.dim, o.table_init_std)
+        self.tags, self.fingerprint, self.total_batches = tags, fingerprint, total_batches
+        self.neg_sampler = NegativeSampler(counts, s.alpha)
+        self.pos_sampler = PositiveSampler(counts, s.beta)
+        self.gen = torch.Generator().manual_seed(seed)  # all sampling randomness; saved in checkpoints
+        self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images)
+        self.automatic_optimization = False
+        self._last_batch_time: float | None = None
+
+    # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return {**batch, "image": batch["image"].to(device, non_blocking=True)}
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise NotImplementedError(
+                "im2vec: multi-device training needs the tag-table gradient all-gather (not implemented yet); "
+                "train on one device")
+
+    # ---- the head
+    def head_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """u (B, d) on the trunk's device, tags (B, T) on the CPU -> (loss, mean pos score, mean neg score)."""
+        s, b = self.sampler_cfg, u.shape[0]
+        if s.head == "full":
+            rows = self.table.lookup(torch.arange(self.table.num_tags), u.device)  # (V, d)
+            return full_bce_loss(u, rows, multi_hot(tags, self.table.num_tags).to(u.device))
+        pos_ids = self.pos_sampler.sample(tags, s.num_positives, self.gen)  # (B, P)
+        weight = None
+        if s.negatives == "shared":
+            neg_ids = self.neg_sampler.sample((s.num_negatives,), self.gen)  # (K,)
+            if s.exclude_own:
+                weight = (~_collides(neg_ids.expand(b, -1), tags)).float()  # (B, K)
+        elif s.exclude_own:
+            neg_ids, weight = self.neg_sampler.sample_excluding(tags, s.num_negatives, self.gen)  # (B, K) x2
+        else:
+            neg_ids = self.neg_sampler.sample((b, s.num_negatives), self.gen)  # (B, K)
+        # one gather for all rows, so the table receives one sparse gradient per step
+        rows = self.table.lookup(torch.cat([pos_ids.flatten(), neg_ids.flatten()]), u.device)  # (B·P + #neg, d)
+        pos = rows[: pos_ids.numel()].view(b, s.num_positives, -1)  # (B, P, d)
+        neg = rows[pos_ids.numel():].view(*neg_ids.shape, -1)  # (B, K, d) or (K, d)
+        weight = weight.to(u.device) if weight is not None else None
+        loss_fn = shared_negative_loss if s.negatives == "shared" else negative_sampling_loss
+        return loss_fn(u, pos, neg, weight)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        opt_dense, opt_table = self.optimizers()
+        now = time.perf_counter()
+        u = self.encoder(batch["image"])  # (B, d)
+        loss, s_pos, s_neg = self.head_loss(u, batch["tags"])
+        opt_dense.zero_grad(set_to_none=True)
+        opt_table.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.optim_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.optim_cfg.grad_clip)
+        opt_dense.step()
+        t0 = time.perf_counter()
+        opt_table.step()
+        table_ms = (time.perf_counter() - t0) * 1e3
+        for sched in self.lr_schedulers():
+            sched.step()
+        logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
+                "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"],
+                "train/skipped": batch["skipped"].sum().float()}
+        if self._last_batch_time is not None:
+            logs["train/images_per_s"] = u.shape[0] / (now - self._last_batch_time)
+        self._last_batch_time = now
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=u.shape[0])
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=u.shape[0])
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_time = None  # don't count the loader's restart as step time
+
+    # ---- validation: held-out precision@5 beside the frequency prior, γ sweep, pictures
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        u = self.encoder(batch["image"]).float().cpu()  # (B, d)
+        self.report.add(u, batch["tags"], batch["clean"], batch["image"] if batch_idx == 0 else None)
+
+    def on_validation_epoch_start(self) -> None:
+        self.report.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.report.size:
+            return
+        metrics = self.report.compute(self.table.weight.detach(), self.table.log_counts, self.global_step)
+        self.log_dict({k: v for k, v in metrics.items() if not math.isnan(v)}, batch_size=self.report.size)
+        tb = getattr(self.logger, "experiment", None) if self.logger else None
+        if tb is not None and hasattr(tb, "add_embedding") and self.trainer.is_global_zero:
+            self.report.log_pictures(tb, self.table.weight.detach(), self.table.log_counts, self.global_step)
+
+    @property
+    def val_metrics(self) -> dict[str, float]:
+        return self.report.metrics
+
+    # ---- optimizers, schedules, checkpoints
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        decay = [p for p in self.encoder.parameters() if p.ndim >= 2]  # conv and linear weights
+        no_decay = [p for p in self.encoder.parameters() if p.ndim < 2]  # biases and norm scales
+        print(f"im2vec: AdamW on {sum(p.numel() for p in decay):,} decayed + {sum(p.numel() for p in no_decay):,} "
+              f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} tag table")
+        opt_dense = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)
+        opt_table = make_table_optimizer(o.table_optimizer, [self.table.weight], o.table_lr)
+        f = warmup_cosine(o.warmup_batches, self.total_batches, o.min_lr_ratio)
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, f) for opt in (opt_dense, opt_table)]
+        return [opt_dense, opt_table], scheds
+
+    def on_train_start(self) -> None:
+        # On resume Lightning moved every optimizer state tensor to the trunk's device; the table's
+        # optimizer state belongs next to the table, in host memory.
+        opt_table = self.optimizers()[1].optimizer
+        for state in opt_table.state.values():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.device.type != "cpu":
+                    state[key] = value.cpu()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["im2vec"] = {
+            "tags": self.tags, "fingerprint": self.fingerprint, "num_tags": self.table.num_tags,
+            "dim": self.table.dim, "sampler_rng": self.gen.get_state(),
+            "sampler": asdict(self.sampler_cfg), "optim": asdict(self.optim_cfg),
+            "encoder": getattr(self.encoder, "spec", {}),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("im2vec")
+        if meta is None:
+            raise ValueError("not an im2vec checkpoint (no 'im2vec' entry)")
+        if (meta["num_tags"], meta["dim"]) != (self.table.num_tags, self.table.dim):
+            raise ValueError(f"checkpoint has a {meta['num_tags']}×{meta['dim']} tag table, this run "
+                             f"{self.table.num_tags}×{self.table.dim}: resume with the same vocabulary and model.dim")
+        if meta["fingerprint"] != self.fingerprint:
+            raise ValueError("checkpoint was trained with a different vocabulary (same size, other tags): "
+                             "resume with the vocabulary file it was trained on")
+        self.gen.set_state(meta["sampler_rng"])

@@ -1,0 +1,84 @@
+"""Frequency samplers for negative sampling.
+
+Negatives are drawn over the whole vocabulary with probability ∝ count^α (word2vec's unigram^0.75
+table); positives are drawn among an image's own tags with probability ∝ count^(−β) ("scaled
+inverse frequency": β = 0 is uniform, β = 1 inverse frequency).
+
+Both samplers take an explicit ``torch.Generator`` so that a checkpoint can save and restore the
+exact random state, and neither does O(V) work per batch: the negative CDF is built once and
+sampled with a binary search, positives only look at the B×T tag matrix of the batch.
+
+A batch's tags arrive as a padded LongTensor (B, T) with ``PAD = -1`` in unused slots: this is
+what the data pipeline's collate function produces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAD = -1
+
+
+class NegativeSampler:
+    """Draws tag ids ∝ count^alpha with a precomputed CDF (O(log V) per draw, O(V) once)."""
+
+    def __init__(self, counts: torch.Tensor, alpha: float = 0.75):
+        weights = counts.double().clamp_min(0).pow(alpha)  # (V,)
+        if not torch.isfinite(weights).all() or weights.sum() <= 0:
+            raise ValueError("negative sampler: counts must be non-negative with a positive sum")
+        self.alpha = alpha
+        self.probs = (weights / weights.sum()).float()  # (V,) kept for tests and diagnostics
+        cdf = torch.cumsum(weights, 0)
+        self.cdf = cdf / cdf[-1]  # (V,) float64: float32 loses the tail of a 600k-row CDF
+        self.num_tags = counts.numel()
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        ids = torch.searchsorted(self.cdf, u, right=True)
+        return ids.clamp_(max=self.num_tags - 1)  # u can round to exactly 1.0
+
+    def sample_excluding(
+        self,
+        own: torch.Tensor,
+        k: int,
+        generator: torch.Generator | None = None,
+        rounds: int = 4,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K negatives per image that avoid the image's own tags ``own`` (B, T, PAD-padded).
+
+        Collisions are redrawn a few times; the rare ones that remain are returned masked out
+        (weight 0), so the result is exactly "count^α restricted to the other tags" in
+        distribution up to that tiny remainder. Returns (ids (B, K), weight (B, K) float).
+        """
+        b = own.shape[0]
+        ids = self.sample((b, k), generator)  # (B, K)
+        for _ in range(rounds):
+            hit = _collides(ids, own)  # (B, K) bool
+            if not hit.any():
+                break
+            ids[hit] = self.sample((int(hit.sum()),), generator)
+        weight = (~_collides(ids, own)).float()
+        return ids, weight
+
+
+def _collides(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: whether ids[b, k] is one of own[b, :]."""
+    return (ids.unsqueeze(2) == own.unsqueeze(1)).any(2)  # (B, K, T) -> (B, K)
+
+
+class PositiveSampler:
+    """Draws P of an image's own in-vocabulary tags with probability ∝ count^(−beta)."""
+
+    def __init__(self, counts: torch.Tensor, beta: float = 0.0):
+        self.beta = beta
+        # (V,) per-tag weight; the +1 slot at the end is the weight of PAD (0).
+        w = counts.double().clamp_min(1).pow(-beta).float()
+        self.weights = torch.cat([w, torch.zeros(1)])
+
+    def sample(self, tags: torch.Tensor, p: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """tags (B, T) PAD-padded -> (B, P) tag ids, drawn with replacement."""
+        if tags.numel() == 0 or (tags[:, 0] == PAD).any():
+            raise ValueError("positive sampler: every image needs at least one in-vocabulary tag")
+        w = self.weights[tags]  # (B, T); PAD maps to the last slot (weight 0)
+        slot = torch.multinomial(w, p, replacement=True, generator=generator)  # (B, P)
+        return tags.gather(1, slot)

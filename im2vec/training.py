@@ -1,0 +1,63 @@
+"""``train(cfg)``: compose objects from the Hydra config, fit, write the held-out figures.
+
+Kept apart from the ``@hydra.main`` wrapper in ``train.py`` so tests call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from im2vec.module import Im2VecModule
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Im2VecModule]:
+    datamodule = instantiate(cfg.data)
+    vocab = datamodule.vocab
+    total_batches = cfg.trainer.max_epochs * cfg.data.batches_per_epoch  # schedules count batches
+    module = Im2VecModule(
+        encoder=instantiate(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=total_batches,
+        sampler=instantiate(cfg.sampler), optim=instantiate(cfg.optim), noise_ids=datamodule.noise_ids,
+        fingerprint=vocab.fingerprint(), seed=cfg.seed, **cfg.validation,
+    )
+    return datamodule, module
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+    datamodule, module = build(cfg)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if datamodule.val_shards and not trainer.fast_dev_run and module.report.step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final held-out figures
+    metrics = dict(module.val_metrics)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    print(summary(metrics, cfg.sampler.gamma))
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def summary(m: dict[str, float], gamma: float) -> str:
+    """The held-out figures beside the frequency prior, and the γ sweep."""
+    if not m:
+        return "no held-out figures (no validation shards, or a fast dev run)"
+    rows = [f"held-out figures (tagging score γ={gamma:g}):", f"  {'':24s} {'model':>7s} {'prior':>7s}"]
+    for name in ("precision@5", "clean_precision@5", "noise_share@5"):
+        if f"val/{name}" in m:
+            rows.append(f"  {name:24s} {m[f'val/{name}']:7.3f} {m[f'val/{name}_prior']:7.3f}")
+    gammas = sorted({float(k.rsplit("/", 1)[1]) for k in m if k.startswith("val_gamma/")})
+    if gammas:
+        rows.append(f"  γ sweep: {'γ':>5s} {'P@5':>6s} {'clean':>6s} {'noise':>6s}")
+        for g in gammas:
+            vals = [m.get(f"val_gamma/{n}/{g:g}", math.nan) for n in ("precision@5", "clean_precision@5", "noise_share@5")]
+            rows.append(f"           {g:5.2f} " + " ".join(f"{v:6.3f}" for v in vals))
+    return "\n".join(rows)
