@@ -125,17 +125,27 @@ class _Samples:
         return {"image": normalize(torch.stack(images)), "tags": _pad(list(tags)), "clean": _pad(list(clean)), "skipped": skipped}
 
 
+def resampled_shards(urls: list[str], seed: int) -> Iterator[dict]:
+    """An endless stream of shard urls drawn with replacement, seeded by (seed, rank, worker).
+
+    Every call starts the same stream again (unlike wds.ResampledShards, whose seed also counts
+    how often it was iterated), so a stream depends on nothing but its seed."""
+    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
                  num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35) -> wds.WebLoader:
     crop = functools.partial(random_resized_crop, min_scale=min_scale)
     stages = _Samples(vocab, crop, image_size, seed)
     pipeline = wds.DataPipeline(
-        # an endless stream of shard urls, drawn with replacement; seeded per (seed, rank, worker)
-        wds.ResampledShards(shards, seed=seed, deterministic=True),
+        # an endless stream of shard urls, drawn with replacement, its own per rank and worker
+        functools.partial(resampled_shards, shards, seed),
         # at this point each sample is {"url": ...}
         wds.tarfile_to_samples(handler=stages.read_error),
         # at this point each sample is {"__key__", "jpg", "json"}
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500), rng=random.Random(seed)),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 200), seed=seed),  # fresh Random(seed) per pass
         stages.decode,
         # at this point each sample is (image tensor, tag ids, clean tag ids)
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),

@@ -51,8 +51,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed
 
     def train_dataloader(self):
-        # a fresh, deterministic stream every epoch (the trainer reloads dataloaders each epoch)
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        # A fresh, deterministic stream every epoch (the trainer reloads dataloaders each epoch).
+        # Epochs counted as Lightning's samplers count them: a checkpoint written at an epoch's end
+        # has already counted that epoch, so a resumed run draws the next epoch's stream.
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=self.seed * 100003 + epoch, shuffle_buffer=self.shuffle_buffer,
                             min_scale=self.min_scale)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 class SmallCNN(nn.Module):
     """A few strided conv blocks and global pooling: trains in minutes on a laptop CPU."""
 
-    def __init__(self, widths: tuple[int, ...] = (24, 48, 96, 192)):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
         layers, c_in = [], 3
         for c in widths:

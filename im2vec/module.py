@@ -26,11 +26,11 @@ class SamplerConfig:
     head: str = "sampled"  # "sampled" (negative sampling) or "full" (BCE over all V rows; small V only)
     negatives: str = "per_example"  # "per_example": K rows per image; "shared": K rows per batch
     num_negatives: int = 20  # K
-    num_positives: int = 1  # P, drawn from the image's own tags
+    num_positives: int = 4  # P, drawn from the image's own tags
     alpha: float = 0.75  # negatives ∝ count^alpha
     beta: float = 0.0  # positives ∝ count^(-beta): 0 uniform, 1 inverse frequency
     exclude_own: bool = True  # never use one of the image's own tags as its negative
-    gamma: float = 0.75  # tagging score s = v·u + gamma·log count (validation sweeps it)
+    gamma: float = 0.2  # tagging score s = v·u + gamma·log count (chosen from the validation γ sweep)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Im2VecModule(pl.LightningModule):
         """u (B, d) on the trunk's device, tags (B, T) on the CPU -> (loss, mean pos score, mean neg score)."""
         s, b = self.sampler_cfg, u.shape[0]
         if s.head == "full":
-            rows = self.table.lookup(torch.arange(self.table.num_tags), u.device)  # (V, d)
+            rows = self.table.lookup(torch.arange(self.table.num_tags), u.device, u.dtype)  # (V, d)
             return full_bce_loss(u, rows, multi_hot(tags, self.table.num_tags).to(u.device))
         pos_ids = self.pos_sampler.sample(tags, s.num_positives, self.gen)  # (B, P)
         weight = None
@@ -102,10 +102,10 @@ class Im2VecModule(pl.LightningModule):
         else:
             neg_ids = self.neg_sampler.sample((b, s.num_negatives), self.gen)  # (B, K)
         # one gather for all rows, so the table receives one sparse gradient per step
-        rows = self.table.lookup(torch.cat([pos_ids.flatten(), neg_ids.flatten()]), u.device)  # (B·P + #neg, d)
+        rows = self.table.lookup(torch.cat([pos_ids.flatten(), neg_ids.flatten()]), u.device, u.dtype)  # (B·P + #neg, d)
         pos = rows[: pos_ids.numel()].view(b, s.num_positives, -1)  # (B, P, d)
         neg = rows[pos_ids.numel():].view(*neg_ids.shape, -1)  # (B, K, d) or (K, d)
-        weight = weight.to(u.device) if weight is not None else None
+        weight = weight.to(u.device, u.dtype) if weight is not None else None
         loss_fn = shared_negative_loss if s.negatives == "shared" else negative_sampling_loss
         return loss_fn(u, pos, neg, weight)
 

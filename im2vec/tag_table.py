@@ -40,10 +40,11 @@ class CPUTagTable(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: D401 - see module docstring
         return self  # never moved, never cast: the table lives in host memory, fp32
 
-    def lookup(self, ids: Tensor, device: torch.device | str) -> Tensor:
-        """ids (...) on the CPU -> rows (..., d) on ``device`` (gradient returns sparse to the CPU)."""
+    def lookup(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+        """ids (...) on the CPU -> rows (..., d) on ``device`` in the trunk's ``dtype`` (the gradient
+        returns to the CPU as a sparse fp32 tensor)."""
         rows = self.embedding(ids.cpu())  # (..., d) fp32, CPU
-        return rows.to(device, non_blocking=True)
+        return rows.to(device=device, dtype=dtype, non_blocking=True)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.embedding(ids)

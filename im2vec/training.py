@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -17,7 +18,10 @@ from im2vec.module import Im2VecModule
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Im2VecModule]:
-    datamodule = instantiate(cfg.data)
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as e:  # show the data module's own one-line message, not Hydra's wrapper
+        raise (e.__cause__ or e) from None
     vocab = datamodule.vocab
     total_batches = cfg.trainer.max_epochs * cfg.data.batches_per_epoch  # schedules count batches
     module = Im2VecModule(
@@ -49,7 +53,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 def summary(m: dict[str, float], gamma: float) -> str:
     """The held-out figures beside the frequency prior, and the γ sweep."""
     if not m:
-        return "no held-out figures (no validation shards, or a fast dev run)"
+        return "no held-out figures (no validation shards)"
     rows = [f"held-out figures (tagging score γ={gamma:g}):", f"  {'':24s} {'model':>7s} {'prior':>7s}"]
     for name in ("precision@5", "clean_precision@5", "noise_share@5"):
         if f"val/{name}" in m:

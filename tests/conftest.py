@@ -1,0 +1,33 @@
+"""The real Hydra config, composed once per test with CPU-only, tiny settings and a tiny corpus."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.corpus.num_train=192", "data.corpus.num_val=64", "data.corpus.num_users=12",
+    "data.corpus.tail_size=300", "data.corpus.shard_size=64", "data.vocab_min_count=1",
+    "data.batch_size=16", "data.batches_per_epoch=3", "data.num_workers=0", "data.val_batch_size=32",
+    "data.shuffle_buffer=50", "model.dim=16", "trainer.accelerator=cpu", "trainer.max_epochs=2",
+    "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "optim.warmup_batches=2", "validation.projector_tags=50",
+    "validation.grid_images=4",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("im2vec-cache")
+
+
+@pytest.fixture
+def make_cfg(cache_dir, tmp_path):
+    """make_cfg(*overrides, out=None) -> the composed train config, writing into tmp_path (or out)."""
+    def make(*overrides: str, out: Path | None = None):
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            return compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}",
+                                               f"paths.output_dir={out or tmp_path}", *overrides])
+    return make
