@@ -103,8 +103,10 @@ class _Samples:
         for s in samples:
             try:
                 meta = json.loads(s["json"])
+                if not isinstance(meta["tags"], list):
+                    raise TypeError("tags must be a list")
                 tags = self.vocab.ids(meta["tags"])
-            except (KeyError, ValueError, TypeError):
+            except (KeyError, ValueError, TypeError):  # no json, bad json, no tag list
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
             if not tags:

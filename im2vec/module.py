@@ -32,6 +32,14 @@ class SamplerConfig:
     exclude_own: bool = True  # never use one of the image's own tags as its negative
     gamma: float = 0.2  # tagging score s = v·u + gamma·log count (chosen from the validation γ sweep)
 
+    def __post_init__(self):
+        if self.head not in ("sampled", "full"):
+            raise ValueError(f"sampler.head={self.head!r}: use 'sampled' or 'full'")
+        if self.negatives not in ("per_example", "shared"):
+            raise ValueError(f"sampler.negatives={self.negatives!r}: use 'per_example' or 'shared'")
+        if self.num_negatives < 1 or self.num_positives < 1:
+            raise ValueError("sampler.num_negatives and sampler.num_positives must be at least 1")
+
 
 @dataclass
 class OptimConfig:
@@ -73,6 +81,7 @@ class Im2VecModule(pl.LightningModule):
         self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images)
         self.automatic_optimization = False
         self._last_batch_time: float | None = None
+        self.register_buffer("skipped", torch.zeros(3, dtype=torch.long), persistent=False)  # totals this run
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -126,8 +135,10 @@ class Im2VecModule(pl.LightningModule):
         for sched in self.lr_schedulers():
             sched.step()
         logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
-                "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"],
-                "train/skipped": batch["skipped"].sum().float()}
+                "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"]}
+        self.skipped += batch["skipped"].to(self.skipped.device)
+        for i, reason in enumerate(("read_error", "bad_image", "no_tag")):  # bad data is skipped, never fatal
+            logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         if self._last_batch_time is not None:
             logs["train/images_per_s"] = u.shape[0] / (now - self._last_batch_time)
         self._last_batch_time = now

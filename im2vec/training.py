@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,6 +16,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from im2vec.module import Im2VecModule
+
+# the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
+warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Im2VecModule]:

@@ -88,4 +88,4 @@ class ValidationReport:
         draw = ImageDraw.Draw(canvas)
         for j, t in enumerate(top):
             draw.text((3, side + 2 + 12 * j), ("* " if t in observed else "  ") + self.tags[t][:18], fill="black")
-        return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1).float() / 255
+        return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +32,12 @@ def make_cfg(cache_dir, tmp_path):
             return compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}",
                                                f"paths.output_dir={out or tmp_path}", *overrides])
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and avoids oversubscribing a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ WIDTHS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs: one intra-op thread is fastest, and avoids oversubscribing a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

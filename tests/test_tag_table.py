@@ -14,13 +14,7 @@ from im2vec.sampler import PAD
 from im2vec.tag_table import CPUTagTable, RowAdagrad, make_table_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and avoids oversubscribing a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(v: int = 40, dim: int = 16, sampler: SamplerConfig | None = None, seed: int = 0) -> Im2VecModule:

@@ -28,7 +28,7 @@ def test_train_writes_metrics_checkpoint_and_tensorboard(make_cfg, tmp_path):
     ea = _tensorboard(tmp_path)
     scalars = set(ea.Tags()["scalars"])
     for tag in ("train/loss", "train/pos_score", "train/neg_score", "train/lr", "train/images_per_s",
-                "train/table_update_ms", "val/precision@5", "val/precision@5_prior"):
+                "train/table_update_ms", "data/skipped_no_tag", "val/precision@5", "val/precision@5_prior"):
         assert tag in scalars, tag
     assert "val/top5_tags" in ea.Tags()["images"]
     assert (tmp_path / "tensorboard" / "projector_config.pbtxt").is_file()

@@ -1,0 +1,52 @@
+"""Chunked tagging scores, validation metrics and the LR schedule against brute-force references."""
+
+import math
+
+import pytest
+import torch
+
+from im2vec.metrics import noise_share, precision_at_k
+from im2vec.module import SamplerConfig, warmup_cosine
+from im2vec.sampler import PAD
+from im2vec.scoring import prior_topk, topk_tags
+
+
+def test_chunked_topk_matches_full_scoring():
+    g = torch.Generator().manual_seed(0)
+    u, table = torch.randn(7, 5, generator=g), torch.randn(103, 5, generator=g)
+    log_counts = torch.rand(103, generator=g) * 8
+    gammas = [0.0, 0.5, 2.0]
+    chunked = topk_tags(u, table, log_counts, gammas, k=6, chunk=10)
+    for gamma in gammas:
+        full = u @ table.t() + gamma * log_counts  # (N, V), fine at this size
+        ref = torch.topk(full, 6, dim=1)
+        assert torch.allclose(chunked[gamma][0], ref.values, atol=1e-5)
+        assert torch.equal(chunked[gamma][1], ref.indices)
+
+
+def test_prior_is_the_most_frequent_tags():
+    assert prior_topk(torch.tensor([5, 50, 7, 9]), 3, 2).tolist() == [[1, 3]] * 3
+
+
+def test_precision_and_noise_share_brute_force():
+    pred = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    truth = torch.tensor([[3, 1, PAD], [PAD, PAD, PAD], [9, 10, 11]])  # the second image has no tags
+    ref = ((2 / 3) + (1 / 3)) / 2  # images without true tags are left out
+    assert precision_at_k(pred, truth, 3) == pytest.approx(ref)
+    assert precision_at_k(pred, truth, 1) == pytest.approx((1 + 0) / 2)
+    assert noise_share(pred, torch.tensor([2, 5, 100]), 3) == pytest.approx(2 / 9)
+    assert math.isnan(precision_at_k(pred, torch.full((3, 2), PAD), 3))
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(warmup=4, total=14, floor=0.1)
+    assert [f(b) for b in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_sampler_config_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="negatives"):
+        SamplerConfig(negatives="both")
+    with pytest.raises(ValueError, match="head"):
+        SamplerConfig(head="softmax")
