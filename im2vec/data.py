@@ -14,12 +14,12 @@ end-of-epoch checkpoint sees exactly the batches the uninterrupted run would hav
 from __future__ import annotations
 
 import functools
+import glob
 import io
 import json
 import math
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -175,7 +175,8 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
 
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Brace patterns ('train-{000000..000099}.tar'), globs or lists -> a list of shard paths."""
-    if isinstance(spec, str) and any(c in spec for c in "*?["):
-        return sorted(str(p) for p in Path().glob(spec)) if not Path(spec).is_absolute() else \
-            sorted(str(p) for p in Path("/").glob(spec.lstrip("/")))
-    return list(wds.shardlists.expand_urls(spec)) if isinstance(spec, str) else [str(s) for s in spec]
+    if not isinstance(spec, str):
+        return [str(s) for s in spec]
+    if any(c in spec for c in "*?["):
+        return sorted(glob.glob(spec))
+    return list(wds.shardlists.expand_urls(spec))

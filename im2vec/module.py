@@ -26,7 +26,7 @@ class SamplerConfig:
     head: str = "sampled"  # "sampled" (negative sampling) or "full" (BCE over all V rows; small V only)
     negatives: str = "per_example"  # "per_example": K rows per image; "shared": K rows per batch
     num_negatives: int = 20  # K
-    num_positives: int = 4  # P, drawn from the image's own tags
+    num_positives: int = 1  # P, drawn from the image's own tags
     alpha: float = 0.75  # negatives ∝ count^alpha
     beta: float = 0.0  # positives ∝ count^(-beta): 0 uniform, 1 inverse frequency
     exclude_own: bool = True  # never use one of the image's own tags as its negative
@@ -43,13 +43,13 @@ class SamplerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3  # AdamW, trunk + W
+    lr: float = 5e-3  # AdamW, trunk + W
     weight_decay: float = 0.05
     warmup_batches: int = 50
     min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the peak
     grad_clip: float = 1.0  # max gradient norm of the trunk + W (0: off)
     table_optimizer: str = "sparse_adam"  # or "row_adagrad" when Adam's 2·V·d moments don't fit
-    table_lr: float = 0.01
+    table_lr: float = 0.02
     table_init_std: float = 0.01
 
 
