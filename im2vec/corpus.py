@@ -76,6 +76,7 @@ class CorpusSpec:
     num_users: int = 150
     tail_size: int = 20000  # distinct long-tail tags the Zipf draws come from (up to ~600k)
     tail_per_image: float = 2.0  # mean number of long-tail tags per photo (Poisson)
+    tail_exponent: float = 1.05  # Zipf exponent of the tail; lower = flatter = more distinct tags
     p_missing: float = 0.25  # chance a present concept is not tagged at all
     p_wrong: float = 0.15  # chance of one random wrong content tag
     shard_size: int = 2000
@@ -217,7 +218,7 @@ def ensure_corpus(cache_dir: str | os.PathLike, spec: CorpusSpec | None = None) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(spec.seed)
-    zipf = 1.0 / np.arange(11, spec.tail_size + 11) ** 1.05  # from rank 11: no tail tag outranks real junk
+    zipf = 1.0 / np.arange(11, spec.tail_size + 11) ** spec.tail_exponent  # from rank 11: below the real junk
     zipf_cdf = np.cumsum(zipf) / zipf.sum()
     # validation photos come from other users than training photos: generalisation to new uploaders
     train_users, val_users = _Users(rng, spec.num_users, 0), _Users(rng, max(1, spec.num_users // 5), spec.num_users)

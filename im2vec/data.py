@@ -19,6 +19,7 @@ import io
 import json
 import math
 import random
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -153,7 +154,10 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False)
-    return loader.with_epoch(batches_per_epoch)  # equal batch counts on every rank
+    loader = loader.with_epoch(batches_per_epoch)  # equal batch counts on every rank
+    with warnings.catch_warnings():  # wds warns that a length does not cut the stream: with_epoch does
+        warnings.simplefilter("ignore")
+        return loader.with_length(batches_per_epoch)  # so the progress bar shows the epoch's end
 
 
 def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, num_workers: int,
