@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from im2vec.loss import full_bce_loss, multi_hot, negative_sampling_loss, shared_negative_loss
-from im2vec.sampler import NegativeSampler, PositiveSampler, _collides
+from im2vec.sampler import NegativeSampler, PositiveSampler, collides
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.validation import ValidationReport
 
@@ -105,7 +105,7 @@ class Im2VecModule(pl.LightningModule):
         if s.negatives == "shared":
             neg_ids = self.neg_sampler.sample((s.num_negatives,), self.gen)  # (K,)
             if s.exclude_own:
-                weight = (~_collides(neg_ids.expand(b, -1), tags)).float()  # (B, K)
+                weight = (~collides(neg_ids.expand(b, -1), tags)).float()  # (B, K)
         elif s.exclude_own:
             neg_ids, weight = self.neg_sampler.sample_excluding(tags, s.num_negatives, self.gen)  # (B, K) x2
         else:

@@ -50,18 +50,17 @@ class NegativeSampler:
         (weight 0), so the result is exactly "count^α restricted to the other tags" in
         distribution up to that tiny remainder. Returns (ids (B, K), weight (B, K) float).
         """
-        b = own.shape[0]
-        ids = self.sample((b, k), generator)  # (B, K)
+        ids = self.sample((own.shape[0], k), generator)  # (B, K)
+        hit = collides(ids, own)  # (B, K) bool
         for _ in range(rounds):
-            hit = _collides(ids, own)  # (B, K) bool
             if not hit.any():
                 break
             ids[hit] = self.sample((int(hit.sum()),), generator)
-        weight = (~_collides(ids, own)).float()
-        return ids, weight
+            hit = collides(ids, own)
+        return ids, (~hit).float()
 
 
-def _collides(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+def collides(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """(B, K) bool: whether ids[b, k] is one of own[b, :]."""
     return (ids.unsqueeze(2) == own.unsqueeze(1)).any(2)  # (B, K, T) -> (B, K)
 
