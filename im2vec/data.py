@@ -104,8 +104,9 @@ class _Samples:
         for s in samples:
             try:
                 meta = json.loads(s["json"])
-                if not isinstance(meta["tags"], list):
-                    raise TypeError("tags must be a list")
+                clean = meta.get("clean_tags") or []
+                if not isinstance(meta["tags"], list) or not isinstance(clean, list):
+                    raise TypeError("tags and clean_tags must be lists")
                 tags = self.vocab.ids(meta["tags"])
             except (KeyError, ValueError, TypeError):  # no json, bad json, no tag list
                 self.skipped[SKIP_NO_TAG] += 1
@@ -120,7 +121,7 @@ class _Samples:
                 self.skipped[SKIP_IMAGE] += 1
                 continue
             # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids)
-            yield x, tags, self.vocab.ids(meta.get("clean_tags", []))
+            yield x, tags, self.vocab.ids(clean)
 
     def collate(self, items: list[tuple]) -> dict:
         skipped, self.skipped = torch.tensor(self.skipped), [0, 0, 0]

@@ -3,6 +3,7 @@ and a factory that points it at the embedded default corpus (generated on first 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -38,8 +39,10 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data: set {' and '.join(missing)} (e.g. data.train_shards='/data/yfcc/train-{{000000..000999}}.tar')")
         self.train_shards = expand_shards(train_shards)
         self.val_shards = expand_shards(val_shards) if val_shards else []
+        if not self.train_shards or (val_shards and not self.val_shards):
+            raise FileNotFoundError(f"data: no shards match {train_shards if not self.train_shards else val_shards!r}")
         for s in self.train_shards[:1] + self.val_shards[:1]:
-            if "://" not in s and not Path(s).exists():
+            if not re.match(r"^[a-z][a-z0-9+.-]+:", s) and not Path(s).exists():  # pipe:, s3:, http:// pass
                 raise FileNotFoundError(f"data: shard not found: {s}")
         self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count)
         self.noise_ids = None

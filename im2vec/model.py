@@ -68,7 +68,10 @@ def _load_pretrained(name: str, model: nn.Module, weights: str) -> None:
                 f"put the file there or pass model.weights=/path/to/file.pth)"
             )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    state = state.get("state_dict", state)
+    own = model.state_dict()
+    # a file saved with auxiliary heads (googlenet, inception_v3) loads into the model without them
+    model.load_state_dict({k: v for k, v in state.items() if k in own or not k.lower().startswith("aux")})
 
 
 def build_trunk(name: str, weights: str | None = None) -> tuple[nn.Module, int]:
@@ -81,7 +84,9 @@ def build_trunk(name: str, weights: str | None = None) -> tuple[nn.Module, int]:
         return trunk, trunk.num_features
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown trunk {name!r}: use 'small_cnn' or a torchvision classification model name")
-    model = torchvision.models.get_model(name, weights=None)
+    # googlenet and inception_v3 return (logits, aux) tuples while training unless built without aux heads
+    extra = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **extra)
     if weights:
         _load_pretrained(name, model, weights)  # before stripping, so the file matches the model
     return model, _strip_classifier(model)

@@ -164,7 +164,9 @@ class Im2VecModule(pl.LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if not math.isnan(v)}, batch_size=self.report.size)
         tb = getattr(self.logger, "experiment", None) if self.logger else None
         if tb is not None and hasattr(tb, "add_embedding") and self.trainer.is_global_zero:
-            self.report.log_pictures(tb, self.table.weight.detach(), self.table.log_counts, self.global_step)
+            # the x-axis of the scalars: batches (global_step counts two optimizer steps per batch)
+            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+            self.report.log_pictures(tb, self.table.weight.detach(), self.table.log_counts, step)
 
     @property
     def val_metrics(self) -> dict[str, float]:
@@ -197,6 +199,9 @@ class Im2VecModule(pl.LightningModule):
         checkpoint["im2vec"] = {
             "tags": self.tags, "fingerprint": self.fingerprint, "num_tags": self.table.num_tags,
             "dim": self.table.dim, "sampler_rng": self.gen.get_state(),
+            # Lightning saves no global RNG: dropout / stochastic depth in a trunk draw from it
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler": asdict(self.sampler_cfg), "optim": asdict(self.optim_cfg),
             "encoder": getattr(self.encoder, "spec", {}),
         }
@@ -212,3 +217,6 @@ class Im2VecModule(pl.LightningModule):
             raise ValueError("checkpoint was trained with a different vocabulary (same size, other tags): "
                              "resume with the vocabulary file it was trained on")
         self.gen.set_state(meta["sampler_rng"])
+        torch.set_rng_state(meta["torch_rng"])
+        if meta["cuda_rng"] and torch.cuda.is_available() and len(meta["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(meta["cuda_rng"])

@@ -28,13 +28,24 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Im2VecModule]:
     except InstantiationException as e:  # show the data module's own one-line message, not Hydra's wrapper
         raise (e.__cause__ or e) from None
     vocab = datamodule.vocab
-    total_batches = cfg.trainer.max_epochs * cfg.data.batches_per_epoch  # schedules count batches
+    total_batches = schedule_length(cfg)
     module = Im2VecModule(
         encoder=instantiate(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=total_batches,
         sampler=instantiate(cfg.sampler), optim=instantiate(cfg.optim), noise_ids=datamodule.noise_ids,
         fingerprint=vocab.fingerprint(), seed=cfg.seed, **cfg.validation,
     )
     return datamodule, module
+
+
+def schedule_length(cfg: DictConfig) -> int:
+    """Batches the LR schedule spans: max_epochs × batches_per_epoch. max_steps (two optimizer steps
+    per batch) only stops a run early, so a run stopped and resumed follows one schedule; it sets the
+    length only when max_epochs is -1."""
+    if cfg.trainer.max_epochs and cfg.trainer.max_epochs > 0:
+        return cfg.trainer.max_epochs * cfg.data.batches_per_epoch
+    if cfg.trainer.get("max_steps", -1) > 0:
+        return cfg.trainer.max_steps // 2
+    raise ValueError("set trainer.max_epochs (or trainer.max_steps with max_epochs=-1): the LR schedule needs a length")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:

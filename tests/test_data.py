@@ -75,3 +75,33 @@ def test_train_stream_is_fixed_by_seed_and_epoch(tmp_path):
     a, b, c = stream(1), stream(1), stream(2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # the same images, crops and flips
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_data_module_draws_a_new_stream_each_epoch(tmp_path):
+    from types import SimpleNamespace
+
+    from im2vec.datamodule import ShardDataModule
+
+    shard = _write(tmp_path / "s.tar", [_sample(i, ["sea"]) for i in range(30)])
+    VOCAB.save(tmp_path / "vocab.tsv")
+    dm = ShardDataModule(shard, None, str(tmp_path / "vocab.tsv"), image_size=24, batch_size=5,
+                         batches_per_epoch=3, num_workers=0, shuffle_buffer=10)
+
+    def first_batch(epoch):  # the epoch as Lightning counts it for samplers
+        dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(
+            current=SimpleNamespace(processed=epoch))))
+        return next(iter(dm.train_dataloader()))["image"]
+
+    assert torch.equal(first_batch(1), first_batch(1))
+    assert not torch.equal(first_batch(0), first_batch(1))
+
+
+def test_missing_or_unmatched_shards_fail_clearly(tmp_path):
+    from im2vec.datamodule import ShardDataModule
+
+    VOCAB.save(tmp_path / "vocab.tsv")
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        ShardDataModule(str(tmp_path / "nothing-*.tar"), None, str(tmp_path / "vocab.tsv"))
+    with pytest.raises(FileNotFoundError, match="shard not found"):
+        ShardDataModule(str(tmp_path / "absent.tar"), None, str(tmp_path / "vocab.tsv"))
+    ShardDataModule("pipe:cat /dev/null", None, str(tmp_path / "vocab.tsv"))  # urls are not files

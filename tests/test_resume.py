@@ -8,12 +8,14 @@ from im2vec.training import train
 DET = ["trainer.deterministic=true", "trainer.check_val_every_n_epoch=2"]
 
 
-def test_resume_is_exact(make_cfg, tmp_path):
-    _, straight = train(make_cfg(*DET, out=tmp_path / "straight"))
+@pytest.mark.parametrize("trunk", ["small_cnn", "mobilenet_v3_small"])  # the second keeps a dropout layer
+def test_resume_is_exact(make_cfg, tmp_path, trunk):
+    det = [*DET, f"model.trunk={trunk}"]
+    _, straight = train(make_cfg(*det, out=tmp_path / "straight"))
     # the same schedule (max_epochs=2), stopped after the first epoch: 3 batches = 6 optimizer steps
-    train(make_cfg(*DET, "trainer.max_steps=6", out=tmp_path / "first"))
+    train(make_cfg(*det, "trainer.max_steps=6", out=tmp_path / "first"))
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    _, resumed = train(make_cfg(*DET, f"ckpt_path={ckpt}", out=tmp_path / "resumed"))
+    _, resumed = train(make_cfg(*det, f"ckpt_path={ckpt}", out=tmp_path / "resumed"))
 
     a, b = straight["module"], resumed["module"]
     assert resumed["trainer"].global_step == straight["trainer"].global_step == 12

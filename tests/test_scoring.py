@@ -50,3 +50,17 @@ def test_sampler_config_rejects_unknown_modes():
         SamplerConfig(negatives="both")
     with pytest.raises(ValueError, match="head"):
         SamplerConfig(head="softmax")
+
+
+def test_schedule_length_counts_batches():
+    from omegaconf import OmegaConf
+
+    from im2vec.training import schedule_length
+
+    cfg = OmegaConf.create({"trainer": {"max_epochs": 3, "max_steps": 8}, "data": {"batches_per_epoch": 10}})
+    assert schedule_length(cfg) == 30  # max_steps only stops early: one schedule across a stop and resume
+    cfg.trainer.max_epochs = -1
+    assert schedule_length(cfg) == 4  # two optimizer steps per batch
+    cfg.trainer.max_steps = -1
+    with pytest.raises(ValueError, match="max_epochs"):
+        schedule_length(cfg)

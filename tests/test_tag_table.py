@@ -204,3 +204,33 @@ def test_make_table_optimizer():
     assert isinstance(ada, RowAdagrad) and ada.param_groups[0]["lr"] == 0.2
     with pytest.raises(ValueError):
         make_table_optimizer("adam", [w], lr=0.1)
+
+
+# ---------------------------------------------------------------- bf16-mixed, checkpoint guards
+
+
+@pytest.mark.parametrize("negatives", ["per_example", "shared"])
+def test_head_loss_under_bf16_autocast_keeps_table_fp32(negatives):
+    """What bf16-mixed does: fp32 weights, bf16 compute. The table's gradient must come back fp32, sparse, CPU."""
+    module = _module(sampler=SamplerConfig(negatives=negatives, num_negatives=4))
+    images, tags = _images_and_tags(3, 40, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = module.encoder(images)
+        assert u.dtype == torch.bfloat16
+        loss, _, _ = module.head_loss(u, tags)
+    loss.backward()
+    grad = module.table.weight.grad
+    assert grad.is_sparse and grad.dtype == torch.float32 and grad.device.type == "cpu"
+    assert torch.isfinite(grad.coalesce().values()).all() and grad.coalesce().values().abs().sum() > 0
+
+
+def test_checkpoint_with_other_tags_of_the_same_size_is_refused():
+    module = _module()
+    module.fingerprint = "abc"
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    other = _module()
+    other.fingerprint = "xyz"  # same V and d, other tag list
+    with pytest.raises(ValueError, match="different vocabulary"):
+        other.on_load_checkpoint(checkpoint)
+    module.on_load_checkpoint(checkpoint)  # the same vocabulary loads
