@@ -81,7 +81,7 @@ class Im2VecModule(pl.LightningModule):
         self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images)
         self.automatic_optimization = False
         self._last_batch_time: float | None = None
-        self.register_buffer("skipped", torch.zeros(3, dtype=torch.long), persistent=False)  # totals this run
+        self.skipped = torch.zeros(3, dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -136,7 +136,7 @@ class Im2VecModule(pl.LightningModule):
             sched.step()
         logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
                 "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"]}
-        self.skipped += batch["skipped"].to(self.skipped.device)
+        self.skipped += batch["skipped"]
         for i, reason in enumerate(("read_error", "bad_image", "no_tag")):  # bad data is skipped, never fatal
             logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         if self._last_batch_time is not None:

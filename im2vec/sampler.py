@@ -23,7 +23,7 @@ class NegativeSampler:
     """Draws tag ids ∝ count^alpha with a precomputed CDF (O(log V) per draw, O(V) once)."""
 
     def __init__(self, counts: torch.Tensor, alpha: float = 0.75):
-        weights = torch.where(counts > 0, counts.double().clamp_min(0).pow(alpha), 0.0)  # (V,); unseen tags never
+        weights = torch.where(counts > 0, counts.double().pow(alpha), 0.0)  # (V,); unseen tags never
         if not torch.isfinite(weights).all() or weights.sum() <= 0:
             raise ValueError("negative sampler: counts must be non-negative with a positive sum")
         self.alpha = alpha
