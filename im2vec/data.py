@@ -4,7 +4,11 @@ A training batch is a dict:
     image   (B, 3, S, S) float, normalized
     tags    (B, T) long, in-vocabulary tag ids, left-aligned, PAD (-1) after the last one
     clean   (B, Tc) long, the same for clean tags where the corpus has them (else all PAD)
-    skipped (3,) long, samples dropped since the previous batch: [bad tar/read, bad image, no tag]
+    skipped (4,) long, samples dropped since the previous batch, by reason (SKIP_REASONS)
+    keys    list[str], the samples' keys (photo ids for YFCC shards)
+
+Every process of a run reads its own part of the shards: rank r of w takes shards r, r+w, r+2w, …
+and its DataLoader workers split that part again, so no two ranks ever see the same sample.
 
 The training stream is a deterministic function of (seed, epoch, rank, worker): the data module
 rebuilds it every epoch (``reload_dataloaders_every_n_epochs=1``), so a run resumed from an
@@ -31,7 +35,9 @@ from im2vec.sampler import PAD
 from im2vec.vocab import Vocabulary
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG = 0, 1, 2
+SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG, SKIP_TOO_LARGE = 0, 1, 2, 3
+SKIP_REASONS = ("read_error", "bad_image", "no_tag", "too_large")  # truncated tar; corrupt image; no known tag; bomb
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are skipped, not decoded
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -73,10 +79,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def decode_image(data: bytes, size: int) -> Image.Image:
-    """Decode, letting JPEG's draft mode skip most of the work when the source is ≥2× the target."""
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (size, size))
+class TooLarge(ValueError):
+    """An image whose header claims more pixels than ``max_pixels`` (a decompression bomb)."""
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS, draft: bool = True) -> Image.Image:
+    """Decode, letting JPEG's draft mode skip most of the work when the source is ≥2× the target.
+
+    The pixel count is read from the header first: a decompression bomb is refused before any
+    pixel is decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise TooLarge(str(e)) from None
+    if img.width * img.height > max_pixels:
+        raise TooLarge(f"{img.width}x{img.height} pixels > max_pixels={max_pixels}")
+    if draft:
+        img.draft("RGB", (size, size))
     return img.convert("RGB")
 
 
@@ -90,9 +109,11 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 class _Samples:
     """The stages after tar reading, sharing one skip counter per process."""
 
-    def __init__(self, vocab: Vocabulary, transform, size: int, seed: int):
-        self.vocab, self.transform, self.size, self.seed = vocab, transform, size, seed
-        self.skipped = [0, 0, 0]
+    def __init__(self, vocab: Vocabulary, transform, size: int, seed: int, max_pixels: int = MAX_PIXELS,
+                 draft: bool = True, rank: int = 0):
+        self.vocab, self.transform, self.size, self.seed, self.rank = vocab, transform, size, seed, rank
+        self.max_pixels, self.draft = max_pixels, draft
+        self.skipped = [0] * len(SKIP_REASONS)
 
     def read_error(self, exn: Exception) -> bool:
         self.skipped[SKIP_READ] += 1
@@ -100,7 +121,8 @@ class _Samples:
 
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
         # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}
-        rng = random.Random(wds.utils.make_seed(self.seed, wds.utils.pytorch_worker_seed()))
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(wds.utils.make_seed(self.seed, self.rank * 1000 + (info.id if info else 0)))
         for s in samples:
             try:
                 meta = json.loads(s["json"])
@@ -115,41 +137,78 @@ class _Samples:
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
             try:
-                img = decode_image(next(s[e] for e in IMAGE_EXTS if e in s), self.size)
+                img = decode_image(next(s[e] for e in IMAGE_EXTS if e in s), self.size, self.max_pixels, self.draft)
                 x = to_uint8_tensor(self.transform(img, self.size, rng))
+            except TooLarge:
+                self.skipped[SKIP_TOO_LARGE] += 1
+                continue
             except (StopIteration, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
                 self.skipped[SKIP_IMAGE] += 1
                 continue
-            # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids)
-            yield x, tags, self.vocab.ids(clean)
+            # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids, key)
+            yield x, tags, self.vocab.ids(clean), s["__key__"]
 
     def collate(self, items: list[tuple]) -> dict:
-        skipped, self.skipped = torch.tensor(self.skipped), [0, 0, 0]
-        images, tags, clean = zip(*items)
-        return {"image": normalize(torch.stack(images)), "tags": _pad(list(tags)), "clean": _pad(list(clean)), "skipped": skipped}
+        skipped, self.skipped = torch.tensor(self.skipped), [0] * len(SKIP_REASONS)
+        images, tags, clean, keys = zip(*items)
+        return {"image": normalize(torch.stack(images)), "tags": _pad(list(tags)), "clean": _pad(list(clean)),
+                "skipped": skipped, "keys": list(keys)}
 
 
-def resampled_shards(urls: list[str], seed: int) -> Iterator[dict]:
-    """An endless stream of shard urls drawn with replacement, seeded by (seed, rank, worker).
+def rank_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): as given, else from torch.distributed or the RANK/WORLD_SIZE variables."""
+    if rank is None or world_size is None:
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"data: rank {rank} is not in [0, {world_size})")
+    return rank, world_size
+
+
+def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's shards: every world_size-th one, so ranks never share a sample."""
+    if len(urls) < world_size:
+        raise ValueError(f"data: {len(urls)} shard(s) for {world_size} ranks: every rank needs its own; "
+                         "write smaller shards (ingest --shard-size)")
+    return urls[rank::world_size]
+
+
+def worker_shards(urls: list[str]) -> list[str]:
+    """This DataLoader worker's part of the rank's shards (all of them if there are fewer shards than workers)."""
+    info = torch.utils.data.get_worker_info()
+    if info is None or len(urls) < info.num_workers:
+        return urls
+    return urls[info.id::info.num_workers]
+
+
+def resampled_shards(urls: list[str], seed: int, rank: int = 0) -> Iterator[dict]:
+    """An endless stream of shard urls drawn with replacement from this worker's part, seeded by
+    (seed, rank, worker).
 
     Every call starts the same stream again (unlike wds.ResampledShards, whose seed also counts
     how often it was iterated), so a stream depends on nothing but its seed."""
-    rng = random.Random(wds.utils.make_seed(seed, wds.utils.pytorch_worker_seed()))
+    info = torch.utils.data.get_worker_info()
+    rng = random.Random(wds.utils.make_seed(seed, rank * 1000 + (info.id if info else 0)))
+    urls = worker_shards(urls)
     while True:
         yield {"url": rng.choice(urls)}
 
 
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
-                 num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35) -> wds.WebLoader:
+                 num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35,
+                 rank: int | None = None, world_size: int | None = None, max_pixels: int = MAX_PIXELS,
+                 draft: bool = True) -> wds.WebLoader:
+    """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
+    shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang)."""
+    rank, world_size = rank_info(rank, world_size)
     crop = functools.partial(random_resized_crop, min_scale=min_scale)
-    stages = _Samples(vocab, crop, image_size, seed)
+    stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank)
     pipeline = wds.DataPipeline(
-        # an endless stream of shard urls, drawn with replacement, its own per rank and worker
-        functools.partial(resampled_shards, shards, seed),
+        # an endless stream of this rank's (and worker's) shard urls, drawn with replacement
+        functools.partial(resampled_shards, rank_shards(shards, rank, world_size), seed, rank),
         # at this point each sample is {"url": ...}
         wds.tarfile_to_samples(handler=stages.read_error),
         # at this point each sample is {"__key__", "jpg", "json"}
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 200), seed=seed),  # fresh Random(seed) per pass
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 200), seed=seed + 7919 * rank),
         stages.decode,
         # at this point each sample is (image tensor, tag ids, clean tag ids)
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),
@@ -162,11 +221,13 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
 
 
 def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, num_workers: int,
-                max_images: int | None = None) -> wds.WebLoader:
-    stages = _Samples(vocab, center_crop, image_size, seed=0)
+                max_images: int | None = None, rank: int | None = None, world_size: int | None = None,
+                max_pixels: int = MAX_PIXELS) -> wds.WebLoader:
+    """Evaluation batches: every image of this rank's shards once, resized and center-cropped."""
+    rank, world_size = rank_info(rank, world_size)
+    stages = _Samples(vocab, center_crop, image_size, seed=0, max_pixels=max_pixels)
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards),
-        wds.split_by_node,
+        wds.SimpleShardList(shards[rank::world_size]),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=stages.read_error),
         stages.decode,

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import eval_loader, expand_shards, train_loader
+from im2vec.data import MAX_PIXELS, eval_loader, expand_shards, train_loader
 from im2vec.vocab import Vocabulary
 
 
@@ -31,6 +31,7 @@ class ShardDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 2000,
         min_scale: float = 0.35,  # RandomResizedCrop's smallest area fraction
+        max_pixels: int = MAX_PIXELS,  # larger images (decompression bombs) are skipped and counted
         seed: int = 0,
     ):
         super().__init__()
@@ -52,6 +53,12 @@ class ShardDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
         self.val_batch_size, self.val_max_images = val_batch_size, val_max_images
         self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed
+        self.max_pixels = max_pixels
+
+    def _rank(self) -> dict:
+        if self.trainer is None:
+            return {}  # torch.distributed or RANK/WORLD_SIZE decide
+        return {"rank": getattr(self.trainer, "global_rank", 0), "world_size": getattr(self.trainer, "world_size", 1)}
 
     def train_dataloader(self):
         # A fresh, deterministic stream every epoch (the trainer reloads dataloaders each epoch).
@@ -60,13 +67,13 @@ class ShardDataModule(pl.LightningDataModule):
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=self.seed * 100003 + epoch, shuffle_buffer=self.shuffle_buffer,
-                            min_scale=self.min_scale)
+                            min_scale=self.min_scale, max_pixels=self.max_pixels, **self._rank())
 
     def val_dataloader(self):
         if not self.val_shards:
             return []
         return eval_loader(self.val_shards, self.vocab, self.image_size, self.val_batch_size,
-                           self.num_workers, self.val_max_images)
+                           self.num_workers, self.val_max_images, max_pixels=self.max_pixels, **self._rank())
 
 
 def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> ShardDataModule:

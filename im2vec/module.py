@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from im2vec.data import SKIP_REASONS
 from im2vec.loss import full_bce_loss, multi_hot, negative_sampling_loss, shared_negative_loss
 from im2vec.sampler import NegativeSampler, PositiveSampler, collides
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
@@ -81,7 +82,7 @@ class Im2VecModule(pl.LightningModule):
         self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images)
         self.automatic_optimization = False
         self._last_batch_time: float | None = None
-        self.skipped = torch.zeros(3, dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
+        self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -137,7 +138,7 @@ class Im2VecModule(pl.LightningModule):
         logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
                 "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"]}
         self.skipped += batch["skipped"]
-        for i, reason in enumerate(("read_error", "bad_image", "no_tag")):  # bad data is skipped, never fatal
+        for i, reason in enumerate(SKIP_REASONS):  # bad data is skipped, never fatal
             logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         if self._last_batch_time is not None:
             logs["train/images_per_s"] = u.shape[0] / (now - self._last_batch_time)
