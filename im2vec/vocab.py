@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
+import json
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -34,10 +36,7 @@ class Vocabulary:
 
     @classmethod
     def from_tag_lists(cls, tag_lists: Iterable[Iterable[str]], min_count: int = 1, max_size: int | None = None):
-        counter = Counter(t for tags in tag_lists for t in set(tags))
-        items = sorted(((t, c) for t, c in counter.items() if c >= min_count), key=lambda tc: (-tc[1], tc[0]))
-        items = items[:max_size] if max_size else items
-        return cls([t for t, _ in items], [c for _, c in items])
+        return from_counts(Counter(t for tags in tag_lists for t in set(tags)), min_count, max_size)
 
     @classmethod
     def load(cls, path: str | os.PathLike, max_size: int | None = None, min_count: int = 1) -> "Vocabulary":
@@ -60,3 +59,135 @@ class Vocabulary:
         with open(path, "w", encoding="utf-8") as f:
             for t, c in zip(self.tags, self.counts.tolist()):
                 f.write(f"{t}\t{c}\n")
+
+
+# ---------------------------------------------------------------- building one: a streaming count
+def count_shard_tags(path: str) -> tuple[Counter, int, int]:
+    """(tag counts, samples, read errors) of one shard, reading only its .json members."""
+    import tarfile
+
+    counts, samples, errors = Counter(), 0, 0
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                try:
+                    tags = json.loads(tar.extractfile(member).read())["tags"]
+                    if not isinstance(tags, list):
+                        raise TypeError
+                except (KeyError, TypeError, ValueError):
+                    errors += 1
+                    continue
+                counts.update(set(tags))
+                samples += 1
+    except (OSError, tarfile.TarError, EOFError):  # a truncated shard: keep what was read, count it
+        errors += 1
+    return counts, samples, errors
+
+
+def count_from_shards(paths: list[str], workers: int = 0, progress=None) -> tuple[Counter, dict]:
+    counts, stats = Counter(), {"samples": 0, "read_errors": 0, "shards": len(paths)}
+    pool = cf.ProcessPoolExecutor(workers) if workers > 0 else None
+    results = pool.map(count_shard_tags, paths) if pool else map(count_shard_tags, paths)
+    try:
+        for c, n, e in results:
+            counts.update(c)
+            stats["samples"] += n
+            stats["read_errors"] += e
+            if progress:
+                progress(1)
+    finally:
+        if pool:
+            pool.shutdown()
+    return counts, stats
+
+
+def count_from_yfcc(paths: list[str], split: str | None, settings, progress=None) -> tuple[Counter, dict]:
+    """One pass over the metadata; with ``split``, only the photos the ingest puts in that split."""
+    from im2vec.ingest import split_of
+    from im2vec.yfcc import Skip, parse_line, read_lines
+
+    counts, stats = Counter(), {"photos": 0, "skipped": Counter()}
+    for line in read_lines(paths, progress):
+        try:
+            rec = parse_line(line, settings.machine_tags)
+        except Skip as e:
+            stats["skipped"][e.reason] += 1
+            continue
+        if split and split_of(rec[settings.split_by], settings.val_fraction, settings.test_fraction,
+                              settings.salt) != split:
+            continue
+        counts.update(rec["tags"])  # already de-duplicated per photo
+        stats["photos"] += 1
+    stats["skipped"] = dict(stats["skipped"])
+    return counts, stats
+
+
+def from_counts(counts: Counter, min_count: int = 1, max_size: int | None = None) -> "Vocabulary":
+    items = sorted(((t, c) for t, c in counts.items() if c >= min_count), key=lambda tc: (-tc[1], tc[0]))
+    items = items[:max_size] if max_size else items
+    if not items:
+        raise ValueError(f"vocabulary: no tag is seen {min_count} times or more")
+    return Vocabulary([t for t, _ in items], [c for _, c in items])
+
+
+def main(argv: list[str] | None = None) -> Vocabulary:
+    import argparse
+    import sys
+
+    from tqdm import tqdm
+
+    from im2vec.ingest import Settings
+
+    ap = argparse.ArgumentParser(prog="python -m im2vec.vocab",
+                                 description="Count tags in one streaming pass and write tag<TAB>count, sorted by count.")
+    ap.add_argument("out", help="the vocabulary file to write (.tsv)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", nargs="+", help="shards (globs or brace patterns), e.g. 'data/yfcc/train/*.tar'")
+    src.add_argument("--yfcc", nargs="+", help="YFCC100M metadata file(s), plain or .bz2")
+    ap.add_argument("--split", choices=("train", "val", "test"), default=None,
+                    help="with --yfcc: count only this split's photos (the split the ingest gives them)")
+    ap.add_argument("--like", default=None, help="with --yfcc: an ingest output folder whose split settings to use")
+    ap.add_argument("--split-by", choices=("id", "user"), default="id")
+    ap.add_argument("--val-fraction", type=float, default=0.01)
+    ap.add_argument("--test-fraction", type=float, default=0.01)
+    ap.add_argument("--machine-tags", action="store_true")
+    ap.add_argument("--min-count", type=int, default=1)
+    ap.add_argument("--max-size", type=int, default=None, help="keep the most frequent tags only (600000 for YFCC)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="with --shards: parallel readers")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    if a.shards:
+        from im2vec.data import expand_shards
+
+        paths = [p for spec in a.shards for p in expand_shards(spec)]
+        if not paths:
+            raise SystemExit(f"vocab: no shards match {a.shards}")
+        with tqdm(total=len(paths), unit="shard", desc="vocab", disable=a.quiet) as bar:
+            counts, stats = count_from_shards(paths, a.workers, bar.update)
+    else:
+        if a.like:
+            saved = json.loads((Path(a.like) / "ingest.json").read_text(encoding="utf-8"))
+            s = Settings(**{k: saved[k] for k in ("split_by", "val_fraction", "test_fraction", "salt", "machine_tags")})
+        else:
+            s = Settings(split_by=a.split_by, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
+                         machine_tags=a.machine_tags)
+        missing = [p for p in a.yfcc if not Path(p).is_file()]
+        if missing:
+            raise SystemExit(f"vocab: not found: {missing[0]}")
+        with tqdm(total=sum(Path(p).stat().st_size for p in a.yfcc), unit="B", unit_scale=True, desc="vocab",
+                  disable=a.quiet, mininterval=1.0) as bar:
+            counts, stats = count_from_yfcc(a.yfcc, a.split, s, bar.update)
+    try:
+        vocab = from_counts(counts, a.min_count, a.max_size)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    vocab.save(a.out)
+    print(f"vocab: {len(counts):,} distinct tags, {len(vocab):,} kept (min_count {a.min_count}, max_size "
+          f"{a.max_size}) -> {a.out}; {json.dumps(stats)}", file=sys.stderr)
+    return vocab
+
+
+if __name__ == "__main__":
+    main()

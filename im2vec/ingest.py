@@ -1,0 +1,377 @@
+"""Raw collections -> webdataset shards, split into train/val/test.
+
+    python -m im2vec.ingest yfcc META [META ...] --images MIRROR --out DIR [--template T] [--workers N]
+    python -m im2vec.ingest collection MANIFEST --out DIR [--root FOLDER] [--max-side 512]
+
+The main process reads the metadata (or manifest), skips and counts bad lines, gives each sample a
+split by a hash of its photo id (or user) and cuts each split's sequence into shards of
+``--shard-size`` samples. Worker processes read the images, skip and count missing, corrupt and
+oversized ones, optionally shrink them, and write ``DIR/<split>/shard-NNNNNN.tar`` (through a
+temporary name) and then its ``.stats.json``. A shard whose stats file exists is finished: a run
+started again with the same settings skips it, so an interrupted ingest resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image, ImageOps
+
+from im2vec.data import MAX_PIXELS
+from im2vec.yfcc import DEFAULT_TEMPLATE, Skip, image_path, normalize_tags, parse_line, read_lines
+
+SPLITS = ("train", "val", "test")
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become JPEG
+
+
+@dataclass
+class Settings:
+    """Everything that decides which sample lands in which shard: a resumed run must match it."""
+
+    source: str = "yfcc"  # yfcc | collection
+    inputs: list[str] = field(default_factory=list)
+    shard_size: int = 5000
+    split_by: str = "id"  # id | user: with user, one uploader's photos never straddle splits
+    val_fraction: float = 0.01
+    test_fraction: float = 0.01
+    salt: str = "im2vec"
+    machine_tags: bool = False
+    template: str = DEFAULT_TEMPLATE
+    max_side: int | None = None  # shrink images whose longest side is longer (re-encoded as JPEG)
+    max_pixels: int = MAX_PIXELS
+    quality: int = 90
+
+    def __post_init__(self):
+        if self.split_by not in ("id", "user"):
+            raise ValueError(f"ingest: split_by must be 'id' or 'user', not {self.split_by!r}")
+        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("ingest: val_fraction and test_fraction must be ≥ 0 and sum to less than 1")
+        if self.shard_size < 1:
+            raise ValueError("ingest: shard_size must be ≥ 1")
+
+
+def split_of(value: str, val_fraction: float, test_fraction: float, salt: str = "im2vec") -> str:
+    """train, val or test, fixed by a hash of ``value`` (a photo id or a user id): the same on every
+    machine and every run, independent of the order of the input."""
+    h = hashlib.blake2b(f"{salt}\0{value}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+# ---------------------------------------------------------------- the worker side: images -> a shard
+def prepare_image(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int | None = None,
+                  quality: int = 90) -> tuple[str, bytes]:
+    """(extension, bytes) to store, or Skip(missing_image | unreadable_image | corrupt_image | too_large).
+
+    The image is decoded once to prove it is whole (a truncated JPEG fails here, not in training);
+    JPEG/PNG/WebP bytes are stored unchanged unless ``max_side`` shrinks them."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise Skip("missing_image", str(path)) from None
+    except OSError as e:
+        raise Skip("unreadable_image", f"{path}: {e}") from None
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > max_pixels:
+            raise Skip("too_large", f"{path}: {img.width}x{img.height}")
+        if max_side and max(img.size) > max_side:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at the smallest scale still ≥ max_side
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((max_side, max_side), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=quality)
+            return "jpg", buf.getvalue()
+        fmt = img.format
+        img.draft("RGB", (img.width // 8, img.height // 8))  # a full pass over the data, at 1/8 the work
+        img.load()
+        if fmt in KEPT_FORMATS:
+            return KEPT_FORMATS[fmt], data
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=quality)
+        return "jpg", buf.getvalue()
+    except Skip:
+        raise
+    except Image.DecompressionBombError:
+        raise Skip("too_large", str(path)) from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        raise Skip("corrupt_image", f"{path}: {e}") from None
+
+
+def shard_name(out: Path, split: str, index: int) -> Path:
+    return out / split / f"shard-{index:06d}.tar"
+
+
+def stats_name(shard: Path) -> Path:
+    return shard.with_name(shard.name[: -len(".tar")] + ".stats.json")
+
+
+def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, dict]], max_pixels: int,
+                max_side: int | None, quality: int) -> dict:
+    """Write one shard of (key, image path, metadata) samples; returns and stores its stats."""
+    shard = shard_name(Path(out), split, index)
+    tmp = shard.with_name(shard.name + ".tmp")
+    written, skipped, examples = 0, Counter(), {}
+    with wds.TarWriter(str(tmp)) as sink:
+        for key, path, meta in samples:
+            try:
+                ext, data = prepare_image(path, max_pixels, max_side, quality)
+            except Skip as e:
+                skipped[e.reason] += 1
+                examples.setdefault(e.reason, str(e))
+                continue
+            sink.write({"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False).encode()})
+            written += 1
+    os.replace(tmp, shard)  # only whole shards carry the final name
+    stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples}
+    _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished
+    return stats
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- sources: lines -> samples or skips
+Item = tuple[str, str, dict, str] | Skip  # (key, image path, metadata, split key) or why not
+
+
+def yfcc_samples(s: Settings, images: str, progress=None) -> Iterator[Item]:
+    for line in read_lines(s.inputs, progress):
+        try:
+            rec = parse_line(line, s.machine_tags)
+        except Skip as e:
+            yield e
+            continue
+        meta = {"tags": rec["tags"], "id": rec["id"], "user": rec["user"], "title": rec["title"]}
+        yield rec["id"], str(image_path(rec, images, s.template)), meta, rec[s.split_by]
+
+
+def collection_samples(s: Settings, root: str | None, progress=None) -> Iterator[Item]:
+    """A manifest beside a folder of images: JSONL {"image": path, "tags": [...], ...} or TSV
+    path<TAB>tag1,tag2. Paths are relative to ``root`` (default: the manifest's folder); a path
+    that leads outside it is refused (outside_root)."""
+    (manifest,) = s.inputs
+    base = Path(root or Path(manifest).parent).resolve()
+    jsonl = Path(manifest).suffix.lower() in (".jsonl", ".json", ".ndjson")
+    seen: set[str] = set()
+    for n, line in enumerate(read_lines([manifest], progress), 1):
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield Skip("bad_utf8", f"{manifest}:{n}")
+            continue
+        if not text.strip() or (not jsonl and text.startswith("#")):
+            continue  # blank lines and TSV comments are not samples
+        try:
+            if jsonl:
+                row = json.loads(text)
+                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+                    raise ValueError("expected an object with an 'image' path")
+                tags = row.get("tags") or []
+                tags = tags.split(",") if isinstance(tags, str) else tags
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise ValueError("'tags' must be a list of strings")
+                extra = {k: v for k, v in row.items() if k not in ("image", "tags")}
+            else:
+                cols = text.split("\t")
+                if len(cols) != 2:
+                    raise ValueError(f"{len(cols)} columns, expected path<TAB>tags")
+                row, tags, extra = {"image": cols[0]}, cols[1].split(","), {}
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            yield Skip("bad_line", f"{manifest}:{n}: {e}")
+            continue
+        path = (base / row["image"]).resolve()
+        if not path.is_relative_to(base):
+            yield Skip("outside_root", f"{manifest}:{n}: {row['image']} is outside {base}")
+            continue
+        tags = normalize_tags(tags)
+        if not tags:
+            yield Skip("no_tags", f"{manifest}:{n}")
+            continue
+        rel = path.relative_to(base).as_posix()
+        if rel in seen:
+            yield Skip("duplicate", f"{manifest}:{n}: {rel}")
+            continue
+        seen.add(rel)
+        meta = {"id": rel, **extra, "tags": tags}
+        user = meta.get("user")
+        if s.split_by == "user" and not user:
+            yield Skip("no_user", f"{manifest}:{n}: --split-by user needs a 'user' field")
+            continue
+        key = hashlib.sha1(rel.encode()).hexdigest()[:20]  # no dots in keys (webdataset splits on them)
+        yield key, str(path), meta, str(user if s.split_by == "user" else meta["id"])
+
+
+# ---------------------------------------------------------------- the main loop
+def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, verbose: bool = True,
+        bar=None) -> dict:
+    """Shard ``items`` into ``out``; returns the summary (also written to ``out/summary.json``)."""
+    out = Path(out)
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+    _check_settings(out, s)
+    skipped, examples = Counter(), {}
+    shards: dict[str, dict] = {}  # "split/index" -> stats
+    buffers = {split: [] for split in SPLITS}
+    next_index = dict.fromkeys(SPLITS, 0)
+    pool = cf.ProcessPoolExecutor(workers) if workers > 0 else None
+    pending: set[cf.Future] = set()
+
+    def finished(stats: dict) -> None:
+        shards[f"{stats['split']}/{stats['index']}"] = stats
+        if bar is not None:
+            bar.set_postfix(shards=len(shards), written=sum(v["written"] for v in shards.values()), refresh=False)
+
+    def flush(split: str) -> None:
+        index, samples = next_index[split], buffers[split]
+        next_index[split], buffers[split] = index + 1, []
+        done = stats_name(shard_name(out, split, index))
+        if done.exists():  # finished by an earlier run
+            finished(json.loads(done.read_text(encoding="utf-8")))
+            return
+        args = (str(out), split, index, samples, s.max_pixels, s.max_side, s.quality)
+        if pool is None:
+            finished(write_shard(*args))
+            return
+        while len(pending) >= 2 * workers:  # bounded: the reader never runs far ahead of the writers
+            done_now, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in done_now:
+                pending.discard(f)
+                finished(f.result())
+        pending.add(pool.submit(write_shard, *args))
+
+    try:
+        for item in items:
+            if isinstance(item, Skip):
+                skipped[item.reason] += 1
+                examples.setdefault(item.reason, str(item))
+                continue
+            key, path, meta, split_key = item
+            split = split_of(split_key, s.val_fraction, s.test_fraction, s.salt)
+            buffers[split].append((key, path, meta))
+            if len(buffers[split]) == s.shard_size:
+                flush(split)
+        for split in SPLITS:
+            if buffers[split]:
+                flush(split)
+        for f in cf.as_completed(pending):
+            finished(f.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for stats in shards.values():
+        skipped.update(stats["skipped"])
+        for reason, example in stats.get("examples", {}).items():
+            examples.setdefault(reason, example)
+    summary = {
+        "written": {sp: sum(v["written"] for v in shards.values() if v["split"] == sp) for sp in SPLITS},
+        "shards": {sp: sum(1 for v in shards.values() if v["split"] == sp and v["written"]) for sp in SPLITS},
+        "skipped": dict(sorted(skipped.items())),
+        "examples": examples,
+    }
+    _remove_empty_shards(out, shards)
+    _write_json(out / "summary.json", summary)
+    if verbose:
+        print(format_summary(summary, out), file=sys.stderr)
+    return summary
+
+
+def _remove_empty_shards(out: Path, shards: dict) -> None:
+    """A shard whose every image was skipped stays as a stats file only: an empty tar would be drawn in training."""
+    for stats in shards.values():
+        if not stats["written"]:
+            shard_name(out, stats["split"], stats["index"]).unlink(missing_ok=True)
+
+
+def _check_settings(out: Path, s: Settings) -> None:
+    path, mine = out / "ingest.json", asdict(s)
+    if path.exists():
+        theirs = json.loads(path.read_text(encoding="utf-8"))
+        differ = sorted(k for k in mine if theirs.get(k) != mine[k])
+        if differ:
+            raise SystemExit(f"ingest: {out} was written with other settings ({', '.join(differ)}); "
+                             "resume with the same ones or write to a fresh folder")
+    else:
+        _write_json(path, mine)
+
+
+def format_summary(summary: dict, out: Path | str) -> str:
+    w, n = summary["written"], summary["shards"]
+    lines = [f"ingest: wrote {sum(w.values()):,} samples to {out}: "
+             + ", ".join(f"{sp} {w[sp]:,} in {n[sp]} shard(s)" for sp in SPLITS)]
+    sk = summary["skipped"]
+    lines.append(f"ingest: skipped {sum(sk.values()):,}" + (": " + ", ".join(f"{r} {c:,}" for r, c in sk.items()) if sk else ""))
+    lines += [f"  e.g. {e}" for e in summary["examples"].values()]
+    return "\n".join(lines)
+
+
+def _progress_bar(paths: list[str], quiet: bool):
+    from tqdm import tqdm
+
+    total = sum(Path(p).stat().st_size for p in paths if Path(p).is_file())
+    return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", disable=quiet, mininterval=1.0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m im2vec.ingest", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="source", required=True)
+    y = sub.add_parser("yfcc", help="the YFCC100M metadata file(s) and a local image mirror")
+    y.add_argument("metadata", nargs="+", help="yfcc100m_dataset (25 columns) or yfcc100m_dataset-N parts (23), plain or .bz2")
+    y.add_argument("--images", required=True, help="the mirror's root folder")
+    y.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help="image path below --images; fields {id} {hash} {hash_a} {hash_b} {user} {ext} {server} {farm} {secret}")
+    y.add_argument("--machine-tags", action="store_true", help="add the machine tags to the user tags")
+    c = sub.add_parser("collection", help="a manifest (JSONL or TSV) beside a folder of images")
+    c.add_argument("manifest", help='.jsonl ({"image": path, "tags": [...]}) or .tsv (path<TAB>tag1,tag2)')
+    c.add_argument("--root", default=None, help="the collection's folder (default: the manifest's); paths outside are refused")
+    for p in (y, c):
+        p.add_argument("--out", required=True, help="output folder: <out>/{train,val,test}/shard-NNNNNN.tar")
+        p.add_argument("--shard-size", type=int, default=5000)
+        p.add_argument("--split-by", choices=("id", "user"), default="id",
+                       help="hash of the photo id, or of the user (one uploader's photos in one split)")
+        p.add_argument("--val-fraction", type=float, default=0.01)
+        p.add_argument("--test-fraction", type=float, default=0.01)
+        p.add_argument("--max-side", type=int, default=None, help="shrink longer images to this side (JPEG)")
+        p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger images are skipped (decompression bombs)")
+        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shard-writing processes (0: in this one)")
+        p.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    inputs = [os.path.abspath(p) for p in (a.metadata if a.source == "yfcc" else [a.manifest])]
+    for p in inputs:
+        if not Path(p).is_file():
+            ap.error(f"not found: {p}")
+    s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
+                 val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
+                 max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
+                 template=getattr(a, "template", DEFAULT_TEMPLATE))
+    bar = _progress_bar(inputs, a.quiet)
+    try:
+        if a.source == "yfcc":
+            items = yfcc_samples(s, a.images, bar.update)
+        else:
+            items = collection_samples(s, a.root, bar.update)
+        summary = run(s, items, a.out, a.workers, verbose=False, bar=bar)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    finally:
+        bar.close()
+    print(format_summary(summary, a.out), file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
