@@ -116,8 +116,14 @@ class _Samples:
         self.skipped = [0] * len(SKIP_REASONS)
 
     def read_error(self, exn: Exception) -> bool:
+        """Count a tar that cannot be read (on) once, and go on with the next: never fatal.
+
+        webdataset calls this handler twice for one truncated tar: inside the tar (the message
+        ends in " @ <file>") and again when the stopped tar surfaces. Stopping at the first call
+        (a tar stream cannot be read past a bad block anyway) leaves nothing for the second."""
         self.skipped[SKIP_READ] += 1
-        return True  # skip and go on: a truncated or unreadable tar never stops training
+        inside_tar = bool(exn.args) and " @ " in str(exn.args[0])
+        return not inside_tar
 
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
         # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}

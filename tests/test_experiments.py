@@ -1,0 +1,100 @@
+"""The documented way in, end to end: raw files -> ingest -> vocabulary -> train.py's train(cfg)."""
+
+import io
+import json
+
+import numpy as np
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from im2vec.ingest import main as ingest
+from im2vec.training import train
+from im2vec.vocab import main as vocab
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+SMALL = ["model=small_cnn", "model.dim=16", "data.image_size=32", "data.batch_size=8", "data.batches_per_epoch=3",
+         "data.num_workers=0", "data.val_batch_size=16", "data.shuffle_buffer=20", "data.vocab_min_count=1",
+         "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
+         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "optim.warmup_batches=2", "validation.projector_tags=10", "validation.grid_images=2"]
+
+
+def _photo(colour: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    px = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 25, (60, 80, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _cfg(experiment: str, data_dir, out, *overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[f"+experiment={experiment}", *SMALL, f"paths.data_dir={data_dir}",
+                                           f"paths.output_dir={out}", *overrides])
+
+
+def _scalars(out) -> dict:
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {t: ea.Scalars(t)[-1].value for t in ea.Tags()["scalars"]}
+
+
+def test_collection_experiment_trains_from_ingested_shards_with_bad_ones_among_them(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = []
+    for i in range(90):
+        colour = list(COLOURS)[i % 3]
+        (photos / f"{i}.jpg").write_bytes(_photo(colour, i))
+        rows.append({"image": f"{i}.jpg", "tags": [colour, "Canon", f"img{i}"]})
+    (photos / "manifest.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    data = tmp_path / "data"
+    ingest(["collection", str(photos / "manifest.jsonl"), "--out", str(data / "collection"), "--shard-size", "20",
+            "--val-fraction", "0.2", "--test-fraction", "0", "--workers", "2", "--quiet"])
+    vocab([str(data / "collection" / "vocab.tsv"), "--shards", str(data / "collection" / "train" / "*.tar"),
+           "--min-count", "2", "--quiet"])
+    # a truncated shard and a shard of corrupt images among the training shards
+    train_dir = data / "collection" / "train"
+    good = sorted(train_dir.glob("*.tar"))[0].read_bytes()
+    (train_dir / "shard-900000.tar").write_bytes(good[: len(good) // 2])
+    import webdataset as wds
+    with wds.TarWriter(str(train_dir / "shard-900001.tar")) as sink:
+        for i in range(20):
+            sink.write({"__key__": f"bad{i}", "jpg": _photo("red", i)[:100], "json": b'{"tags": ["red"]}'})
+    out = tmp_path / "run"
+    cfg = _cfg("collection", data, out, "data.batches_per_epoch=12")
+    assert cfg.data.train_shards == f"{data}/collection/train/shard-*.tar"
+    metrics, objs = train(cfg)
+    assert objs["trainer"].current_epoch == 2 and (out / "checkpoints" / "last.ckpt").is_file()
+    logged = _scalars(out)
+    assert logged["data/skipped_read_error"] >= 1 and logged["data/skipped_bad_image"] >= 1  # counted, not fatal
+    assert 0 <= metrics["val/precision@5"] <= 1 and "val/precision@5_prior" in metrics
+    assert objs["datamodule"].vocab.tags[0] == "canon"  # on every photo: the most frequent tag
+
+
+def test_yfcc_experiment_trains_from_the_yfcc_ingest(tmp_path):
+    from test_ingest import _line
+
+    mirror, lines = tmp_path / "mirror", []
+    for i in range(60):
+        colour = list(COLOURS)[i % 3]
+        h = f"{i:06x}{'ab' * 13}"
+        p = mirror / "images" / h[:3] / h[3:6] / f"{h}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(_photo(colour, i))
+        lines.append(_line(i, str(5000 + i), h, f"{colour},nikon,2015", user=f"u{i % 10}@N00"))
+    (tmp_path / "yfcc100m_dataset").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "data"
+    ingest(["yfcc", str(tmp_path / "yfcc100m_dataset"), "--images", str(mirror), "--out", str(data / "yfcc"),
+            "--split-by", "user", "--val-fraction", "0.2", "--test-fraction", "0", "--shard-size", "10",
+            "--workers", "0", "--quiet"])
+    vocab([str(data / "yfcc" / "vocab.tsv"), "--yfcc", str(tmp_path / "yfcc100m_dataset"), "--like",
+           str(data / "yfcc"), "--split", "train", "--quiet"])
+    out = tmp_path / "run"
+    cfg = _cfg("yfcc", data, out, "trainer=default", "trainer.precision=32-true")
+    assert cfg.data.vocab_max_size == 600000
+    metrics, objs = train(cfg)
+    assert (out / "checkpoints" / "last.ckpt").is_file() and "val/precision@5" in metrics
+    assert set(objs["datamodule"].vocab.tags) == {"red", "green", "blue", "nikon", "2015"}

@@ -1,0 +1,300 @@
+"""Ingest: YFCC100M metadata lines, a local mirror and user manifests -> split shards, skips counted by reason."""
+
+import bz2
+import io
+import json
+import os
+import struct
+import tarfile
+import zlib
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from im2vec.ingest import Settings, collection_samples, main, prepare_image, run, split_of
+from im2vec.yfcc import COLUMNS_25, Skip, image_path, normalize_tag, parse_line, url_decode
+
+# the real line quoted in shared/DESIGN.md (empty fields kept)
+REAL = ("6639\t6162540254\t4ccb23d8746b8d9d76ffd603fc7988\t15087210@N00\thenribergius\t2011-09-10 21:13:32.0\t"
+        "1316432672\tNokia+N950\tAround+the+waterpipe\t\thelsinki,party,waterpipe\t\t\t\t\t"
+        "http://www.flickr.com/photos/15087210@N00/6162540254/\t"
+        "http://farm7.staticflickr.com/6167/6162540254_5d22abd711.jpg\tAttribution-ShareAlike License\t"
+        "http://creativecommons.org/licenses/by-sa/2.0/\t6167\t7\t5d22abd711\t44e5acb0f2\tjpg\t0")
+
+
+def test_the_real_yfcc_line_parses():
+    assert len(REAL.split("\t")) == len(COLUMNS_25) == 25
+    rec = parse_line(REAL.encode())
+    assert rec["id"] == "6162540254"
+    assert rec["tags"] == ["helsinki", "party", "waterpipe"]
+    assert rec["title"] == "Around the waterpipe"
+    assert rec["user"] == "15087210@N00" and rec["hash"] == "4ccb23d8746b8d9d76ffd603fc7988"
+    assert image_path(rec, "/m").as_posix() == "/m/images/4cc/b23/4ccb23d8746b8d9d76ffd603fc7988.jpg"
+
+
+def test_the_23_column_parts_parse_and_need_a_template_without_hash():
+    cols = REAL.split("\t")
+    line = "\t".join(cols[1:2] + cols[3:])  # the original parts: no line number, no hash
+    rec = parse_line(line)
+    assert rec["id"] == "6162540254" and rec["hash"] is None
+    assert rec["tags"] == ["helsinki", "party", "waterpipe"] and rec["title"] == "Around the waterpipe"
+    with pytest.raises(ValueError, match="23-column"):
+        image_path(rec, "/m")
+    assert image_path(rec, "/m", "{farm}/{server}/{id}_{secret}.{ext}").as_posix() == "/m/7/6167/6162540254_5d22abd711.jpg"
+
+
+def test_url_decoding_and_tag_normalization():
+    assert url_decode("caf%C3%A9+au+lait") == "café au lait"
+    for bad in ("100%", "%zz", "a%4", "%ff%fe"):  # cut escapes, non-hex, bytes that are not UTF-8
+        with pytest.raises(Skip) as e:
+            url_decode(bad)
+        assert e.value.reason == "bad_escape"
+    assert normalize_tag("  Helsinki ") == "helsinki"
+    assert normalize_tag("ＴＯＫＹＯ\u3000 Tower") == "tokyo tower"  # NFKC: full-width letters and space
+    assert normalize_tag("ﬁre") == "fire"  # NFKC: the ligature
+    cols = REAL.split("\t")
+    cols[10] = "Party,%20party%20,,PARTY,new+york,machine"
+    cols[11] = "vision%3Aoutdoor%3D099"
+    rec = parse_line("\t".join(cols))
+    assert rec["tags"] == ["party", "new york", "machine"]  # one spelling, duplicates once, empties dropped
+    assert parse_line("\t".join(cols), machine_tags=True)["tags"][-1] == "vision:outdoor=099"
+
+
+def _jpeg(seed, w=48, h=36) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _line(n: int, photo_id: str, hash_: str, tags: str, user: str = "u@N00", marker: str = "0") -> str:
+    cols = REAL.split("\t")
+    cols[0], cols[1], cols[2], cols[3], cols[10], cols[24] = str(n), photo_id, hash_, user, tags, marker
+    return "\t".join(cols)
+
+
+def _mirror(tmp_path, n_good=12):
+    """A metadata file with n_good good photos and one of each kind of bad line or bad image."""
+    lines, expected = [], {}
+    mirror = tmp_path / "mirror"
+
+    def put(hash_: str, data: bytes):
+        p = mirror / "images" / hash_[:3] / hash_[3:6] / f"{hash_}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+    for i in range(n_good):
+        h = f"{i:04d}aa{i:026x}"
+        put(h, _jpeg(i))
+        lines.append(_line(i, str(1000 + i), h, f"tag{i % 3},common", user=f"user{i % 8}@N00"))
+        expected[str(1000 + i)] = [f"tag{i % 3}", "common"]
+    big = io.BytesIO()
+    Image.new("RGB", (400, 300), "red").save(big, "JPEG")
+    put("bad001", b"\xff\xd8\xff\xe0 this is not a jpeg")
+    put("bad002", _jpeg(99)[:300])  # truncated in the middle of the scan
+    put("bad003", big.getvalue())  # 120,000 pixels, over the test's max_pixels
+    lines += [
+        "only\tthree\tcolumns",                                    # bad_columns
+        _line(90, "2001", "x", "ok,%zz"),                          # bad_escape
+        _line(91, "2002", "x", "caf\udcff"),                       # bad_utf8: written as the raw byte 0xff
+        _line(92, "2003", "x", "a,b", marker="1"),                 # video
+        _line(93, "2004", "x", ""),                                # no_tags
+        _line(94, "2005", "nothere", "lost"),                      # missing_image
+        _line(95, "2006", "bad001", "broken"),                     # corrupt_image
+        _line(96, "2007", "bad002", "broken"),                     # corrupt_image (truncated)
+        _line(97, "2008", "bad003", "huge"),                       # too_large
+        _line(98, "notanid", "x", "a"),                            # bad_field
+    ]
+    data = "\n".join(lines).encode("utf-8", "surrogateescape") + b"\n"
+    return data, mirror, expected
+
+
+SKIPS = {"bad_columns": 1, "bad_escape": 1, "bad_utf8": 1, "video": 1, "no_tags": 1, "missing_image": 1,
+         "corrupt_image": 2, "too_large": 1, "bad_field": 1}
+
+
+def _read_shards(folder):
+    out = {}
+    for shard in sorted(folder.glob("*/shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+            for name in names:
+                if name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(name).read())
+                    key = name[: -len(".json")]
+                    assert "." not in key and f"{key}.jpg" in names
+                    Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read())).load()
+                    out[meta["id"]] = (shard.parent.name, meta)
+    return out
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_yfcc_ingest_writes_the_good_samples_and_counts_each_skip(tmp_path, compress):
+    data, mirror, expected = _mirror(tmp_path)
+    meta = tmp_path / ("meta.tsv.bz2" if compress else "meta.tsv")
+    meta.write_bytes(bz2.compress(data) if compress else data)
+    out = tmp_path / "out"
+    summary = main(["yfcc", str(meta), "--images", str(mirror), "--out", str(out), "--shard-size", "4",
+                    "--workers", "2", "--max-pixels", "100000", "--val-fraction", "0.3", "--quiet"])
+    assert summary["skipped"] == SKIPS
+    assert sum(summary["written"].values()) == len(expected)
+    got = _read_shards(out)
+    assert {k: m["tags"] for k, (_, m) in got.items()} == expected
+    assert got["1000"][1]["title"] == "Around the waterpipe" and got["1003"][1]["user"] == "user3@N00"
+    for photo_id, (split, _) in got.items():  # each photo in the split its id's hash gives it
+        assert split == split_of(photo_id, 0.3, 0.01)
+    assert json.loads((out / "summary.json").read_text())["skipped"] == SKIPS
+
+
+def test_ingest_resumes_without_redoing_finished_shards(tmp_path):
+    data, mirror, expected = _mirror(tmp_path)
+    (tmp_path / "meta.tsv").write_bytes(data)
+    args = ["yfcc", str(tmp_path / "meta.tsv"), "--images", str(mirror), "--out", str(tmp_path / "out"),
+            "--shard-size", "3", "--workers", "0", "--max-pixels", "100000", "--val-fraction", "0", "--quiet"]
+    first = main(args)
+    shards = sorted((tmp_path / "out" / "train").glob("shard-*.tar"))
+    # 12 good photos, then 4 with bad images: shards 4 and 5 hold only bad ones and keep no tar
+    assert len(shards) == 4 and not (tmp_path / "out" / "train" / "shard-000004.tar").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()  # as if the run was killed while writing shard 1 ...
+    shards[1].with_name("shard-000001.stats.json").unlink()
+    (shards[1].parent / "shard-000001.tar.tmp").write_bytes(b"half a tar")  # ... leaving a partial file
+    second = main(args)
+    assert second["written"] == first["written"] and second["skipped"] == first["skipped"]
+    assert shards[1].exists() and not (shards[1].parent / "shard-000001.tar.tmp").exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != shards[1])  # not rewritten
+    assert {k: m["tags"] for k, (_, m) in _read_shards(tmp_path / "out").items()} == expected
+    with pytest.raises(SystemExit, match="other settings.*shard_size"):
+        main([a if a != "3" else "5" for a in args])  # --shard-size 5
+
+
+def test_split_is_deterministic_by_hash_and_can_group_users():
+    ids = [str(i) for i in range(20000)]
+    splits = Counter(split_of(i, 0.05, 0.02) for i in ids)
+    # binomial: 5% of 20,000 is 1,000 ± 31 (1σ); 2% is 400 ± 20
+    assert abs(splits["val"] - 1000) < 5 * 31 and abs(splits["test"] - 400) < 5 * 20
+    assert [split_of(i, 0.05, 0.02) for i in ids[:500]] == [split_of(i, 0.05, 0.02) for i in ids[:500]]
+    assert Counter(split_of(i, 0.05, 0.02, salt="other") for i in ids) != splits  # the salt re-draws
+
+
+def test_split_by_user_keeps_each_uploader_in_one_split(tmp_path):
+    data, mirror, _ = _mirror(tmp_path, n_good=40)
+    (tmp_path / "meta.tsv").write_bytes(data)
+    main(["yfcc", str(tmp_path / "meta.tsv"), "--images", str(mirror), "--out", str(tmp_path / "out"),
+          "--split-by", "user", "--val-fraction", "0.4", "--test-fraction", "0.2", "--workers", "0", "--quiet"])
+    by_user = {}
+    for split, meta in _read_shards(tmp_path / "out").values():
+        if meta["user"].startswith("user"):
+            by_user.setdefault(meta["user"], set()).add(split)
+    assert len(by_user) == 8 and all(len(s) == 1 for s in by_user.values())  # 5 photos each, one split
+    assert {u: s.pop() for u, s in by_user.items()} == {u: split_of(u, 0.4, 0.2) for u in by_user}
+    assert len({split_of(u, 0.4, 0.2) for u in by_user}) > 1  # and the users do fall in different splits
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height pixels (a decompression bomb), with almost no data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_prepare_image_keeps_good_bytes_refuses_bombs_and_shrinks_on_request(tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_jpeg(1, 300, 200))
+    assert prepare_image(good) == ("jpg", good.read_bytes())  # stored as it is
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_bomb(40000, 40000))  # 1.6 billion pixels claimed, 100 bytes on disk
+    with pytest.raises(Skip) as e:
+        prepare_image(bomb)
+    assert e.value.reason == "too_large"
+    ext, small = prepare_image(good, max_side=64)
+    assert ext == "jpg" and Image.open(io.BytesIO(small)).size == (64, 43)
+    gif = tmp_path / "a.gif"
+    Image.new("P", (20, 10)).save(gif)
+    ext, data = prepare_image(gif)  # not JPEG/PNG/WebP: stored as JPEG
+    assert ext == "jpg" and Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+def _collection(tmp_path):
+    root = tmp_path / "photos"
+    (root / "trip").mkdir(parents=True)
+    for i in range(6):
+        (root / "trip" / f"{i}.jpg").write_bytes(_jpeg(i, 200, 120))
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(_jpeg(50))
+    (root / "link.jpg").symlink_to(secret)  # inside the folder by name, outside by target
+    return root, secret
+
+
+def test_collection_jsonl_refuses_paths_outside_its_folder(tmp_path):
+    root, secret = _collection(tmp_path)
+    rows = [{"image": f"trip/{i}.jpg", "tags": ["Beach", "sea"], "user": f"u{i % 2}"} for i in range(5)]
+    rows += [
+        {"image": "../secret.jpg", "tags": ["x"]},          # outside_root
+        {"image": str(secret), "tags": ["x"]},              # outside_root (absolute)
+        {"image": "link.jpg", "tags": ["x"]},               # outside_root (a symlink leading out)
+        {"image": "trip/0.jpg", "tags": ["again"]},         # duplicate
+        {"image": "trip/5.jpg", "tags": []},                # no_tags
+        {"image": "trip/missing.jpg", "tags": ["x"]},       # missing_image
+        {"tags": ["no image field"]},                       # bad_line
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    summary = main(["collection", str(manifest), "--out", str(tmp_path / "out"), "--val-fraction", "0",
+                    "--test-fraction", "0", "--max-side", "100", "--workers", "0", "--quiet"])
+    assert summary["skipped"] == {"outside_root": 3, "duplicate": 1, "no_tags": 1, "missing_image": 1, "bad_line": 2}
+    got = _read_shards(tmp_path / "out")
+    assert sorted(got) == [f"trip/{i}.jpg" for i in range(5)]
+    assert got["trip/1.jpg"][1] == {"id": "trip/1.jpg", "user": "u1", "tags": ["beach", "sea"]}
+    with tarfile.open(next((tmp_path / "out" / "train").glob("*.tar"))) as tar:
+        jpg = next(n for n in tar.getnames() if n.endswith(".jpg"))
+        assert Image.open(io.BytesIO(tar.extractfile(jpg).read())).size == (100, 60)  # shrunk on ingest
+
+
+def test_collection_tsv_manifest(tmp_path):
+    root, _ = _collection(tmp_path)
+    (root / "list.tsv").write_text("# path<TAB>tags\ntrip/0.jpg\tdog, Park\ntrip/1.jpg\ttoo\tmany\n"
+                                   "../../etc/passwd\tx\ntrip/2.jpg\t\n")
+    s = Settings(source="collection", inputs=[str(root / "list.tsv")], val_fraction=0, test_fraction=0)
+    items = list(collection_samples(s, None))
+    assert [i.reason for i in items if isinstance(i, Skip)] == ["bad_line", "outside_root", "no_tags"]
+    (key, path, meta, split_key), = [i for i in items if not isinstance(i, Skip)]
+    assert meta == {"id": "trip/0.jpg", "tags": ["dog", "park"]} and path == str(root / "trip" / "0.jpg")
+    assert split_key == "trip/0.jpg" and "." not in key
+    summary = run(s, items, tmp_path / "out", verbose=False)
+    assert summary["written"]["train"] == 1
+
+
+def test_vocabulary_from_metadata_and_from_shards_match_a_brute_force_count(tmp_path):
+    from im2vec.vocab import Vocabulary
+    from im2vec.vocab import main as vocab_main
+
+    data, mirror, expected = _mirror(tmp_path, n_good=30)
+    (tmp_path / "meta.tsv").write_bytes(data)
+    out = tmp_path / "out"
+    main(["yfcc", str(tmp_path / "meta.tsv"), "--images", str(mirror), "--out", str(out), "--val-fraction", "0.3",
+          "--shard-size", "7", "--max-pixels", "100000", "--workers", "0", "--quiet"])
+    train_ids = [i for i in expected if split_of(i, 0.3, 0.01) == "train"]
+    brute = Counter(t for i in train_ids for t in expected[i])
+    v1 = vocab_main([str(tmp_path / "v1.tsv"), "--shards", str(out / "train" / "*.tar"), "--workers", "2", "--quiet"])
+    assert dict(zip(v1.tags, v1.counts.tolist())) == brute
+    assert v1.counts.tolist() == sorted(v1.counts.tolist(), reverse=True)
+    # from the metadata, the train split as the ingest drew it (the bad images are still counted there:
+    # they are only found bad when read)
+    v2 = vocab_main([str(tmp_path / "v2.tsv"), "--yfcc", str(tmp_path / "meta.tsv"), "--like", str(out),
+                     "--split", "train", "--quiet"])
+    bad_train = Counter(t for pid, t in (("2005", "lost"), ("2006", "broken"), ("2007", "broken"), ("2008", "huge"))
+                        if split_of(pid, 0.3, 0.01) == "train")
+    assert dict(zip(v2.tags, v2.counts.tolist())) == brute + bad_train
+    v3 = vocab_main([str(tmp_path / "v3.tsv"), "--shards", str(out / "train" / "*.tar"), "--min-count", "2",
+                     "--max-size", "2", "--workers", "0", "--quiet"])
+    assert v3.tags == [t for t, _ in sorted(brute.items(), key=lambda tc: (-tc[1], tc[0]))][:2]
+    assert Vocabulary.load(tmp_path / "v3.tsv").tags == v3.tags
+    # a truncated shard: what was read is counted, the error too
+    shard = sorted((out / "train").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1500])
+    from im2vec.vocab import count_shard_tags
+    counts, n, errors = count_shard_tags(str(shard))
+    assert errors == 1 and n < 7
