@@ -1,7 +1,7 @@
 """Shards -> batches: a webdataset pipeline written as one visible list of stages.
 
 A training batch is a dict:
-    image   (B, 3, S, S) float, normalized
+    image   (B, 3, S, S) uint8 (``normalize`` makes it float on the trunk's device)
     tags    (B, T) long, in-vocabulary tag ids, left-aligned, PAD (-1) after the last one
     clean   (B, Tc) long, the same for clean tags where the corpus has them (else all PAD)
     skipped (4,) long, samples dropped since the previous batch, by reason (SKIP_REASONS)
@@ -41,31 +41,60 @@ MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: random.Random, min_scale: float = 0.35,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-    """Crop a random area fraction in [min_scale, 1] with a random aspect ratio, resize to size×size,
-    flip half the time. Crop and resize are one PIL call; the randomness comes from ``rng`` so the
-    stream owns it (no global RNG: exact resume)."""
-    w, h = img.size
+class TooLarge(ValueError):
+    """An image whose header claims more pixels than ``max_pixels`` (a decompression bomb)."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read the header only; a decompression bomb is refused before any pixel is decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise TooLarge(str(e)) from None
+    if img.width * img.height > max_pixels:
+        raise TooLarge(f"{img.width}x{img.height} pixels > max_pixels={max_pixels}")
+    return img
+
+
+def crop_box(w: int, h: int, rng: random.Random, min_scale: float = 0.35,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (x, y, width, height): a random area fraction in [min_scale, 1] with a
+    random aspect ratio; the randomness comes from ``rng`` so the stream owns it (exact resume)."""
     for _ in range(10):
         area = w * h * rng.uniform(min_scale, 1.0)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            break
-    else:  # fall back to the whole image
-        x, y, cw, ch = 0, 0, w, h
-    out = img.resize((size, size), Image.BILINEAR, box=(x, y, x + cw, y + ch))
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    return 0, 0, w, h  # fall back to the whole image
+
+
+def train_view(img: Image.Image, size: int, rng: random.Random, min_scale: float = 0.35,
+               draft: bool = True) -> Image.Image:
+    """A random-resized crop of an opened (not yet decoded) image, size×size, flipped half the time.
+
+    The box is drawn first, from the header's size; then a JPEG is decoded at the smallest scale
+    (1/8, 1/4, 1/2) that still leaves the box at least size×size, so reduced-size decoding never
+    costs resolution. Crop and resize are one PIL call."""
+    w, h = img.size
+    x, y, cw, ch = crop_box(w, h, rng, min_scale)
+    if draft:
+        img.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
+    sx, sy = img.width / w, img.height / h  # the scale the decoder chose (1 if none)
+    box = (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy)
+    out = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
 
-def center_crop(img: Image.Image, size: int, rng: random.Random | None = None) -> Image.Image:
-    """Resize the shorter side to ``size`` and take the central square (evaluation)."""
+def eval_view(img: Image.Image, size: int, rng: random.Random | None = None, draft: bool = True) -> Image.Image:
+    """Resize the shorter side to ``size`` and take the central square (evaluation), decoding a JPEG
+    at the smallest scale that keeps the shorter side ≥ size."""
+    if draft:
+        img.draft("RGB", (size, size))
     w, h = img.size
     side = min(w, h)
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    return img.resize((size, size), Image.BILINEAR, box=box)
+    return img.convert("RGB").resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -73,30 +102,11 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 -> float, ImageNet-normalized: done once per batch, not per image."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    """(B, 3, S, S) uint8 -> float32, ImageNet-normalized, on the images' device: batches travel as
+    uint8 (a quarter of the bytes) and are normalized where the trunk runs."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean) / std
-
-
-class TooLarge(ValueError):
-    """An image whose header claims more pixels than ``max_pixels`` (a decompression bomb)."""
-
-
-def decode_image(data: bytes, size: int, max_pixels: int = MAX_PIXELS, draft: bool = True) -> Image.Image:
-    """Decode, letting JPEG's draft mode skip most of the work when the source is ≥2× the target.
-
-    The pixel count is read from the header first: a decompression bomb is refused before any
-    pixel is decoded."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise TooLarge(str(e)) from None
-    if img.width * img.height > max_pixels:
-        raise TooLarge(f"{img.width}x{img.height} pixels > max_pixels={max_pixels}")
-    if draft:
-        img.draft("RGB", (size, size))
-    return img.convert("RGB")
 
 
 def _pad(rows: list[list[int]]) -> torch.Tensor:
@@ -143,8 +153,8 @@ class _Samples:
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
             try:
-                img = decode_image(next(s[e] for e in IMAGE_EXTS if e in s), self.size, self.max_pixels, self.draft)
-                x = to_uint8_tensor(self.transform(img, self.size, rng))
+                img = open_image(next(s[e] for e in IMAGE_EXTS if e in s), self.max_pixels)
+                x = to_uint8_tensor(self.transform(img, self.size, rng, draft=self.draft))
             except TooLarge:
                 self.skipped[SKIP_TOO_LARGE] += 1
                 continue
@@ -157,8 +167,14 @@ class _Samples:
     def collate(self, items: list[tuple]) -> dict:
         skipped, self.skipped = torch.tensor(self.skipped), [0] * len(SKIP_REASONS)
         images, tags, clean, keys = zip(*items)
-        return {"image": normalize(torch.stack(images)), "tags": _pad(list(tags)), "clean": _pad(list(clean)),
+        return {"image": torch.stack(images), "tags": _pad(list(tags)), "clean": _pad(list(clean)),
                 "skipped": skipped, "keys": list(keys)}
+
+
+def _worker_shuffle(bufsize: int, seed: int, samples: Iterator[dict]) -> Iterator[dict]:
+    """webdataset's shuffle buffer, seeded inside the worker so that every worker draws its own order."""
+    info = torch.utils.data.get_worker_info()
+    yield from wds.shuffle(bufsize, initial=min(bufsize, 200), seed=seed + 104729 * (info.id if info else 0))(samples)
 
 
 def rank_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -206,7 +222,7 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
     shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang)."""
     rank, world_size = rank_info(rank, world_size)
-    crop = functools.partial(random_resized_crop, min_scale=min_scale)
+    crop = functools.partial(train_view, min_scale=min_scale)
     stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank)
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's (and worker's) shard urls, drawn with replacement
@@ -214,7 +230,7 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
         # at this point each sample is {"url": ...}
         wds.tarfile_to_samples(handler=stages.read_error),
         # at this point each sample is {"__key__", "jpg", "json"}
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 200), seed=seed + 7919 * rank),
+        functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),
         stages.decode,
         # at this point each sample is (image tensor, tag ids, clean tag ids)
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),
@@ -228,10 +244,10 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
 
 def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, num_workers: int,
                 max_images: int | None = None, rank: int | None = None, world_size: int | None = None,
-                max_pixels: int = MAX_PIXELS) -> wds.WebLoader:
+                max_pixels: int = MAX_PIXELS, draft: bool = True) -> wds.WebLoader:
     """Evaluation batches: every image of this rank's shards once, resized and center-cropped."""
     rank, world_size = rank_info(rank, world_size)
-    stages = _Samples(vocab, center_crop, image_size, seed=0, max_pixels=max_pixels)
+    stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards[rank::world_size]),
         wds.split_by_worker,

@@ -48,7 +48,7 @@ def test_eval_batches_carry_padded_tag_ids_and_skip_counts(tmp_path):
     batches = list(eval_loader([shard], VOCAB, image_size=32, batch_size=8, num_workers=0))
     assert len(batches) == 1
     b = batches[0]
-    assert b["image"].shape == (2, 3, 32, 32) and b["image"].dtype == torch.float32
+    assert b["image"].shape == (2, 3, 32, 32) and b["image"].dtype == torch.uint8  # normalized on the device
     assert b["tags"].tolist() == [[0, 1], [1, 2]]  # duplicates once, unknown tags dropped
     assert b["clean"].tolist() == [[0], [PAD]]
     assert b["skipped"][SKIP_NO_TAG] == 2 and b["skipped"][SKIP_IMAGE] == 1
@@ -207,3 +207,34 @@ def test_two_ranks_see_disjoint_samples(tmp_path):
     assert set(r0["train"]) == {f"{10 * j + i:05d}" for j in (0, 2) for i in range(10)}  # both workers' shards read
     assert not set(r0["eval"]) & set(r1["eval"])
     assert sorted(r0["eval"] + r1["eval"]) == [f"{i:05d}" for i in range(40)]  # every image once
+
+
+def _smooth_photo(w: int, h: int) -> bytes:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reduced_decoding_keeps_the_crop_at_full_resolution(seed):
+    import random
+
+    from im2vec.data import open_image, train_view
+
+    data = _smooth_photo(1600, 1200)
+    fast = open_image(data)
+    a = np.asarray(train_view(fast, 224, random.Random(seed), min_scale=0.1), dtype=np.float32)
+    b = np.asarray(train_view(open_image(data), 224, random.Random(seed), min_scale=0.1, draft=False), dtype=np.float32)
+    assert fast.size[0] < 1600  # the decoder did skip work ...
+    assert np.abs(a - b).mean() < 2.0  # ... and the crop (same box, same flip) looks the same as from a full decode
+
+
+def test_normalize_on_the_batch_device():
+    from im2vec.data import MEAN, STD, normalize
+
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    y = normalize(x)
+    ref = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=1e-5)
