@@ -56,6 +56,12 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    """Decoded, in RGB; no copy when it already is (convert would copy a full-size image)."""
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def crop_box(w: int, h: int, rng: random.Random, min_scale: float = 0.35,
              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (x, y, width, height): a random area fraction in [min_scale, 1] with a
@@ -82,7 +88,7 @@ def train_view(img: Image.Image, size: int, rng: random.Random, min_scale: float
         img.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
     sx, sy = img.width / w, img.height / h  # the scale the decoder chose (1 if none)
     box = (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy)
-    out = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
+    out = _rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
 
@@ -94,7 +100,7 @@ def eval_view(img: Image.Image, size: int, rng: random.Random | None = None, dra
     w, h = img.size
     side = min(w, h)
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    return img.convert("RGB").resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
+    return _rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m im2vec.bench.loader (the data loader)."""
