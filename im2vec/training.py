@@ -75,9 +75,12 @@ def summary(m: dict[str, float], gamma: float) -> str:
         if f"val/{name}" in m:
             rows.append(f"  {name:24s} {m[f'val/{name}']:7.3f} {m[f'val/{name}_prior']:7.3f}")
     gammas = sorted({float(k.rsplit("/", 1)[1]) for k in m if k.startswith("val_gamma/")})
+    names = [n for n in ("precision@5", "clean_precision@5", "noise_share@5")  # clean and noise need content tags
+             if any(k.startswith(f"val_gamma/{n}/") for k in m)]
     if gammas:
-        rows.append(f"  γ sweep: {'γ':>5s} {'P@5':>6s} {'clean':>6s} {'noise':>6s}")
+        heads = {"precision@5": "P@5", "clean_precision@5": "clean", "noise_share@5": "noise"}
+        rows.append(f"  γ sweep: {'γ':>5s} " + " ".join(f"{heads[n]:>6s}" for n in names))
         for g in gammas:
-            vals = [m.get(f"val_gamma/{n}/{g:g}", math.nan) for n in ("precision@5", "clean_precision@5", "noise_share@5")]
+            vals = [m.get(f"val_gamma/{n}/{g:g}", math.nan) for n in names]
             rows.append(f"           {g:5.2f} " + " ".join(f"{v:6.3f}" for v in vals))
     return "\n".join(rows)
