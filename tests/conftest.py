@@ -1,5 +1,7 @@
 """The real Hydra config, composed once per test with CPU-only, tiny settings and a tiny corpus."""
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height pixels (a decompression bomb), with almost no data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))

@@ -2,8 +2,6 @@
 
 import io
 import json
-import struct
-import zlib
 from collections import Counter
 
 import numpy as np
@@ -11,6 +9,8 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+
+from conftest import png_bomb
 
 from im2vec.data import SKIP_IMAGE, SKIP_NO_TAG, eval_loader, train_loader
 from im2vec.sampler import PAD
@@ -132,20 +132,13 @@ def _complete_samples(path) -> int:
     return sum(1 for c in keys.values() if c == 2)
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 def test_bad_shards_are_skipped_and_counted_exactly(tmp_path):
     good = _write(tmp_path / "good.tar", [_sample(i, ["sea"]) for i in range(7)])
     cut = _truncated(tmp_path / "cut.tar", [_sample(100 + i, ["red"]) for i in range(20)])
     corrupt = _write(tmp_path / "corrupt.tar", [_sample(200 + i, ["sea"], jpg=_jpeg(i)[: 200 + i]) for i in range(9)])
     bombs = _write(tmp_path / "bombs.tar", [
-        {"__key__": "b1", "png": _png_bomb(30000, 30000), "json": b'{"tags": ["sea"]}'},  # 900M pixels claimed
-        {"__key__": "b2", "png": _png_bomb(9000, 9000), "json": b'{"tags": ["sea"]}'},  # 81M: under PIL's own limit
+        {"__key__": "b1", "png": png_bomb(30000, 30000), "json": b'{"tags": ["sea"]}'},  # 900M pixels claimed
+        {"__key__": "b2", "png": png_bomb(9000, 9000), "json": b'{"tags": ["sea"]}'},  # 81M: under PIL's own limit
     ])
     whole = _complete_samples(cut)
     assert 0 < whole < 20

@@ -3,15 +3,14 @@
 import bz2
 import io
 import json
-import os
-import struct
 import tarfile
-import zlib
 from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from conftest import png_bomb
 
 from im2vec.ingest import Settings, collection_samples, main, prepare_image, run, split_of
 from im2vec.yfcc import COLUMNS_25, Skip, image_path, normalize_tag, parse_line, url_decode
@@ -192,20 +191,12 @@ def test_split_by_user_keeps_each_uploader_in_one_split(tmp_path):
     assert len({split_of(u, 0.4, 0.2) for u in by_user}) > 1  # and the users do fall in different splits
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    """A PNG whose header claims width×height pixels (a decompression bomb), with almost no data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 def test_prepare_image_keeps_good_bytes_refuses_bombs_and_shrinks_on_request(tmp_path):
     good = tmp_path / "good.jpg"
     good.write_bytes(_jpeg(1, 300, 200))
     assert prepare_image(good) == ("jpg", good.read_bytes())  # stored as it is
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_bomb(40000, 40000))  # 1.6 billion pixels claimed, 100 bytes on disk
+    bomb.write_bytes(png_bomb(40000, 40000))  # 1.6 billion pixels claimed, 100 bytes on disk
     with pytest.raises(Skip) as e:
         prepare_image(bomb)
     assert e.value.reason == "too_large"
