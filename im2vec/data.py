@@ -7,8 +7,9 @@ A training batch is a dict:
     skipped (4,) long, samples dropped since the previous batch, by reason (SKIP_REASONS)
     keys    list[str], the samples' keys (photo ids for YFCC shards)
 
-Every process of a run reads its own part of the shards: rank r of w takes shards r, r+w, r+2w, …
-and its DataLoader workers split that part again, so no two ranks ever see the same sample.
+Every rank of a run reads its own part of the shards: rank r of w takes shards r, r+w, r+2w, …,
+so no two ranks ever see the same sample; each of its DataLoader workers draws from that whole part
+in its own order (training) or takes every n-th of its shards (evaluation).
 
 The training stream is a deterministic function of (seed, epoch, rank, worker): the data module
 rebuilds it every epoch (``reload_dataloaders_every_n_epochs=1``), so a run resumed from an
@@ -19,47 +20,28 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import json
 import math
 import random
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
 from im2vec.sampler import PAD
 from im2vec.vocab import Vocabulary
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG, SKIP_TOO_LARGE = 0, 1, 2, 3
-SKIP_REASONS = ("read_error", "bad_image", "no_tag", "too_large")  # truncated tar; corrupt image; no known tag; bomb
-MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are skipped, not decoded
+SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG, SKIP_TOO_LARGE, SKIP_BAD_META = 0, 1, 2, 3, 4
+# truncated/unreadable tar; corrupt image; no in-vocabulary tag; decompression bomb; no/bad json or tag list
+SKIP_REASONS = ("read_error", "bad_image", "no_tag", "too_large", "bad_meta")
+MAX_BAD_DRAWS = 200  # this many shards in a row without one readable sample: stop with an error, not a hang
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-class TooLarge(ValueError):
-    """An image whose header claims more pixels than ``max_pixels`` (a decompression bomb)."""
-
-
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read the header only; a decompression bomb is refused before any pixel is decoded."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise TooLarge(str(e)) from None
-    if img.width * img.height > max_pixels:
-        raise TooLarge(f"{img.width}x{img.height} pixels > max_pixels={max_pixels}")
-    return img
-
-
-def _rgb(img: Image.Image) -> Image.Image:
-    """Decoded, in RGB; no copy when it already is (convert would copy a full-size image)."""
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def crop_box(w: int, h: int, rng: random.Random, min_scale: float = 0.35,
@@ -88,7 +70,7 @@ def train_view(img: Image.Image, size: int, rng: random.Random, min_scale: float
         img.draft("RGB", (math.ceil(w * size / cw), math.ceil(h * size / ch)))
     sx, sy = img.width / w, img.height / h  # the scale the decoder chose (1 if none)
     box = (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy)
-    out = _rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
+    out = to_rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
 
@@ -100,7 +82,7 @@ def eval_view(img: Image.Image, size: int, rng: random.Random | None = None, dra
     w, h = img.size
     side = min(w, h)
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    return _rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
+    return to_rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -130,6 +112,7 @@ class _Samples:
         self.vocab, self.transform, self.size, self.seed, self.rank = vocab, transform, size, seed, rank
         self.max_pixels, self.draft = max_pixels, draft
         self.skipped = [0] * len(SKIP_REASONS)
+        self.draws_without_sample = 0
 
     def read_error(self, exn: Exception) -> bool:
         """Count a tar that cannot be read (on) once, and go on with the next: never fatal.
@@ -141,6 +124,18 @@ class _Samples:
         inside_tar = bool(exn.args) and " @ " in str(exn.args[0])
         return not inside_tar
 
+    def drawn(self) -> None:
+        """One more shard drawn: a stream whose shards are all unreadable stops here instead of hanging."""
+        self.draws_without_sample += 1
+        if self.draws_without_sample > MAX_BAD_DRAWS:
+            raise RuntimeError(f"data: {MAX_BAD_DRAWS} shards drawn in a row without one readable sample "
+                               f"(rank {self.rank}): are this rank's shards all truncated or empty?")
+
+    def seen(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for s in samples:
+            self.draws_without_sample = 0
+            yield s
+
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
         # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}
         info = torch.utils.data.get_worker_info()
@@ -148,12 +143,14 @@ class _Samples:
         for s in samples:
             try:
                 meta = json.loads(s["json"])
+                if not isinstance(meta, dict):
+                    raise TypeError("the json is not an object")
                 clean = meta.get("clean_tags") or []
                 if not isinstance(meta["tags"], list) or not isinstance(clean, list):
                     raise TypeError("tags and clean_tags must be lists")
                 tags = self.vocab.ids(meta["tags"])
-            except (KeyError, ValueError, TypeError):  # no json, bad json, no tag list
-                self.skipped[SKIP_NO_TAG] += 1
+            except (KeyError, ValueError, TypeError, RecursionError):  # no json, bad json, no tag list
+                self.skipped[SKIP_BAD_META] += 1
                 continue
             if not tags:
                 self.skipped[SKIP_NO_TAG] += 1
@@ -164,7 +161,7 @@ class _Samples:
             except TooLarge:
                 self.skipped[SKIP_TOO_LARGE] += 1
                 continue
-            except (StopIteration, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            except Exception:  # noqa: BLE001 -- PIL raises many kinds on bad bytes; none may stop training
                 self.skipped[SKIP_IMAGE] += 1
                 continue
             # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids, key)
@@ -200,25 +197,35 @@ def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
     return urls[rank::world_size]
 
 
-def worker_shards(urls: list[str]) -> list[str]:
-    """This DataLoader worker's part of the rank's shards (all of them if there are fewer shards than workers)."""
-    info = torch.utils.data.get_worker_info()
-    if info is None or len(urls) < info.num_workers:
-        return urls
-    return urls[info.id::info.num_workers]
+def shard_weights(urls: list[str]) -> list[int] | None:
+    """Samples per shard, from the ingest's ``.stats.json`` files when every shard has one (else None:
+    uniform draws). Drawing shards in proportion to their size draws every sample equally often,
+    a short last shard included."""
+    from im2vec.ingest import stats_name
+
+    weights = []
+    for u in urls:
+        stats = stats_name(Path(u))
+        if not stats.is_file():
+            return None
+        weights.append(json.loads(stats.read_text(encoding="utf-8"))["written"])
+    return weights if sum(weights) > 0 else None
 
 
-def resampled_shards(urls: list[str], seed: int, rank: int = 0) -> Iterator[dict]:
-    """An endless stream of shard urls drawn with replacement from this worker's part, seeded by
-    (seed, rank, worker).
+def resampled_shards(urls: list[str], seed: int, rank: int = 0, weights: list[int] | None = None,
+                     stages: "_Samples | None" = None) -> Iterator[dict]:
+    """An endless stream of shard urls drawn with replacement from this rank's shards (in proportion
+    to ``weights`` if given), seeded by (seed, rank, worker): every worker of a rank draws from all
+    of the rank's shards in its own order, so no worker is left with only unreadable ones.
 
     Every call starts the same stream again (unlike wds.ResampledShards, whose seed also counts
     how often it was iterated), so a stream depends on nothing but its seed."""
     info = torch.utils.data.get_worker_info()
     rng = random.Random(wds.utils.make_seed(seed, rank * 1000 + (info.id if info else 0)))
-    urls = worker_shards(urls)
     while True:
-        yield {"url": rng.choice(urls)}
+        if stages is not None:
+            stages.drawn()
+        yield {"url": rng.choices(urls, weights)[0] if weights else rng.choice(urls)}
 
 
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
@@ -228,13 +235,15 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
     shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang)."""
     rank, world_size = rank_info(rank, world_size)
+    mine = rank_shards(shards, rank, world_size)
     crop = functools.partial(train_view, min_scale=min_scale)
     stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank)
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's (and worker's) shard urls, drawn with replacement
-        functools.partial(resampled_shards, rank_shards(shards, rank, world_size), seed, rank),
+        functools.partial(resampled_shards, mine, seed, rank, shard_weights(mine), stages),
         # at this point each sample is {"url": ...}
         wds.tarfile_to_samples(handler=stages.read_error),
+        stages.seen,
         # at this point each sample is {"__key__", "jpg", "json"}
         functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),
         stages.decode,
@@ -253,6 +262,8 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
                 max_pixels: int = MAX_PIXELS, draft: bool = True) -> wds.WebLoader:
     """Evaluation batches: every image of this rank's shards once, resized and center-cropped."""
     rank, world_size = rank_info(rank, world_size)
+    if not shards[rank::world_size]:
+        return []  # fewer shards than ranks: nothing for this one
     stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards[rank::world_size]),

@@ -40,8 +40,11 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data: set {' and '.join(missing)} (e.g. data.train_shards='/data/yfcc/train-{{000000..000999}}.tar')")
         self.train_shards = expand_shards(train_shards)
         self.val_shards = expand_shards(val_shards) if val_shards else []
-        if not self.train_shards or (val_shards and not self.val_shards):
-            raise FileNotFoundError(f"data: no shards match {train_shards if not self.train_shards else val_shards!r}")
+        if not self.train_shards:
+            raise FileNotFoundError(f"data: no shards match {train_shards!r}")
+        if val_shards and not self.val_shards:
+            raise FileNotFoundError(f"data: no shards match {val_shards!r} (an empty validation split? ingest with a "
+                                    "larger --val-fraction, or train without validation: data.val_shards=null)")
         for s in self.train_shards[:1] + self.val_shards[:1]:
             if not re.match(r"^[a-z][a-z0-9+.-]+:", s) and not Path(s).exists():  # pipe:, s3:, http:// pass
                 raise FileNotFoundError(f"data: shard not found: {s}")

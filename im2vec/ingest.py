@@ -28,11 +28,11 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from im2vec.data import MAX_PIXELS
+from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
 from im2vec.yfcc import DEFAULT_TEMPLATE, Skip, image_path, normalize_tags, parse_line, read_lines
 
 SPLITS = ("train", "val", "test")
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become JPEG
+KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others: JPEG
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Settings:
 
     source: str = "yfcc"  # yfcc | collection
     inputs: list[str] = field(default_factory=list)
+    root: str = ""  # the image mirror (yfcc) or the collection's folder: resumed runs must read the same
     shard_size: int = 5000
     split_by: str = "id"  # id | user: with user, one uploader's photos never straddle splits
     val_fraction: float = 0.01
@@ -74,8 +75,10 @@ def prepare_image(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int 
                   quality: int = 90) -> tuple[str, bytes]:
     """(extension, bytes) to store, or Skip(missing_image | unreadable_image | corrupt_image | too_large).
 
-    The image is decoded once to prove it is whole (a truncated JPEG fails here, not in training);
-    JPEG/PNG/WebP bytes are stored unchanged unless ``max_side`` shrinks them."""
+    JPEG/PNG/WebP bytes are stored unchanged after one decode at 1/8 scale proves them whole (a
+    truncated JPEG fails here, not in training). An image is decoded and re-encoded as JPEG when it
+    is in another format, carries an EXIF rotation (applied here: shards hold upright pixels) or is
+    longer than ``max_side``."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -83,30 +86,31 @@ def prepare_image(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int 
     except OSError as e:
         raise Skip("unreadable_image", f"{path}: {e}") from None
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > max_pixels:
-            raise Skip("too_large", f"{path}: {img.width}x{img.height}")
-        if max_side and max(img.size) > max_side:
+        img = open_image(data, max_pixels)
+        shrink = bool(max_side) and max(img.size) > max_side
+        if img.format in KEPT_FORMATS and _orientation(img) == 1 and not shrink:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # all the data, 1/8 the work
+            img.load()
+            return KEPT_FORMATS[img.format], data
+        if shrink:
             img.draft("RGB", (max_side, max_side))  # JPEG: decode at the smallest scale still ≥ max_side
-            img = ImageOps.exif_transpose(img).convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img))
+        if shrink:
             img.thumbnail((max_side, max_side), Image.BICUBIC)
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=quality)
-            return "jpg", buf.getvalue()
-        fmt = img.format
-        img.draft("RGB", (img.width // 8, img.height // 8))  # a full pass over the data, at 1/8 the work
-        img.load()
-        if fmt in KEPT_FORMATS:
-            return KEPT_FORMATS[fmt], data
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=quality)
+        img.save(buf, "JPEG", quality=quality)
         return "jpg", buf.getvalue()
-    except Skip:
-        raise
-    except Image.DecompressionBombError:
-        raise Skip("too_large", str(path)) from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
-        raise Skip("corrupt_image", f"{path}: {e}") from None
+    except TooLarge as e:
+        raise Skip("too_large", f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds on bad bytes; none may stop an ingest
+        raise Skip("corrupt_image", f"{path}: {type(e).__name__}: {e}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))  # EXIF Orientation: 1 is upright
+    except Exception:  # noqa: BLE001 -- unreadable EXIF: the pixels are still good, take them as they are
+        return 1
 
 
 def shard_name(out: Path, split: str, index: int) -> Path:
@@ -133,6 +137,7 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
                 continue
             sink.write({"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False).encode()})
             written += 1
+    _fsync(tmp)
     os.replace(tmp, shard)  # only whole shards carry the final name
     stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples}
     _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished
@@ -142,7 +147,14 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    _fsync(tmp)
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """On disk before it is renamed: after a power cut a finished-looking shard is a whole one."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------- sources: lines -> samples or skips
@@ -151,6 +163,9 @@ Item = tuple[str, str, dict, str] | Skip  # (key, image path, metadata, split ke
 
 def yfcc_samples(s: Settings, images: str, progress=None) -> Iterator[Item]:
     for line in read_lines(s.inputs, progress):
+        if isinstance(line, Skip):
+            yield line
+            continue
         try:
             rec = parse_line(line, s.machine_tags)
         except Skip as e:
@@ -160,15 +175,18 @@ def yfcc_samples(s: Settings, images: str, progress=None) -> Iterator[Item]:
         yield rec["id"], str(image_path(rec, images, s.template)), meta, rec[s.split_by]
 
 
-def collection_samples(s: Settings, root: str | None, progress=None) -> Iterator[Item]:
+def collection_samples(s: Settings, root: str | None = None, progress=None) -> Iterator[Item]:
     """A manifest beside a folder of images: JSONL {"image": path, "tags": [...], ...} or TSV
     path<TAB>tag1,tag2. Paths are relative to ``root`` (default: the manifest's folder); a path
     that leads outside it is refused (outside_root)."""
     (manifest,) = s.inputs
-    base = Path(root or Path(manifest).parent).resolve()
+    base = Path(root or s.root or Path(manifest).parent).resolve()
     jsonl = Path(manifest).suffix.lower() in (".jsonl", ".json", ".ndjson")
     seen: set[str] = set()
     for n, line in enumerate(read_lines([manifest], progress), 1):
+        if isinstance(line, Skip):
+            yield line
+            continue
         try:
             text = line.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
@@ -191,7 +209,10 @@ def collection_samples(s: Settings, root: str | None, progress=None) -> Iterator
                 if len(cols) != 2:
                     raise ValueError(f"{len(cols)} columns, expected path<TAB>tags")
                 row, tags, extra = {"image": cols[0]}, cols[1].split(","), {}
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if "\0" in row["image"]:
+                raise ValueError("a NUL character in the image path")
+            json.dumps([row, tags], ensure_ascii=False).encode("utf-8")  # lone surrogates ("\udcff") fail here
+        except ValueError as e:  # json.JSONDecodeError and UnicodeEncodeError are ValueErrors
             yield Skip("bad_line", f"{manifest}:{n}: {e}")
             continue
         path = (base / row["image"]).resolve()
@@ -209,7 +230,7 @@ def collection_samples(s: Settings, root: str | None, progress=None) -> Iterator
         seen.add(rel)
         meta = {"id": rel, **extra, "tags": tags}
         user = meta.get("user")
-        if s.split_by == "user" and not user:
+        if s.split_by == "user" and (user is None or user == ""):
             yield Skip("no_user", f"{manifest}:{n}: --split-by user needs a 'user' field")
             continue
         key = hashlib.sha1(rel.encode()).hexdigest()[:20]  # no dots in keys (webdataset splits on them)
@@ -357,13 +378,14 @@ def main(argv: list[str] | None = None) -> dict:
     s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
                  val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
                  max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
-                 template=getattr(a, "template", DEFAULT_TEMPLATE))
+                 template=getattr(a, "template", DEFAULT_TEMPLATE),
+                 root=os.path.abspath(a.images if a.source == "yfcc" else (a.root or os.path.dirname(inputs[0]))))
     bar = _progress_bar(inputs, a.quiet)
     try:
         if a.source == "yfcc":
-            items = yfcc_samples(s, a.images, bar.update)
+            items = yfcc_samples(s, s.root, bar.update)
         else:
-            items = collection_samples(s, a.root, bar.update)
+            items = collection_samples(s, s.root, bar.update)
         summary = run(s, items, a.out, a.workers, verbose=False, bar=bar)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None

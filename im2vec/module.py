@@ -83,6 +83,7 @@ class Im2VecModule(pl.LightningModule):
         self.automatic_optimization = False
         self._last_batch_time: float | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
+        self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # the same, this validation
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -155,15 +156,19 @@ class Im2VecModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         u = self.encoder(batch["image"]).float().cpu()  # (B, d)
         self.report.add(u, batch["tags"], batch["clean"], batch["image"] if batch_idx == 0 else None)
+        self.val_skipped += batch["skipped"]
 
     def on_validation_epoch_start(self) -> None:
         self.report.reset()
+        self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.report.size:
             return
         metrics = self.report.compute(self.table.weight.detach(), self.table.log_counts, self.global_step)
         self.log_dict({k: v for k, v in metrics.items() if not math.isnan(v)}, batch_size=self.report.size)
+        self.log_dict({f"data/val_skipped_{r}": self.val_skipped[i].float() for i, r in enumerate(SKIP_REASONS)},
+                      batch_size=self.report.size)
         tb = getattr(self.logger, "experiment", None) if self.logger else None
         if tb is not None and hasattr(tb, "add_embedding") and self.trainer.is_global_zero:
             # the x-axis of the scalars: batches (global_step counts two optimizer steps per batch)

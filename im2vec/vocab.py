@@ -74,10 +74,10 @@ def count_shard_tags(path: str) -> tuple[Counter, int, int]:
                     continue
                 try:
                     tags = json.loads(tar.extractfile(member).read())["tags"]
-                    if not isinstance(tags, list):
+                    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
                         raise TypeError
-                except (KeyError, TypeError, ValueError):
-                    errors += 1
+                except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+                    errors += 1  # no json object, or no list of strings under "tags"
                     continue
                 counts.update(set(tags))
                 samples += 1
@@ -111,6 +111,8 @@ def count_from_yfcc(paths: list[str], split: str | None, settings, progress=None
     counts, stats = Counter(), {"photos": 0, "skipped": Counter()}
     for line in read_lines(paths, progress):
         try:
+            if isinstance(line, Skip):
+                raise line
             rec = parse_line(line, settings.machine_tags)
         except Skip as e:
             stats["skipped"][e.reason] += 1

@@ -20,6 +20,7 @@ COLUMNS_25 = ("line", "id", "hash", "user", "nickname", "date_taken", "date_uplo
               "marker")
 COLUMNS_23 = tuple(c for c in COLUMNS_25 if c not in ("line", "hash"))
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_HEX = re.compile(r"[0-9A-Fa-f]{6,64}")
 
 
 class Skip(Exception):
@@ -67,8 +68,10 @@ def parse_line(raw: bytes | str, machine_tags: bool = False) -> dict:
         row = dict(zip(COLUMNS_23, fields), hash=None)
     else:
         raise Skip("bad_columns", f"{len(fields)} columns, expected 25 or 23")
-    if not row["id"].isdigit() or row["marker"] not in ("0", "1"):
+    if not (row["id"].isascii() and row["id"].isdigit()) or row["marker"] not in ("0", "1"):
         raise Skip("bad_field", f"photo id {row['id'][:20]!r}, marker {row['marker'][:5]!r}")
+    if row["hash"] is not None and not _HEX.fullmatch(row["hash"]):  # it names a file: nothing but hex digits
+        raise Skip("bad_field", f"photo hash {row['hash'][:40]!r}")
     if row["marker"] != "0":
         raise Skip("video")
     tags = [url_decode(t) for t in row["user_tags"].split(",") if t]
@@ -82,21 +85,26 @@ def parse_line(raw: bytes | str, machine_tags: bool = False) -> dict:
             "server": row["server"], "farm": row["farm"], "secret": row["secret"]}
 
 
-def read_lines(paths: Iterable[str | Path], progress=None) -> Iterator[bytes]:
+def read_lines(paths: Iterable[str | Path], progress=None) -> Iterator[bytes | Skip]:
     """Raw lines of every file in turn; ``progress(n)`` is told how many input bytes were consumed
-    (compressed bytes for .bz2, so a progress bar over the files' sizes ends at 100%)."""
+    (compressed bytes for .bz2, so a progress bar over the files' sizes ends at 100%). A file that
+    cannot be read to its end (a truncated .bz2) yields Skip('truncated_input') and the next file
+    follows: the lines before the damage are kept."""
     for path in paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"yfcc: metadata file not found: {path}")
+            raise FileNotFoundError(f"metadata file not found: {path}")
         with open(path, "rb") as raw:
             f = bz2.open(raw, "rb") if str(path).endswith(".bz2") else raw
             last = 0
-            for n, line in enumerate(f):
-                yield line
-                if progress is not None and n % 4096 == 0:
-                    pos = raw.tell()
-                    progress(pos - last)
-                    last = pos
+            try:
+                for n, line in enumerate(f):
+                    yield line
+                    if progress is not None and n % 4096 == 0:
+                        pos = raw.tell()
+                        progress(pos - last)
+                        last = pos
+            except (EOFError, OSError) as e:
+                yield Skip("truncated_input", f"{path}: {e}")
             if progress is not None:
                 progress(raw.tell() - last)
 

@@ -140,12 +140,17 @@ def test_bad_shards_are_skipped_and_counted_exactly(tmp_path):
         {"__key__": "b1", "png": png_bomb(30000, 30000), "json": b'{"tags": ["sea"]}'},  # 900M pixels claimed
         {"__key__": "b2", "png": png_bomb(9000, 9000), "json": b'{"tags": ["sea"]}'},  # 81M: under PIL's own limit
     ])
+    metas = _write(tmp_path / "metas.tar", [
+        {"__key__": f"m{i}", "jpg": _jpeg(i), "json": j}
+        for i, j in enumerate([b"[1, 2]", b"null", b'"x"', b"{not json", b'{"tags": "sea"}', b'{"tags": [["a"]]}',
+                               b"[" * 100000 + b"]" * 100000])  # not objects, no list of tags, too deep
+    ] + [{"__key__": "m9", "jpg": _jpeg(9)}])  # no json at all
     whole = _complete_samples(cut)
     assert 0 < whole < 20
-    batches = list(eval_loader([good, cut, corrupt, bombs], VOCAB, image_size=16, batch_size=5, num_workers=0,
-                               max_pixels=50_000_000))
+    batches = list(eval_loader([good, cut, corrupt, bombs, metas], VOCAB, image_size=16, batch_size=5,
+                               num_workers=0, max_pixels=50_000_000))
     skipped = sum(b["skipped"] for b in batches).tolist()
-    assert skipped == [1, 9, 0, 2]  # [read_error, bad_image, no_tag, too_large]
+    assert skipped == [1, 9, 0, 2, 8]  # [read_error, bad_image, no_tag, too_large, bad_meta]
     keys = [k for b in batches for k in b["keys"]]
     assert len(keys) == 7 + whole and len(set(keys)) == len(keys)
 
@@ -231,3 +236,44 @@ def test_normalize_on_the_batch_device():
     y = normalize(x)
     ref = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=1e-5)
+
+
+def test_a_rank_whose_shards_are_all_unreadable_stops_with_a_clear_error(tmp_path):
+    import signal
+
+    from im2vec.data import MAX_BAD_DRAWS
+
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"\0" * 300)  # not a tar
+    empty = _write(tmp_path / "empty.tar", [])
+    loader = train_loader([str(bad), empty], VOCAB, image_size=16, batch_size=4, batches_per_epoch=3,
+                          num_workers=0, seed=0)
+    signal.alarm(120)  # a hang fails the test instead of the whole run
+    try:
+        with pytest.raises(RuntimeError, match=f"{MAX_BAD_DRAWS} shards drawn in a row without one readable sample"):
+            list(loader)
+    finally:
+        signal.alarm(0)
+
+
+def test_every_worker_draws_from_all_of_its_ranks_shards_in_proportion_to_their_size(tmp_path):
+    import json as _json
+
+    from im2vec.data import resampled_shards, shard_weights
+
+    shards = [_write(tmp_path / f"shard-{j:06d}.tar", [_sample(10 * j + i, ["sea"]) for i in range(3)])
+              for j in range(3)]
+    assert shard_weights(shards) is None  # no ingest stats: uniform
+    for j, n in enumerate((5000, 5000, 1900)):
+        (tmp_path / f"shard-{j:06d}.stats.json").write_text(_json.dumps({"written": n}))
+    weights = shard_weights(shards)
+    assert weights == [5000, 5000, 1900]
+    stream = resampled_shards(shards, seed=0, weights=weights)
+    draws = Counter(next(stream)["url"] for _ in range(60000))
+    for url, n in zip(shards, weights):  # binomial: 60000·p ± 5σ
+        p = n / sum(weights)
+        assert abs(draws[url] - 60000 * p) < 5 * (60000 * p * (1 - p)) ** 0.5
+
+
+def test_one_validation_shard_for_two_ranks():
+    assert eval_loader(["only.tar"], VOCAB, 16, 4, 0, rank=1, world_size=2) == []  # nothing for rank 1, no crash

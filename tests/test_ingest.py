@@ -95,22 +95,24 @@ def _mirror(tmp_path, n_good=12):
     put("bad003", big.getvalue())  # 120,000 pixels, over the test's max_pixels
     lines += [
         "only\tthree\tcolumns",                                    # bad_columns
-        _line(90, "2001", "x", "ok,%zz"),                          # bad_escape
-        _line(91, "2002", "x", "caf\udcff"),                       # bad_utf8: written as the raw byte 0xff
-        _line(92, "2003", "x", "a,b", marker="1"),                 # video
-        _line(93, "2004", "x", ""),                                # no_tags
-        _line(94, "2005", "nothere", "lost"),                      # missing_image
+        _line(90, "2001", "aaaaaa", "ok,%zz"),                     # bad_escape
+        _line(91, "2002", "aaaaaa", "caf\udcff"),                  # bad_utf8: written as the raw byte 0xff
+        _line(92, "2003", "aaaaaa", "a,b", marker="1"),            # video
+        _line(93, "2004", "aaaaaa", ""),                           # no_tags
+        _line(94, "2005", "0badbeef", "lost"),                     # missing_image
         _line(95, "2006", "bad001", "broken"),                     # corrupt_image
         _line(96, "2007", "bad002", "broken"),                     # corrupt_image (truncated)
         _line(97, "2008", "bad003", "huge"),                       # too_large
-        _line(98, "notanid", "x", "a"),                            # bad_field
+        _line(98, "notanid", "aaaaaa", "a"),                       # bad_field
+        _line(99, "2009", "../../../etc/passwd", "a"),             # bad_field: a hash must be hex
+        _line(100, "２０１０", "aaaaaa", "a"),                       # bad_field: full-width digits
     ]
     data = "\n".join(lines).encode("utf-8", "surrogateescape") + b"\n"
     return data, mirror, expected
 
 
 SKIPS = {"bad_columns": 1, "bad_escape": 1, "bad_utf8": 1, "video": 1, "no_tags": 1, "missing_image": 1,
-         "corrupt_image": 2, "too_large": 1, "bad_field": 1}
+         "corrupt_image": 2, "too_large": 1, "bad_field": 3}
 
 
 def _read_shards(folder):
@@ -146,11 +148,12 @@ def test_yfcc_ingest_writes_the_good_samples_and_counts_each_skip(tmp_path, comp
     assert json.loads((out / "summary.json").read_text())["skipped"] == SKIPS
 
 
-def test_ingest_resumes_without_redoing_finished_shards(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_ingest_resumes_without_redoing_finished_shards(tmp_path, workers):
     data, mirror, expected = _mirror(tmp_path)
     (tmp_path / "meta.tsv").write_bytes(data)
     args = ["yfcc", str(tmp_path / "meta.tsv"), "--images", str(mirror), "--out", str(tmp_path / "out"),
-            "--shard-size", "3", "--workers", "0", "--max-pixels", "100000", "--val-fraction", "0", "--quiet"]
+            "--shard-size", "3", "--workers", workers, "--max-pixels", "100000", "--val-fraction", "0", "--quiet"]
     first = main(args)
     shards = sorted((tmp_path / "out" / "train").glob("shard-*.tar"))
     # 12 good photos, then 4 with bad images: shards 4 and 5 hold only bad ones and keep no tar
@@ -166,6 +169,10 @@ def test_ingest_resumes_without_redoing_finished_shards(tmp_path):
     assert {k: m["tags"] for k, (_, m) in _read_shards(tmp_path / "out").items()} == expected
     with pytest.raises(SystemExit, match="other settings.*shard_size"):
         main([a if a != "3" else "5" for a in args])  # --shard-size 5
+    elsewhere = tmp_path / "elsewhere"
+    mirror.rename(elsewhere)
+    with pytest.raises(SystemExit, match="other settings.*root"):  # another mirror: its shards would differ
+        main([a if a != str(mirror) else str(elsewhere) for a in args])
 
 
 def test_split_is_deterministic_by_hash_and_can_group_users():
@@ -175,6 +182,10 @@ def test_split_is_deterministic_by_hash_and_can_group_users():
     assert abs(splits["val"] - 1000) < 5 * 31 and abs(splits["test"] - 400) < 5 * 20
     assert [split_of(i, 0.05, 0.02) for i in ids[:500]] == [split_of(i, 0.05, 0.02) for i in ids[:500]]
     assert Counter(split_of(i, 0.05, 0.02, salt="other") for i in ids) != splits  # the salt re-draws
+    # pinned: a change of the hash would silently re-split every collection already ingested
+    assert {i: split_of(str(i), 0.05, 0.02) for i in range(60) if split_of(str(i), 0.05, 0.02) != "train"} == \
+        {25: "val", 53: "test", 55: "val", 56: "val"}
+    assert split_of("15087210@N00", 0.5, 0.2) == "test"
 
 
 def test_split_by_user_keeps_each_uploader_in_one_split(tmp_path):
@@ -208,6 +219,36 @@ def test_prepare_image_keeps_good_bytes_refuses_bombs_and_shrinks_on_request(tmp
     assert ext == "jpg" and Image.open(io.BytesIO(data)).format == "JPEG"
 
 
+def test_prepare_image_odd_but_good_images(tmp_path):
+    tiny = tmp_path / "tiny.jpg"
+    tiny.write_bytes(_jpeg(2, 4, 3))  # smaller than the 1/8-scale check
+    assert prepare_image(tiny) == ("jpg", tiny.read_bytes())
+    assert prepare_image(tiny, max_side=64) == ("jpg", tiny.read_bytes())
+    mpo = tmp_path / "camera.jpg"
+    Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(mpo, "MPO", save_all=True,
+                                                               append_images=[Image.new("RGB", (160, 120))])
+    assert Image.open(mpo).format == "MPO"
+    assert prepare_image(mpo) == ("jpg", mpo.read_bytes())  # a camera's JPEG: kept whole, full size
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    ext, data = prepare_image(deep, max_side=32)  # 16-bit: scaled to 8 bits, not clipped to white
+    pixels = np.asarray(Image.open(io.BytesIO(data)))
+    assert pixels.shape == (32, 32, 3) and 100 < pixels.mean() < 155
+    rotated = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.new("RGB", (80, 40), "blue").save(rotated, exif=exif)
+    ext, data = prepare_image(rotated)
+    assert ext == "jpg" and Image.open(io.BytesIO(data)).size == (40, 80)  # stored upright
+    for name, content in (("empty.jpg", b""), ("dir.jpg", None)):
+        p = tmp_path / name
+        p.mkdir() if content is None else p.write_bytes(content)
+        with pytest.raises(Skip) as e:
+            prepare_image(p)
+        assert e.value.reason in ("corrupt_image", "unreadable_image")
+
+
 def _collection(tmp_path):
     root = tmp_path / "photos"
     (root / "trip").mkdir(parents=True)
@@ -230,12 +271,14 @@ def test_collection_jsonl_refuses_paths_outside_its_folder(tmp_path):
         {"image": "trip/5.jpg", "tags": []},                # no_tags
         {"image": "trip/missing.jpg", "tags": ["x"]},       # missing_image
         {"tags": ["no image field"]},                       # bad_line
+        {"image": "trip/1\u0000.jpg", "tags": ["x"]},        # bad_line: NUL in the path
+        {"image": "trip/2.jpg", "tags": ["caf\udcff"]},      # bad_line: a lone surrogate cannot be UTF-8
     ]
     manifest = root / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")  # json.dumps escapes: valid JSON
     summary = main(["collection", str(manifest), "--out", str(tmp_path / "out"), "--val-fraction", "0",
                     "--test-fraction", "0", "--max-side", "100", "--workers", "0", "--quiet"])
-    assert summary["skipped"] == {"outside_root": 3, "duplicate": 1, "no_tags": 1, "missing_image": 1, "bad_line": 2}
+    assert summary["skipped"] == {"outside_root": 3, "duplicate": 1, "no_tags": 1, "missing_image": 1, "bad_line": 4}
     got = _read_shards(tmp_path / "out")
     assert sorted(got) == [f"trip/{i}.jpg" for i in range(5)]
     assert got["trip/1.jpg"][1] == {"id": "trip/1.jpg", "user": "u1", "tags": ["beach", "sea"]}
@@ -289,3 +332,14 @@ def test_vocabulary_from_metadata_and_from_shards_match_a_brute_force_count(tmp_
     from im2vec.vocab import count_shard_tags
     counts, n, errors = count_shard_tags(str(shard))
     assert errors == 1 and n < 7
+
+
+def test_a_truncated_bz2_keeps_the_lines_before_the_damage(tmp_path):
+    _, mirror, _ = _mirror(tmp_path, n_good=1)
+    lines = [_line(i, str(10**6 + i), f"0000aa{0:026x}", "tag") for i in range(3000)]  # one image, many ids
+    packed = bz2.compress(("\n".join(lines) + "\n").encode(), compresslevel=1)  # 100 kB blocks: several
+    (tmp_path / "cut.bz2").write_bytes(packed[: len(packed) * 2 // 3])
+    summary = main(["yfcc", str(tmp_path / "cut.bz2"), "--images", str(mirror), "--out", str(tmp_path / "out"),
+                    "--workers", "0", "--shard-size", "1000", "--quiet"])
+    assert summary["skipped"] == {"truncated_input": 1}
+    assert 0 < sum(summary["written"].values()) < 3000

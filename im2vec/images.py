@@ -1,0 +1,40 @@
+"""Opening and converting images, shared by the ingest and the loader (no torch here)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are skipped, not decoded
+
+
+class TooLarge(ValueError):
+    """An image whose header claims more pixels than ``max_pixels`` (a decompression bomb)."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read the header only; a decompression bomb is refused before any pixel is decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise TooLarge(str(e)) from None
+    if img.width * img.height > max_pixels:
+        raise TooLarge(f"{img.width}x{img.height} pixels > max_pixels={max_pixels}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decoded, in 8-bit RGB; no copy when it already is (convert would copy a full-size image).
+
+    16-bit and float images are scaled to 8 bits first: PIL's convert would clip them (a 16-bit
+    PNG comes out almost white)."""
+    img.load()
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I") else max(float(a.max()), 1e-12)
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
