@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> Vocabulary:
         else:
             s = Settings(split_by=a.split_by, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                          machine_tags=a.machine_tags)
+            if a.split:
+                print(f"vocab: the {a.split} split as --split-by {s.split_by} --val-fraction {s.val_fraction} "
+                      f"--test-fraction {s.test_fraction} (--like DIR takes an ingest's own settings)", file=sys.stderr)
         missing = [p for p in a.yfcc if not Path(p).is_file()]
         if missing:
             raise SystemExit(f"vocab: not found: {missing[0]}")

@@ -277,3 +277,32 @@ def test_every_worker_draws_from_all_of_its_ranks_shards_in_proportion_to_their_
 
 def test_one_validation_shard_for_two_ranks():
     assert eval_loader(["only.tar"], VOCAB, 16, 4, 0, rank=1, world_size=2) == []  # nothing for rank 1, no crash
+
+
+def test_training_skip_counts_match_a_replay_of_the_stream(tmp_path):
+    """With a pass-through shuffle the training stream's order is known: replay the shard draws and
+    count, batch by batch, the corrupt images met since the previous batch was emitted."""
+    from im2vec.data import resampled_shards
+
+    corrupt = _write(tmp_path / "corrupt.tar", [_sample(100 + i, ["sea"], jpg=_jpeg(i)[:120]) for i in range(7)])
+    good = _write(tmp_path / "good.tar", [_sample(i, ["sea"]) for i in range(5)])
+    mixed = _write(tmp_path / "mixed.tar", [_sample(200 + i, ["red"], jpg=_jpeg(i)[: 120 if i % 2 else None])
+                                            for i in range(6)])
+    shards, batch, n_batches = [corrupt, good, mixed], 4, 15
+    loader = train_loader(shards, VOCAB, image_size=16, batch_size=batch, batches_per_epoch=n_batches,
+                          num_workers=0, seed=11, shuffle_buffer=1)
+    got = [int(b["skipped"][SKIP_IMAGE]) for b in loader]
+    bad = {corrupt: [True] * 7, good: [False] * 5, mixed: [i % 2 == 1 for i in range(6)]}
+    want, since, filled, draws = [], 0, 0, resampled_shards(shards, seed=11)
+    while len(want) < n_batches:
+        for is_bad in bad[next(draws)["url"]]:
+            if is_bad:
+                since += 1
+                continue
+            if filled == batch:  # webdataset's batched() emits a full batch when the next sample arrives
+                want.append(since)
+                since, filled = 0, 0
+                if len(want) == n_batches:
+                    break
+            filled += 1
+    assert got == want and sum(got) > 7
