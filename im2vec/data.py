@@ -138,8 +138,7 @@ class _Samples:
 
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
         # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(wds.utils.make_seed(self.seed, self.rank * 1000 + (info.id if info else 0)))
+        rng = random.Random(wds.utils.make_seed(self.seed, self.rank * 1000 + _worker_id()))
         for s in samples:
             try:
                 meta = json.loads(s["json"])
@@ -176,8 +175,13 @@ class _Samples:
 
 def _worker_shuffle(bufsize: int, seed: int, samples: Iterator[dict]) -> Iterator[dict]:
     """webdataset's shuffle buffer, seeded inside the worker so that every worker draws its own order."""
+    yield from wds.shuffle(bufsize, initial=min(bufsize, 200), seed=seed + 104729 * _worker_id())(samples)
+
+
+def _worker_id() -> int:
+    """This DataLoader worker's index (0 in the main process)."""
     info = torch.utils.data.get_worker_info()
-    yield from wds.shuffle(bufsize, initial=min(bufsize, 200), seed=seed + 104729 * (info.id if info else 0))(samples)
+    return info.id if info else 0
 
 
 def rank_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -220,8 +224,7 @@ def resampled_shards(urls: list[str], seed: int, rank: int = 0, weights: list[in
 
     Every call starts the same stream again (unlike wds.ResampledShards, whose seed also counts
     how often it was iterated), so a stream depends on nothing but its seed."""
-    info = torch.utils.data.get_worker_info()
-    rng = random.Random(wds.utils.make_seed(seed, rank * 1000 + (info.id if info else 0)))
+    rng = random.Random(wds.utils.make_seed(seed, rank * 1000 + _worker_id()))
     while True:
         if stages is not None:
             stages.drawn()
@@ -239,7 +242,7 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     crop = functools.partial(train_view, min_scale=min_scale)
     stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank)
     pipeline = wds.DataPipeline(
-        # an endless stream of this rank's (and worker's) shard urls, drawn with replacement
+        # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
         functools.partial(resampled_shards, mine, seed, rank, shard_weights(mine), stages),
         # at this point each sample is {"url": ...}
         wds.tarfile_to_samples(handler=stages.read_error),
@@ -262,11 +265,12 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
                 max_pixels: int = MAX_PIXELS, draft: bool = True) -> wds.WebLoader:
     """Evaluation batches: every image of this rank's shards once, resized and center-cropped."""
     rank, world_size = rank_info(rank, world_size)
-    if not shards[rank::world_size]:
+    mine = shards[rank::world_size]
+    if not mine:
         return []  # fewer shards than ranks: nothing for this one
     stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(shards[rank::world_size]),
+        wds.SimpleShardList(mine),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=stages.read_error),
         stages.decode,

@@ -137,8 +137,11 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
                 continue
             sink.write({"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False).encode()})
             written += 1
-    _fsync(tmp)
-    os.replace(tmp, shard)  # only whole shards carry the final name
+    if written:
+        _fsync(tmp)
+        os.replace(tmp, shard)  # only whole shards carry the final name
+    else:
+        tmp.unlink()  # every image skipped: a stats file only (an empty tar would be drawn in training)
     stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples}
     _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished
     return stats
@@ -161,7 +164,8 @@ def _fsync(path: Path) -> None:
 Item = tuple[str, str, dict, str] | Skip  # (key, image path, metadata, split key) or why not
 
 
-def yfcc_samples(s: Settings, images: str, progress=None) -> Iterator[Item]:
+def yfcc_samples(s: Settings, progress=None) -> Iterator[Item]:
+    """The metadata's photos, each with its image's place in the mirror ``s.root``."""
     for line in read_lines(s.inputs, progress):
         if isinstance(line, Skip):
             yield line
@@ -172,15 +176,15 @@ def yfcc_samples(s: Settings, images: str, progress=None) -> Iterator[Item]:
             yield e
             continue
         meta = {"tags": rec["tags"], "id": rec["id"], "user": rec["user"], "title": rec["title"]}
-        yield rec["id"], str(image_path(rec, images, s.template)), meta, rec[s.split_by]
+        yield rec["id"], str(image_path(rec, s.root, s.template)), meta, rec[s.split_by]
 
 
-def collection_samples(s: Settings, root: str | None = None, progress=None) -> Iterator[Item]:
+def collection_samples(s: Settings, progress=None) -> Iterator[Item]:
     """A manifest beside a folder of images: JSONL {"image": path, "tags": [...], ...} or TSV
-    path<TAB>tag1,tag2. Paths are relative to ``root`` (default: the manifest's folder); a path
+    path<TAB>tag1,tag2. Paths are relative to ``s.root`` (default: the manifest's folder); a path
     that leads outside it is refused (outside_root)."""
     (manifest,) = s.inputs
-    base = Path(root or s.root or Path(manifest).parent).resolve()
+    base = Path(s.root or Path(manifest).parent).resolve()
     jsonl = Path(manifest).suffix.lower() in (".jsonl", ".json", ".ndjson")
     seen: set[str] = set()
     for n, line in enumerate(read_lines([manifest], progress), 1):
@@ -252,10 +256,14 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
     pool = cf.ProcessPoolExecutor(workers) if workers > 0 else None
     pending: set[cf.Future] = set()
 
+    written = 0
+
     def finished(stats: dict) -> None:
+        nonlocal written
         shards[f"{stats['split']}/{stats['index']}"] = stats
+        written += stats["written"]
         if bar is not None:
-            bar.set_postfix(shards=len(shards), written=sum(v["written"] for v in shards.values()), refresh=False)
+            bar.set_postfix(shards=len(shards), written=written, refresh=False)
 
     def flush(split: str) -> None:
         index, samples = next_index[split], buffers[split]
@@ -304,18 +312,10 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
         "skipped": dict(sorted(skipped.items())),
         "examples": examples,
     }
-    _remove_empty_shards(out, shards)
     _write_json(out / "summary.json", summary)
     if verbose:
         print(format_summary(summary, out), file=sys.stderr)
     return summary
-
-
-def _remove_empty_shards(out: Path, shards: dict) -> None:
-    """A shard whose every image was skipped stays as a stats file only: an empty tar would be drawn in training."""
-    for stats in shards.values():
-        if not stats["written"]:
-            shard_name(out, stats["split"], stats["index"]).unlink(missing_ok=True)
 
 
 def _check_settings(out: Path, s: Settings) -> None:
@@ -383,9 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
     bar = _progress_bar(inputs, a.quiet)
     try:
         if a.source == "yfcc":
-            items = yfcc_samples(s, s.root, bar.update)
+            items = yfcc_samples(s, bar.update)
         else:
-            items = collection_samples(s, s.root, bar.update)
+            items = collection_samples(s, bar.update)
         summary = run(s, items, a.out, a.workers, verbose=False, bar=bar)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None

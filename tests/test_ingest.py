@@ -292,7 +292,7 @@ def test_collection_tsv_manifest(tmp_path):
     (root / "list.tsv").write_text("# path<TAB>tags\ntrip/0.jpg\tdog, Park\ntrip/1.jpg\ttoo\tmany\n"
                                    "../../etc/passwd\tx\ntrip/2.jpg\t\n")
     s = Settings(source="collection", inputs=[str(root / "list.tsv")], val_fraction=0, test_fraction=0)
-    items = list(collection_samples(s, None))
+    items = list(collection_samples(s))
     assert [i.reason for i in items if isinstance(i, Skip)] == ["bad_line", "outside_root", "no_tags"]
     (key, path, meta, split_key), = [i for i in items if not isinstance(i, Skip)]
     assert meta == {"id": "trip/0.jpg", "tags": ["dog", "park"]} and path == str(root / "trip" / "0.jpg")
