@@ -172,11 +172,12 @@ def yfcc_samples(s: Settings, progress=None) -> Iterator[Item]:
             continue
         try:
             rec = parse_line(line, s.machine_tags)
+            path = image_path(rec, s.root, s.template)
         except Skip as e:
             yield e
             continue
         meta = {"tags": rec["tags"], "id": rec["id"], "user": rec["user"], "title": rec["title"]}
-        yield rec["id"], str(image_path(rec, s.root, s.template)), meta, rec[s.split_by]
+        yield rec["id"], str(path), meta, rec[s.split_by]
 
 
 def collection_samples(s: Settings, progress=None) -> Iterator[Item]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import re
+import string
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -115,10 +116,14 @@ DEFAULT_TEMPLATE = "images/{hash_a}/{hash_b}/{hash}.jpg"  # the public mirror's 
 def image_path(record: dict, root: str | Path, template: str = DEFAULT_TEMPLATE) -> Path:
     """Where the photo lies in a local mirror. Template fields: every record field ({id}, {hash},
     {user}, {ext}, {server}, {farm}, {secret}) plus {hash_a} and {hash_b}, the hash's first and
-    second three characters."""
+    second three characters. A field that would lead out of its folder raises Skip('bad_field')."""
     h = record.get("hash") or ""
     fields = {**record, "hash_a": h[:3], "hash_b": h[3:6]}
     if not h and ("{hash" in template):
         raise ValueError("yfcc: this file has no photo hash column (the 23-column parts); "
                          "pass a --template without {hash}, e.g. '{id}.jpg'")
+    for _, name, _, _ in string.Formatter().parse(template):
+        value = str(fields.get(name, "")) if name else ""
+        if "/" in value or "\\" in value or "\0" in value or value in (".", ".."):
+            raise Skip("bad_field", f"{name} {value[:40]!r} in an image path")
     return Path(root) / template.format(**fields)

@@ -42,6 +42,8 @@ def test_the_23_column_parts_parse_and_need_a_template_without_hash():
     with pytest.raises(ValueError, match="23-column"):
         image_path(rec, "/m")
     assert image_path(rec, "/m", "{farm}/{server}/{id}_{secret}.{ext}").as_posix() == "/m/7/6167/6162540254_5d22abd711.jpg"
+    with pytest.raises(Skip, match="bad_field"):  # metadata cannot lead out of the mirror
+        image_path({**rec, "ext": "../../etc/passwd"}, "/m", "{id}.{ext}")
 
 
 def test_url_decoding_and_tag_normalization():
