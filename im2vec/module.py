@@ -69,13 +69,14 @@ class Im2VecModule(pl.LightningModule):
                  sampler: SamplerConfig | None = None, optim: OptimConfig | None = None,
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
-                 projector_tags: int = 2000, grid_images: int = 16):
+                 projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224):
         super().__init__()
         self.encoder = encoder
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
         s, o = self.sampler_cfg, self.optim_cfg
         self.table = CPUTagTable(counts, encoder.dim, o.table_init_std)
         self.tags, self.fingerprint, self.total_batches = tags, fingerprint, total_batches
+        self.image_size = image_size  # what the trunk was trained on: prediction resizes to it
         self.neg_sampler = NegativeSampler(counts, s.alpha)
         self.pos_sampler = PositiveSampler(counts, s.beta)
         self.gen = torch.Generator().manual_seed(seed)  # all sampling randomness; saved in checkpoints
@@ -210,7 +211,7 @@ class Im2VecModule(pl.LightningModule):
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler": asdict(self.sampler_cfg), "optim": asdict(self.optim_cfg),
-            "encoder": getattr(self.encoder, "spec", {}),
+            "encoder": getattr(self.encoder, "spec", {}), "image_size": self.image_size,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -32,7 +32,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Im2VecModule]:
     module = Im2VecModule(
         encoder=instantiate(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=total_batches,
         sampler=instantiate(cfg.sampler), optim=instantiate(cfg.optim), noise_ids=datamodule.noise_ids,
-        fingerprint=vocab.fingerprint(), seed=cfg.seed, **cfg.validation,
+        fingerprint=vocab.fingerprint(), seed=cfg.seed, image_size=datamodule.image_size, **cfg.validation,
     )
     return datamodule, module
 
