@@ -1,0 +1,168 @@
+"""Tagging and retrieval metrics over the whole vocabulary: exact, in chunks, ties handled.
+
+Tagging ranks all V tags of an image by s(t|x) = v_t·u + γ·log count(t). One pass over the
+table, in chunks of tags (never an N×V matrix), keeps each image's top k and, for every true tag t,
+how many tags score above it (n_gt) and at least as high (n_ge, t itself included). From these:
+
+- precision@k, recall@k, F1@k: expected values when ties are broken at random (a true tag whose
+  tie group spans ranks a..b is in the top k with probability (k − a + 1)/(b − a + 1), clipped
+  to [0, 1]); averaged over the images with at least one true tag.
+- mAP: per image, average precision over the full ranking with tied scores ranked pessimistically,
+  (1/R) Σ_t |{true t': s_t' ≥ s_t}| / |{t': s_t' ≥ s_t}| (scikit-learn's average_precision_score
+  and label_ranking_average_precision_score per image); mean over images with a true tag.
+- MiAP (Li et al.'s mean image average precision): the same per-image AP, averaged over all
+  images, an image without any true tag counting 0.
+- noise share@k, per-tag (macro) precision@k and recall@k: from the top-k lists (ties broken by
+  tag index, as torch.topk does).
+
+Retrieval ranks the held-out images for a tag t by v_t·u (γ·log count(t) is the same for every
+image: it does not change the order): AP (pessimistic ties) and expected precision@10 per query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from im2vec.sampler import PAD
+
+KS = (1, 3, 5, 10)
+
+
+@dataclass
+class TagRanks:
+    top_ids: Tensor  # (N, kmax) best tags first
+    truths: list[Tensor]  # each (N, T) true tag ids, PAD-padded
+    n_gt: list[Tensor]  # each (N, T): tags scoring strictly above the true tag
+    n_ge: list[Tensor]  # each (N, T): tags scoring at least as high, the tag itself included
+    true_scores: list[Tensor]  # each (N, T)
+
+
+@torch.no_grad()
+def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths: list[Tensor],
+              kmax: int = 10, batch: int = 256, budget: int = 1 << 25) -> TagRanks:
+    """One chunked pass over the V tags for every image of ``u`` (N, d); see the module docstring.
+
+    ``budget`` bounds the elements of the per-chunk comparison tensor (batch × true tags × chunk)."""
+    u, table, log_counts = u.float().cpu(), table.float().cpu(), log_counts.float().cpu()
+    n, v = u.shape[0], table.shape[0]
+    kmax = min(kmax, v)
+    widths = [t.shape[1] for t in truths]
+    out_top = torch.empty(n, kmax, dtype=torch.long)
+    out = [torch.zeros(n, sum(widths), dtype=torch.long) for _ in range(2)] + [torch.zeros(n, sum(widths))]
+    for b0 in range(0, n, batch):
+        ub = u[b0 : b0 + batch]  # (B, d)
+        ids = torch.cat([t[b0 : b0 + batch] for t in truths], 1)  # (B, T)
+        valid = ids != PAD
+        safe = ids.clamp(min=0)
+        st = torch.einsum("bd,btd->bt", ub, table[safe]) + gamma * log_counts[safe]  # (B, T)
+        gt = torch.zeros_like(ids)
+        ge = torch.zeros_like(ids)
+        best_s = torch.full((ub.shape[0], 0), -torch.inf)
+        best_i = torch.zeros(ub.shape[0], 0, dtype=torch.long)
+        chunk = max(1, budget // max(1, ub.shape[0] * ids.shape[1]))
+        for c0 in range(0, v, chunk):
+            s = ub @ table[c0 : c0 + chunk].t() + gamma * log_counts[c0 : c0 + chunk]  # (B, C)
+            top = torch.topk(torch.cat([best_s, s], 1), kmax, dim=1)
+            best_i = torch.cat([best_i, torch.arange(c0, c0 + s.shape[1]).expand(s.shape[0], -1)], 1).gather(1, top.indices)
+            best_s = top.values
+            gt += (s[:, None, :] > st[:, :, None]).sum(-1)
+            ge += (s[:, None, :] >= st[:, :, None]).sum(-1)
+            # a tag against itself is a tie, whatever rounding the two products took
+            own = valid & (safe >= c0) & (safe < c0 + s.shape[1])
+            s_own = s.gather(1, (safe - c0).clamp(0, s.shape[1] - 1))
+            gt -= (own & (s_own > st)).long()
+            ge += (own & (s_own < st)).long()
+        out_top[b0 : b0 + batch] = best_i
+        for o, x in zip(out, (gt, ge, st)):
+            o[b0 : b0 + batch] = torch.where(valid, x, torch.zeros_like(x))
+    split = lambda x: list(torch.split(x, widths, dim=1))  # noqa: E731
+    return TagRanks(out_top, list(truths), split(out[0]), split(out[1]), split(out[2]))
+
+
+def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise_ids: Tensor | None = None,
+                    num_tags: int | None = None, prefix: str = "") -> dict[str, float]:
+    """Metrics against truth ``which`` of ``r`` (see the module docstring), as flat keys."""
+    truth, n_gt, n_ge, st = r.truths[which], r.n_gt[which], r.n_ge[which], r.true_scores[which]
+    valid = truth != PAD
+    n_true = valid.sum(1)  # (N,)
+    has = n_true > 0
+    m: dict[str, float] = {f"{prefix}images": float(has.sum())}
+    first = (n_gt + 1).float()  # the tie group of a true tag spans ranks first..last
+    last = n_ge.float().clamp(min=1)
+    for k in ks:
+        p_in = ((k - first + 1) / (last - first + 1)).clamp(0, 1) * valid  # P(true tag in the top k)
+        hits = p_in.sum(1)
+        prec, rec = hits / k, hits / n_true.clamp(min=1)
+        f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(prec))
+        for name, x in (("precision", prec), ("recall", rec), ("f1", f1)):
+            m[f"{prefix}{name}@{k}"] = _mean(x[has])
+    # average precision with pessimistic ties: true tags at least as high / all tags at least as high
+    rel_ge = ((st[:, None, :] >= st[:, :, None]) & valid[:, None, :]).sum(-1).float()  # (N, T)
+    ap = (rel_ge / last * valid).sum(1) / n_true.clamp(min=1)
+    m[f"{prefix}map"] = _mean(ap[has])
+    m[f"{prefix}miap"] = float(ap[has].sum() / max(1, truth.shape[0]))
+    v = num_tags if num_tags is not None else int(max(r.top_ids.max(), truth.max())) + 1
+    for k in ks:
+        top = r.top_ids[:, :k]
+        hit = (top[:, :, None] == truth[:, None, :]).any(-1) & has[:, None]  # (N, k)
+        pred = torch.bincount(top[has].flatten(), minlength=v).float()
+        correct = torch.bincount(top[hit], minlength=v).float()
+        relevant = torch.bincount(truth[valid], minlength=v).float()
+        seen = relevant > 0
+        m[f"{prefix}tag_precision@{k}"] = _mean(torch.where(pred > 0, correct / pred.clamp(min=1), 0.0)[seen])
+        m[f"{prefix}tag_recall@{k}"] = _mean((correct / relevant.clamp(min=1))[seen])
+        if noise_ids is not None:
+            noise = torch.zeros(v, dtype=torch.bool)
+            noise[noise_ids] = True
+            m[f"{prefix}noise_share@{k}"] = _mean(noise[top].float().mean(1))
+    return m
+
+
+@torch.no_grad()
+def retrieval_metrics(u: Tensor, table: Tensor, truth: Tensor, queries: Tensor | None = None, k: int = 10,
+                      chunk: int = 256, prefix: str = "") -> tuple[dict[str, float], Tensor, Tensor]:
+    """For each query tag (default: every tag true for at least one image) rank the N images by
+    v_t·u: -> ({map, precision@k, queries}, per-query AP, per-query precision@k)."""
+    u, table = u.float().cpu(), table.float().cpu()
+    valid = truth != PAD
+    if queries is None:
+        queries = torch.unique(truth[valid])
+    aps, pks = [], []
+    for q0 in range(0, len(queries), chunk):
+        q = queries[q0 : q0 + chunk]  # (Q,)
+        rel = ((truth[:, :, None] == q[None, None, :]) & valid[:, :, None]).any(1).t()  # (Q, N)
+        s = (u @ table[q].t()).t()  # (Q, N)
+        order = torch.argsort(s, dim=1, descending=True, stable=True)
+        neg = -s.gather(1, order)  # ascending
+        rel_sorted = rel.gather(1, order)
+        cum = torch.cumsum(rel_sorted.long(), 1)
+        ge = torch.searchsorted(neg, neg, right=True)  # (Q, N): images scoring ≥ this one
+        rel_ge = cum.gather(1, ge - 1)
+        n_rel = rel.sum(1)
+        aps.append(((rel_ge / ge) * rel_sorted).sum(1) / n_rel.clamp(min=1))
+        pks.append(_expected_hits(neg, cum, k) / k)
+    ap, pk = (torch.cat(aps), torch.cat(pks)) if aps else (torch.zeros(0), torch.zeros(0))
+    return {f"{prefix}map": _mean(ap), f"{prefix}precision@{k}": _mean(pk), f"{prefix}queries": float(len(ap))}, ap, pk
+
+
+def _expected_hits(neg: Tensor, cum: Tensor, k: int) -> Tensor:
+    """Relevant items among the first k of each row (sorted by neg ascending), ties at the k-th place
+    shared out at random: the expected count."""
+    n = neg.shape[1]
+    if n <= k:
+        return cum[:, -1].float()
+    kth = neg[:, k - 1 : k].contiguous()
+    above = torch.searchsorted(neg, kth, right=False).squeeze(1)  # items strictly better than the k-th
+    upto = torch.searchsorted(neg, kth, right=True).squeeze(1)  # ... and the k-th's whole tie group
+    zero = torch.zeros(neg.shape[0], 1, dtype=cum.dtype)
+    cum0 = torch.cat([zero, cum], 1)  # cum0[:, j]: relevant among the first j
+    rel_above = cum0.gather(1, above[:, None]).squeeze(1).float()
+    rel_group = (cum0.gather(1, upto[:, None]) - cum0.gather(1, above[:, None])).squeeze(1).float()
+    return rel_above + (k - above).float() * rel_group / (upto - above).float()
+
+
+def _mean(x: Tensor) -> float:
+    return float(x.float().mean()) if x.numel() else float("nan")
