@@ -1,11 +1,19 @@
-"""Evaluate a trained im2vec checkpoint.
+"""Evaluate a trained checkpoint on held-out shards: ``python evaluate.py ckpt_path=outputs/train/<time>/checkpoints/last.ckpt``.
 
-Not built yet: the full evaluation (tagging and retrieval over the whole vocabulary, baselines,
-pictures) is its own issue. Until then, training itself writes the held-out figures
-(precision@5 beside the frequency prior, the γ sweep) to ``<run dir>/metrics.json``.
+Tagging over the full vocabulary and retrieval by tag, beside the frequency prior (and a second
+checkpoint with ``baseline_ckpt=…``); writes metrics.json, TensorBoard logs, pictures, a table.
 """
 
-import sys
+import hydra
+from omegaconf import DictConfig
+
+from im2vec.evaluating import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit("evaluate.py is not implemented yet; the held-out figures of a run are in <run dir>/metrics.json")
+    main()

@@ -49,10 +49,11 @@ class ShardDataModule(pl.LightningDataModule):
             if not re.match(r"^[a-z][a-z0-9+.-]+:", s) and not Path(s).exists():  # pipe:, s3:, http:// pass
                 raise FileNotFoundError(f"data: shard not found: {s}")
         self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count)
-        self.noise_ids = None
+        self.noise_ids, self.content_tags = None, None
         if content_tags_path:
-            content = set(Path(content_tags_path).read_text(encoding="utf-8").split())
-            self.noise_ids = torch.tensor([i for i, t in enumerate(self.vocab.tags) if t not in content], dtype=torch.long)
+            self.content_tags = set(Path(content_tags_path).read_text(encoding="utf-8").split())
+            self.noise_ids = torch.tensor([i for i, t in enumerate(self.vocab.tags) if t not in self.content_tags],
+                                          dtype=torch.long)
         self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
         self.val_batch_size, self.val_max_images = val_batch_size, val_max_images
         self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed

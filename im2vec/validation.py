@@ -82,10 +82,16 @@ class ValidationReport:
     def _tile(self, image: Tensor, top: list[int], observed: set[int], side: int = 128) -> Tensor:
         """One image over its top-5 tags (tags the uploader also wrote are marked '*')."""
         rgb = (image * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).clamp(0, 1)
-        pic = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).resize((side, side))
-        canvas = Image.new("RGB", (side, side + 12 * K + 4), "white")
-        canvas.paste(pic, (0, 0))
-        draw = ImageDraw.Draw(canvas)
-        for j, t in enumerate(top):
-            draw.text((3, side + 2 + 12 * j), ("* " if t in observed else "  ") + self.tags[t][:18], fill="black")
-        return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
+        lines = [("* " if t in observed else "  ") + self.tags[t][:18] for t in top]
+        return labelled_tile((rgb * 255).to(torch.uint8), lines, side)
+
+
+def labelled_tile(image: Tensor, lines: list[str], side: int = 128) -> Tensor:
+    """An image (3, H, W) uint8 resized to side×side over lines of text -> (3, h, w) float in [0, 1]."""
+    pic = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((side, side))
+    canvas = Image.new("RGB", (side, side + 12 * len(lines) + 4), "white")
+    canvas.paste(pic, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(lines):
+        draw.text((3, side + 2 + 12 * j), line, fill="black")
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255

@@ -1,0 +1,273 @@
+"""evaluate.py's work: a trained checkpoint on held-out shards, beside the frequency prior (and a
+second checkpoint when given), tagging over the full vocabulary and retrieval by tag.
+
+Outputs in the run directory: metrics.json (flat keys: tagging/precision@5, tagging/clean/map,
+retrieval/map, prior/tagging/precision@5, baseline/…, gamma_sweep/…), the same figures in
+TensorBoard, a printed table, and pictures (PNG files and TensorBoard images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from im2vec.checkpoint import TrainedModel, load_model
+from im2vec.data import eval_loader, expand_shards, normalize
+from im2vec.ranking import KS, rank_tags, retrieval_metrics, tagging_metrics
+from im2vec.sampler import PAD
+from im2vec.scoring import topk_tags
+from im2vec.validation import _cat_padded, labelled_tile
+from im2vec.vocab import Vocabulary
+
+
+@torch.no_grad()
+def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int, batch_size: int, num_workers: int,
+                 max_images: int | None, thumb: int = 64) -> dict:
+    """Every held-out image once: each model's vectors, the observed and clean tag ids (in the first
+    model's vocabulary), keys, small thumbnails for pictures, and the skip counts."""
+    vocab = Vocabulary(models[0].tags, models[0].log_counts.exp().round().long().tolist())
+    loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images)
+    us, obs, clean, keys, thumbs, skipped = [[] for _ in models], [], [], [], [], 0
+    for batch in loader:
+        x = normalize(batch["image"])
+        for m, u in zip(models, us):
+            u.append(m.encoder(x).float())
+        obs.append(batch["tags"])
+        clean.append(batch["clean"])
+        keys += batch["keys"]
+        thumbs.append(torch.nn.functional.interpolate(batch["image"].float(), size=(thumb, thumb), mode="area")
+                      .round().to(torch.uint8))
+        skipped += int(batch["skipped"].sum())
+    if not keys:
+        raise ValueError(f"evaluate: no readable held-out image in {len(shards)} shard(s)")
+    return {"u": [torch.cat(u) for u in us], "obs": _cat_padded(obs), "clean": _cat_padded(clean), "keys": keys,
+            "thumbs": torch.cat(thumbs), "skipped": skipped}
+
+
+def score_model(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,
+                noise_ids: Tensor | None, queries: Tensor | None, prefix: str) -> tuple[dict, Tensor]:
+    """All tagging and retrieval metrics of one scorer -> (flat metrics, top-10 tag ids)."""
+    truths = [obs] + ([clean] if clean is not None else [])
+    r = rank_tags(u, table, log_counts, gamma, truths, kmax=max(KS))
+    v = table.shape[0]
+    m = tagging_metrics(r, 0, KS, noise_ids, v, prefix=f"{prefix}tagging/")
+    if clean is not None:
+        m.update(tagging_metrics(r, 1, KS, None, v, prefix=f"{prefix}tagging/clean/"))
+    m.update(retrieval_metrics(u, table, obs, queries, prefix=f"{prefix}retrieval/")[0])
+    if clean is not None:
+        m.update(retrieval_metrics(u, table, clean, prefix=f"{prefix}retrieval/clean/")[0])
+    return m, r.top_ids
+
+
+def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float], obs: Tensor, clean: Tensor | None,
+                noise_ids: Tensor | None, k: int = 5) -> dict[str, float]:
+    """precision@k on observed and clean tags and the noise share of the top k, for each γ, from one
+    pass of top-k lists (ties broken by tag index)."""
+    out = {}
+    for g, (_, top) in topk_tags(u, table, log_counts, gammas, k).items():
+        out[f"gamma_sweep/precision@{k}/{g:g}"] = _list_precision(top, obs)
+        if clean is not None:
+            out[f"gamma_sweep/clean_precision@{k}/{g:g}"] = _list_precision(top, clean)
+        if noise_ids is not None:
+            noise = torch.zeros(table.shape[0], dtype=torch.bool)
+            noise[noise_ids] = True
+            out[f"gamma_sweep/noise_share@{k}/{g:g}"] = float(noise[top].float().mean())
+    return out
+
+
+def _list_precision(top: Tensor, truth: Tensor) -> float:
+    has = (truth != PAD).any(1)
+    hits = ((top[:, :, None] == truth[:, None, :]) & (truth[:, None, :] != PAD)).any(-1).float().mean(1)
+    return float(hits[has].mean()) if has.any() else math.nan
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    t0 = time.perf_counter()
+    if not cfg.ckpt_path:
+        raise ValueError("evaluate: set ckpt_path=… (a checkpoint written by train.py)")
+    model = load_model(cfg.ckpt_path)
+    models = [model]
+    if cfg.baseline_ckpt:
+        base = load_model(cfg.baseline_ckpt)
+        if base.tags != model.tags:
+            raise ValueError("evaluate: baseline_ckpt was trained on another vocabulary; compare models of one vocabulary")
+        models.append(base)
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as e:
+        raise (e.__cause__ or e) from None
+    shards = expand_shards(cfg.shards) if cfg.shards else datamodule.val_shards
+    if not shards:
+        raise ValueError("evaluate: no held-out shards (set shards=… or data.val_shards=…)")
+    content = getattr(datamodule, "content_tags", None)
+    noise_ids = None if content is None else torch.tensor([i for i, t in enumerate(model.tags) if t not in content])
+    image_size = cfg.image_size or model.image_size
+    data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images)
+    has_clean = bool((data["clean"] != PAD).any())
+    clean = data["clean"] if has_clean else None
+    queries = None
+    if cfg.queries:
+        missing = [q for q in cfg.queries if q not in model.index]
+        if missing:
+            raise ValueError(f"evaluate: query tags not in the vocabulary: {missing[:5]}")
+        queries = torch.tensor([model.index[q] for q in cfg.queries])
+    gamma = model.gamma if cfg.gamma is None else float(cfg.gamma)
+    t_scoring = time.perf_counter()
+    metrics, top = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids,
+                               queries, "")
+    n = len(data["keys"])
+    prior, prior_top = score_model(torch.zeros(n, 1), torch.zeros(len(model.tags), 1), model.log_counts, 1.0,
+                                   data["obs"], clean, noise_ids, queries, "prior/")
+    metrics.update(prior)
+    if len(models) > 1:
+        b = models[1]
+        bm, _ = score_model(data["u"][1], b.table, b.log_counts, b.gamma if cfg.gamma is None else gamma,
+                            data["obs"], clean, noise_ids, queries, "baseline/")
+        metrics.update(bm)
+    gammas = sorted(set(cfg.gammas) | {gamma})
+    metrics.update(gamma_sweep(data["u"][0], model.table, model.log_counts, gammas, data["obs"], clean, noise_ids))
+    metrics.update({"info/images": float(n), "info/tags": float(len(model.tags)), "info/gamma": gamma,
+                    "info/skipped_images": float(data["skipped"]),
+                    "info/scoring_seconds": time.perf_counter() - t_scoring,
+                    "info/seconds": time.perf_counter() - t0})
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    pictures = make_pictures(model, data, top, prior_top, metrics, gammas, cfg.grid_images, cfg.query_pictures)
+    for name, img in pictures.items():
+        _save_png(img, out / f"{name}.png")
+    _tensorboard(out, metrics, pictures)
+    print(table(metrics, has_clean, len(models) > 1, gamma))
+    return metrics
+
+
+# ---------------------------------------------------------------- the printed table
+ROWS = [f"{m}@{k}" for m in ("precision", "recall", "f1") for k in KS] + ["map", "miap"] + \
+    [f"tag_{m}@5" for m in ("precision", "recall")]
+
+
+def table(m: dict, has_clean: bool, has_baseline: bool, gamma: float) -> str:
+    cols = [("model", ""), ("prior", "prior/")] + ([("baseline", "baseline/")] if has_baseline else [])
+    lines = [f"held-out evaluation: {int(m['info/images'])} images, {int(m['info/tags'])} tags, "
+             f"tagging score γ={gamma:g} ({m['info/seconds']:.1f} s, scoring {m['info/scoring_seconds']:.1f} s)"]
+    sections = [("tagging (observed tags)", "tagging/", ROWS + ["noise_share@5"])]
+    if has_clean:
+        sections.append(("tagging (clean tags)", "tagging/clean/", ROWS))
+    sections.append(("retrieval (observed tags)", "retrieval/", ["map", "precision@10", "queries"]))
+    if has_clean:
+        sections.append(("retrieval (clean tags)", "retrieval/clean/", ["map", "precision@10", "queries"]))
+    for title, key, rows in sections:
+        lines.append(f"  {title:30s}" + "".join(f"{c:>10s}" for c, _ in cols))
+        for r in rows:
+            vals = [m.get(f"{p}{key}{r}", math.nan) for _, p in cols]
+            fmt = "{:10.0f}" if r == "queries" else "{:10.3f}"
+            lines.append(f"    {r:28s}" + "".join(fmt.format(v) for v in vals))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- pictures
+def make_pictures(model: TrainedModel, data: dict, top: Tensor, prior_top: Tensor, m: dict, gammas: list[float],
+                  grid_images: int, query_pictures: int) -> dict[str, Tensor]:
+    """(3, H, W) float images: the top-5 grid, precision/recall@k, the γ sweep, retrieval examples."""
+    obs, thumbs, tags = data["obs"], data["thumbs"], model.tags
+    pics = {}
+    tiles = []
+    for i in range(min(grid_images, len(thumbs))):
+        true = set(obs[i][obs[i] != PAD].tolist()) | set(data["clean"][i][data["clean"][i] != PAD].tolist())
+        tiles.append(labelled_tile(thumbs[i], [("* " if t in true else "  ") + tags[t][:18] for t in top[i, :5].tolist()]))
+    if tiles:
+        pics["top5_tags"] = make_grid(torch.stack(tiles), nrow=8, padding=2)
+    pics["precision_recall_at_k"] = _plot_pr(m, "clean" if "tagging/clean/precision@5" in m else None)
+    pics["gamma_sweep"] = _plot_gamma(m, gammas)
+    # retrieval: the most frequent held-out query tags (clean ones where the corpus knows them), top images
+    truth = data["clean"] if bool((data["clean"] != PAD).any()) else obs
+    counts = torch.bincount(truth[truth != PAD], minlength=len(tags))
+    rows = []
+    for q in torch.argsort(counts, descending=True)[:query_pictures].tolist():
+        s = data["u"][0] @ model.table[q]
+        best = torch.argsort(s, descending=True)[:8].tolist()
+        rel = (truth[best] == q).any(1).tolist()
+        rows += [labelled_tile(thumbs[i], [f"{'*' if r else ' '} {tags[q][:16]}", f"  #{j + 1}"], side=96)
+                 for j, (i, r) in enumerate(zip(best, rel))]
+    if rows:
+        pics["retrieval"] = make_grid(torch.stack(rows), nrow=8, padding=2)
+    return pics
+
+
+def _figure_to_tensor(fig) -> Tensor:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def _plot_pr(m: dict, clean: str | None) -> Tensor:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, what in zip(axes, ("precision", "recall")):
+        for prefix, style, label in (("", "-", "model"), ("prior/", "--", "prior"), ("baseline/", ":", "baseline")):
+            for truth, marker in (("", "o"), ("clean/", "s")) if clean else (("", "o"),):
+                ys = [m.get(f"{prefix}tagging/{truth}{what}@{k}") for k in KS]
+                if ys[0] is not None:
+                    ax.plot(KS, ys, style, marker=marker, label=f"{label}{' (clean tags)' if truth else ''}")
+        ax.set_xlabel("k")
+        ax.set_title(f"{what}@k")
+        ax.set_xticks(KS)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    return _figure_to_tensor(fig)
+
+
+def _plot_gamma(m: dict, gammas: list[float]) -> Tensor:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, label in (("precision@5", "P@5 (observed)"), ("clean_precision@5", "P@5 (clean)"),
+                        ("noise_share@5", "noise share@5")):
+        ys = [m.get(f"gamma_sweep/{name}/{g:g}") for g in gammas]
+        if ys[0] is not None:
+            ax.plot(gammas, ys, marker="o", label=label)
+    ax.set_xlabel("γ in s = v·u + γ·log count")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _figure_to_tensor(fig)
+
+
+def _save_png(img: Tensor, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray((img.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
+
+
+def _tensorboard(out: Path, metrics: dict, pictures: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out / "tensorboard")) as tb:
+        for k, v in metrics.items():
+            if not math.isnan(v):
+                tb.add_scalar(k, v, 0)
+        for name, img in pictures.items():
+            tb.add_image(f"evaluate/{name}", img, 0)
