@@ -49,8 +49,9 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
         skipped += int(batch["skipped"].sum())
     if not keys:
         raise ValueError(f"evaluate: no readable held-out image in {len(shards)} shard(s)")
-    return {"u": [torch.cat(u) for u in us], "obs": _cat_padded(obs), "clean": _cat_padded(clean), "keys": keys,
-            "thumbs": torch.cat(thumbs), "skipped": skipped}
+    n = min(len(keys), max_images or len(keys))  # the loader stops at a whole batch: cut to max_images
+    return {"u": [torch.cat(u)[:n] for u in us], "obs": _cat_padded(obs)[:n], "clean": _cat_padded(clean)[:n],
+            "keys": keys[:n], "thumbs": torch.cat(thumbs)[:n], "skipped": skipped}
 
 
 def score_model(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,

@@ -1,0 +1,72 @@
+"""evaluate.py end to end on a tiny trained checkpoint: every output, figures consistent with training's."""
+
+import json
+
+import pytest
+from conftest import ROOT, TINY
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from im2vec.evaluating import evaluate
+from im2vec.training import train
+
+DATA = [o for o in TINY if o.startswith("data.")]
+
+
+def _eval_cfg(cache_dir, out, *overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("evaluate", overrides=[*DATA, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
+                                              "num_workers=0", "grid_images=4", "query_pictures=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    from hydra import compose as _compose
+
+    out = tmp_path_factory.mktemp("run")
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = _compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}"])
+    metrics, _ = train(cfg)
+    return out / "checkpoints" / "last.ckpt", metrics
+
+
+def test_evaluate_writes_every_output(trained, cache_dir, tmp_path):
+    ckpt, train_metrics = trained
+    m = evaluate(_eval_cfg(cache_dir, tmp_path, f"ckpt_path={ckpt}", f"baseline_ckpt={ckpt}"))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(m, nan_ok=True)
+    for prefix in ("", "prior/", "baseline/"):
+        for key in ("tagging/precision@5", "tagging/recall@10", "tagging/f1@3", "tagging/map", "tagging/miap",
+                    "tagging/tag_precision@5", "tagging/tag_recall@5", "tagging/noise_share@5",
+                    "tagging/clean/precision@1", "tagging/clean/map", "retrieval/map", "retrieval/precision@10",
+                    "retrieval/clean/map"):
+            assert 0.0 <= saved[prefix + key] <= 1.0, prefix + key
+    assert saved["gamma_sweep/clean_precision@5/0.2"] >= 0 and saved["info/images"] > 0
+    # the baseline is the same checkpoint: the same figures
+    assert all(saved[f"baseline/{k}"] == pytest.approx(v) for k, v in saved.items()
+               if k.startswith(("tagging/", "retrieval/")))
+    # the same images, the same γ, the same top 5 as training's own validation
+    assert saved["tagging/precision@5"] == pytest.approx(train_metrics["val/precision@5"], abs=1e-6)
+    assert saved["tagging/clean/precision@5"] == pytest.approx(train_metrics["val/clean_precision@5"], abs=1e-6)
+    for name in ("top5_tags", "precision_recall_at_k", "gamma_sweep", "retrieval"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
+    ea = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    assert {"tagging/map", "prior/retrieval/map", "baseline/tagging/precision@5"} <= set(ea.Tags()["scalars"])
+    assert {"evaluate/top5_tags", "evaluate/retrieval", "evaluate/gamma_sweep"} <= set(ea.Tags()["images"])
+
+
+def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
+    ckpt, _ = trained
+    m = evaluate(_eval_cfg(cache_dir, tmp_path, f"ckpt_path={ckpt}", "gamma=0.0", "max_images=40"))
+    assert m["info/gamma"] == 0.0 and m["info/images"] == 40
+    assert m["tagging/precision@5"] == pytest.approx(m["gamma_sweep/precision@5/0"], abs=1e-6)
+    from im2vec.checkpoint import load_model
+
+    tags = load_model(ckpt).tags[:3]
+    q = evaluate(_eval_cfg(cache_dir, tmp_path / "q", f"ckpt_path={ckpt}", f"queries=[{','.join(tags)}]"))
+    assert q["retrieval/queries"] == 3
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        evaluate(_eval_cfg(cache_dir, tmp_path / "x", f"ckpt_path={ckpt}", "queries=[no_such_tag]"))
+    with pytest.raises(ValueError, match="set ckpt_path"):
+        evaluate(_eval_cfg(cache_dir, tmp_path / "y"))
