@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 
 from im2vec.checkpoint import TrainedModel, load_model
 from im2vec.data import eval_loader, expand_shards, normalize
-from im2vec.ranking import KS, rank_tags, retrieval_metrics, tagging_metrics
+from im2vec.ranking import KS, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
 from im2vec.sampler import PAD
 from im2vec.scoring import topk_tags
 from im2vec.validation import _cat_padded, labelled_tile
@@ -54,11 +54,16 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
             "keys": keys[:n], "thumbs": torch.cat(thumbs)[:n], "skipped": skipped}
 
 
-def score_model(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,
+def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,
                 noise_ids: Tensor | None, queries: Tensor | None, prefix: str) -> tuple[dict, Tensor]:
-    """All tagging and retrieval metrics of one scorer -> (flat metrics, top-10 tag ids)."""
+    """All tagging and retrieval metrics of one scorer -> (flat metrics, top-10 tag ids). ``u`` None is
+    the frequency prior: s = log count(t) for every image, and every image ties in retrieval."""
     truths = [obs] + ([clean] if clean is not None else [])
-    r = rank_tags(u, table, log_counts, gamma, truths, kmax=max(KS))
+    if u is None:
+        r = rank_prior(log_counts, truths, kmax=max(KS))
+        u, table = torch.zeros(obs.shape[0], 1), torch.zeros(table.shape[0], 1)
+    else:
+        r = rank_tags(u, table, log_counts, gamma, truths, kmax=max(KS))
     v = table.shape[0]
     m = tagging_metrics(r, 0, KS, noise_ids, v, prefix=f"{prefix}tagging/")
     if clean is not None:
@@ -126,8 +131,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics, top = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids,
                                queries, "")
     n = len(data["keys"])
-    prior, prior_top = score_model(torch.zeros(n, 1), torch.zeros(len(model.tags), 1), model.log_counts, 1.0,
-                                   data["obs"], clean, noise_ids, queries, "prior/")
+    prior, prior_top = score_model(None, model.table, model.log_counts, 1.0, data["obs"], clean, noise_ids, queries,
+                                   "prior/")
     metrics.update(prior)
     if len(models) > 1:
         b = models[1]

@@ -12,8 +12,8 @@ how many tags score above it (n_gt) and at least as high (n_ge, t itself include
   and label_ranking_average_precision_score per image); mean over images with a true tag.
 - MiAP (Li et al.'s mean image average precision): the same per-image AP, averaged over all
   images, an image without any true tag counting 0.
-- noise share@k, per-tag (macro) precision@k and recall@k: from the top-k lists (ties broken by
-  tag index, as torch.topk does).
+- noise share@k, per-tag (macro) precision@k and recall@k: from the top-k lists (equal scores
+  taken in tag-index order, whatever the chunking).
 
 Retrieval ranks the held-out images for a tag t by v_t·u (γ·log count(t) is the same for every
 image: it does not change the order): AP (pessimistic ties) and expected precision@10 per query.
@@ -63,13 +63,15 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
         best_s = torch.full((ub.shape[0], 0), -torch.inf)
         best_i = torch.zeros(ub.shape[0], 0, dtype=torch.long)
         chunk = max(1, budget // max(1, ub.shape[0] * ids.shape[1]))
+        # thresholds: each true score, and the float just below it (s > that ⟺ s ≥ the true score)
+        thr, order = torch.sort(torch.cat([st, torch.nextafter(st, torch.tensor(-torch.inf))], 1), dim=1)
         for c0 in range(0, v, chunk):
             s = ub @ table[c0 : c0 + chunk].t() + gamma * log_counts[c0 : c0 + chunk]  # (B, C)
-            top = torch.topk(torch.cat([best_s, s], 1), kmax, dim=1)
-            best_i = torch.cat([best_i, torch.arange(c0, c0 + s.shape[1]).expand(s.shape[0], -1)], 1).gather(1, top.indices)
-            best_s = top.values
-            gt += (s[:, None, :] > st[:, :, None]).sum(-1)
-            ge += (s[:, None, :] >= st[:, :, None]).sum(-1)
+            ts, ti = _topk_by_index(s, min(kmax, s.shape[1]))
+            best_s, best_i = _first_k(torch.cat([best_s, ts], 1), torch.cat([best_i, ti + c0], 1), kmax)
+            above = _count_above(s, thr, order)  # (B, 2T): scores strictly above each threshold
+            gt += above[:, : st.shape[1]]
+            ge += above[:, st.shape[1] :]
             # a tag against itself is a tie, whatever rounding the two products took
             own = valid & (safe >= c0) & (safe < c0 + s.shape[1])
             s_own = s.gather(1, (safe - c0).clamp(0, s.shape[1] - 1))
@@ -80,6 +82,56 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
             o[b0 : b0 + batch] = torch.where(valid, x, torch.zeros_like(x))
     split = lambda x: list(torch.split(x, widths, dim=1))  # noqa: E731
     return TagRanks(out_top, list(truths), split(out[0]), split(out[1]), split(out[2]))
+
+
+def _first_k(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best of a few candidates per row, equal scores in tag-index order."""
+    by_id = torch.argsort(ids, dim=1)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def _topk_by_index(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk, except that equal scores are taken in index order (torch.topk picks any of them):
+    rows whose k-th score ties with scores left out are sorted stably instead."""
+    ts, ti = torch.topk(s, k, dim=1)
+    kth = ts[:, -1:]
+    cut = ((s == kth).sum(1) > (ts == kth).sum(1)).nonzero().flatten()
+    if len(cut):
+        srt = torch.sort(s[cut], dim=1, descending=True, stable=True)
+        ts[cut], ti[cut] = srt.values[:, :k], srt.indices[:, :k]
+    return _first_k(ts, ti, k)
+
+
+def rank_prior(log_counts: Tensor, truths: list[Tensor], kmax: int = 10) -> TagRanks:
+    """rank_tags for the frequency prior (s = log count(t) for every image), without a pass per image:
+    one sorted vector serves all of them."""
+    n, v = truths[0].shape[0], log_counts.shape[0]
+    lc = log_counts.float().cpu()
+    order = torch.sort(lc, descending=True, stable=True).indices  # equal counts in tag-index order
+    asc = torch.sort(lc).values
+    n_gt, n_ge, st = [], [], []
+    for t in truths:
+        valid = t != PAD
+        sc = lc[t.clamp(min=0)]
+        gt = v - torch.searchsorted(asc, sc, right=True)
+        ge = v - torch.searchsorted(asc, sc, right=False)
+        n_gt.append(torch.where(valid, gt, 0))
+        n_ge.append(torch.where(valid, ge, 0))
+        st.append(torch.where(valid, sc, 0.0))
+    return TagRanks(order[: min(kmax, v)].expand(n, -1).clone(), list(truths), n_gt, n_ge, st)
+
+
+def _count_above(s: Tensor, thr: Tensor, order: Tensor) -> Tensor:
+    """For each row, how many of s (B, C) lie strictly above each threshold; thr (B, M) sorted with
+    ``order`` its permutation of the caller's columns. One binary search per score and one histogram
+    per row: much cheaper than comparing every score with every threshold."""
+    b, m = thr.shape
+    bucket = torch.searchsorted(thr, s, right=False)  # (B, C): thresholds strictly below each score
+    hist = torch.bincount((bucket + torch.arange(b)[:, None] * (m + 1)).flatten(), minlength=b * (m + 1))
+    above_sorted = hist.view(b, m + 1).flip(1).cumsum(1).flip(1)[:, 1:]  # scores in buckets > j: above thr j
+    return torch.empty_like(above_sorted).scatter_(1, order, above_sorted)
 
 
 def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise_ids: Tensor | None = None,
@@ -104,7 +156,8 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
     ap = (rel_ge / last * valid).sum(1) / n_true.clamp(min=1)
     m[f"{prefix}map"] = _mean(ap[has])
     m[f"{prefix}miap"] = float(ap[has].sum() / max(1, truth.shape[0]))
-    v = num_tags if num_tags is not None else int(max(r.top_ids.max(), truth.max())) + 1
+    v = num_tags if num_tags is not None else int(max(r.top_ids.max(), truth.max(),
+                                                      noise_ids.max() if noise_ids is not None and len(noise_ids) else 0)) + 1
     for k in ks:
         top = r.top_ids[:, :k]
         hit = (top[:, :, None] == truth[:, None, :]).any(-1) & has[:, None]  # (N, k)
