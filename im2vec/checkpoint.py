@@ -23,7 +23,7 @@ class TrainedModel:
     log_counts: Tensor  # (V,) log of each tag's training count
     tags: list[str]
     gamma: float  # the tagging score's γ the model was trained with (sampler.gamma)
-    image_size: int
+    image_size: int | None  # None in checkpoints written before it was recorded
     fingerprint: str
     path: str
 
@@ -46,6 +46,6 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     encoder.eval()
     return TrainedModel(
         encoder=encoder, table=state["table.embedding.weight"].float(), log_counts=state["table.log_counts"].float(),
-        tags=list(meta["tags"]), gamma=float(meta["sampler"]["gamma"]), image_size=int(meta.get("image_size", 224)),
+        tags=list(meta["tags"]), gamma=float(meta["sampler"]["gamma"]), image_size=meta.get("image_size"),
         fingerprint=meta["fingerprint"], path=str(path),
     )

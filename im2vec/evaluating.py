@@ -116,7 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("evaluate: no held-out shards (set shards=… or data.val_shards=…)")
     content = getattr(datamodule, "content_tags", None)
     noise_ids = None if content is None else torch.tensor([i for i, t in enumerate(model.tags) if t not in content])
-    image_size = cfg.image_size or model.image_size
+    image_size = cfg.image_size or model.image_size or datamodule.image_size
     data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images)
     has_clean = bool((data["clean"] != PAD).any())
     clean = data["clean"] if has_clean else None
