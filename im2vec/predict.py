@@ -1,0 +1,366 @@
+"""A trained checkpoint at work: tag images, embed them, find similar tags, search images by tag.
+
+The Python API is ``Tagger``; the command line is
+
+    python -m im2vec.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G]
+    python -m im2vec.predict index  CKPT FOLDER --out index.pt
+    python -m im2vec.predict search CKPT index.pt TAG [--k 10]
+
+The scores are those of shared/DESIGN.md ("The model in one equation"):
+    tagging    s(t|x) = v_t·u + γ·log count(t)   (γ: the checkpoint's, unless given)
+    retrieval  v_t·u for a fixed tag t            (γ adds the same constant to every image)
+    similarity cos(v_s, v_t)
+
+Images go through the evaluation preprocessing (``data.eval_view`` at the checkpoint's image
+size). Every file is loaded weights-only: a checkpoint or an index that pickles arbitrary
+objects is refused, never run. In the folder commands an unreadable image is skipped and
+counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import pickle
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from im2vec.checkpoint import TrainedModel, load_model
+from im2vec.data import eval_view, normalize, to_uint8_tensor
+from im2vec.images import MAX_PIXELS, TooLarge, open_image
+from im2vec.scoring import topk_tags
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})  # what the folder commands read
+INDEX_FORMAT = "im2vec-index-1"
+
+ImageInput = Tensor | Sequence["str | os.PathLike | Image.Image"] | str | os.PathLike | Image.Image
+
+
+class BadImage(ValueError):
+    """An image file that cannot be read; ``reason`` is 'too_large' or 'bad_image'."""
+
+    def __init__(self, message: str, reason: str = "bad_image"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnknownTag(KeyError):
+    """A tag that is not in the checkpoint's vocabulary."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def read_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> Tensor:
+    """An image file as evaluation sees it: (3, size, size) uint8, resized and center-cropped."""
+    try:
+        img = open_image(Path(path).read_bytes(), max_pixels)
+        return to_uint8_tensor(eval_view(img, size))
+    except TooLarge as e:
+        raise BadImage(f"{path}: too large to decode ({e})", "too_large") from None
+    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds on bad bytes
+        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def center_resize(x: Tensor, size: int) -> Tensor:
+    """(B, 3, H, W) float -> (B, 3, size, size): the central square, resized (eval_view for tensors)."""
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[..., top : top + side, left : left + side]
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+class Tagger:
+    """A trained model for inference. The encoder runs on ``device``; the tag table stays on the CPU
+    (it can be far larger than the trunk) and is scored in chunks of ``chunk`` tags."""
+
+    chunk = 65536  # tags scored per matrix product when tagging
+
+    def __init__(self, model: TrainedModel, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.encoder = model.encoder.to(self.device).eval()
+        self.table, self.log_counts = model.table, model.log_counts  # (V, d), (V,) on the CPU
+        self.tags, self.gamma, self.image_size = model.tags, model.gamma, model.image_size
+        self.fingerprint, self.path = model.fingerprint, model.path
+        self.rows = model.index  # tag -> row; built once (TrainedModel.index builds a new dict per call)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Tagger:
+        try:
+            model = load_model(path)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: refused by weights-only loading: {_unpickling_reason(e)}") from e
+        return cls(model, device)
+
+    def __repr__(self) -> str:
+        return (f"Tagger({self.path}: {len(self.tags):,} tags, d={self.dim}, γ={self.gamma:g}, "
+                f"{self.image_size}px images, {self.device})")
+
+    @property
+    def dim(self) -> int:
+        return self.table.shape[1]
+
+    # ---- images -> vectors
+    def embed(self, images: ImageInput, batch_size: int = 64) -> Tensor:
+        """Image vectors u, (N, d) float32 on the CPU.
+
+        ``images``: PIL images or file paths (a bad file raises ``BadImage``), or a tensor
+        (N, 3, H, W): uint8 raw pixels, or float already normalized (``data.normalize``); a tensor
+        that is not image_size square is center-cropped and resized. A PIL image that is not yet
+        loaded is decoded at full size (no ``draft``: the caller's object is left as it was)."""
+        if isinstance(images, Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"embed: expected an image tensor (N, 3, H, W), got {tuple(images.shape)}")
+            batches: Iterable[Tensor] = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        else:
+            items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+            batches = (torch.stack([self._pixels(x) for x in items[i : i + batch_size]])
+                       for i in range(0, len(items), batch_size))
+        out = [self._encode(b) for b in batches]
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    def _pixels(self, item: str | os.PathLike | Image.Image) -> Tensor:
+        if isinstance(item, Image.Image):
+            return to_uint8_tensor(eval_view(item, self.image_size, draft=False))  # (3, S, S) uint8
+        return read_image(item, self.image_size)
+
+    @torch.no_grad()
+    def _encode(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) uint8 pixels or normalized floats -> (B, d) float32 on the CPU."""
+        if not (x.dtype == torch.uint8 or x.is_floating_point()):
+            raise ValueError(f"embed: image tensors are uint8 pixels or normalized floats, not {x.dtype}")
+        pixels = x.dtype == torch.uint8
+        x = x.to(self.device)  # uint8 crosses the bus as a quarter of the bytes
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = center_resize(x.float(), self.image_size)  # (B, 3, S, S), still 0..255 pixels if they were
+        x = normalize(x) if pixels else x.float()  # as the training module normalizes its batches
+        return self.encoder(x).float().cpu()  # (B, d)
+
+    # ---- vectors -> tags, tag -> tags, tag -> images
+    def tag(self, images: ImageInput, k: int = 5, gamma: float | None = None,
+            batch_size: int = 64) -> list[list[tuple[str, float]]]:
+        """The k best tags of every image, by s(t|x) = v_t·u + γ·log count(t), best first."""
+        return self.tag_vectors(self.embed(images, batch_size), k, gamma)
+
+    def tag_vectors(self, u: Tensor, k: int = 5, gamma: float | None = None) -> list[list[tuple[str, float]]]:
+        """``tag`` for image vectors already computed: u (N, d)."""
+        g = self.gamma if gamma is None else float(gamma)
+        scores, ids = topk_tags(u, self.table, self.log_counts, [g], k, self.chunk)[g]  # (N, k) x2
+        return [[(self.tags[i], s) for i, s in zip(row_ids, row_scores)]
+                for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
+
+    def row(self, tag: str) -> int:
+        try:
+            return self.rows[tag]
+        except KeyError:
+            raise UnknownTag(f"unknown tag {tag!r}: not in this checkpoint's vocabulary "
+                             f"({len(self.tags):,} tags)") from None
+
+    @functools.cached_property
+    def _norms(self) -> Tensor:
+        return self.table.norm(dim=1)  # (V,)
+
+    def similar_tags(self, tag: str, k: int = 10) -> list[tuple[str, float]]:
+        """The k tags whose vectors are closest to ``tag``'s by cosine, the tag itself left out."""
+        i = self.row(tag)
+        v = self.table[i]  # (d,)
+        cos = (self.table @ v) / (self._norms * v.norm()).clamp_min(1e-12)  # (V,): one vector, no V×V matrix
+        cos[i] = -torch.inf
+        top = torch.topk(cos, min(k, len(self.tags) - 1))
+        return [(self.tags[j], s) for j, s in zip(top.indices.tolist(), top.values.tolist())]
+
+    def search(self, vectors: Tensor, tag: str, k: int = 10) -> list[tuple[int, float]]:
+        """The k image vectors (rows of ``vectors``, (N, d)) that score highest for ``tag`` by v_t·u,
+        as (row, score), best first. γ·log count(t) is the same for every image: it is left out."""
+        v = self.table[self.row(tag)]  # (d,)
+        scores = vectors.float().cpu() @ v  # (N,)
+        top = torch.topk(scores, min(k, scores.numel()))
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """A hash of the encoder's weights and the tag table. The checkpoint's fingerprint is the
+        vocabulary's, the same for every checkpoint of a run (last.ckpt is rewritten every epoch):
+        an index must also match the weights its vectors came from."""
+        h = hashlib.sha256()
+        tensors = [*sorted(self.encoder.state_dict().items()), ("table", self.table), ("log_counts", self.log_counts)]
+        for name, t in tensors:
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+            h.update(t.view(torch.uint8).numpy())
+        return h.hexdigest()[:16]
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The one line of torch's weights-only error that names what was refused."""
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# ---- a folder of images, as plain generator stages
+def find_images(folder: Path) -> tuple[list[Path], int]:
+    """Every file under ``folder`` with an image suffix (sorted), and how many other files there are."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, len(files) - len(images)
+
+
+def read_images(paths: Iterable[Path], size: int, skipped: Counter) -> Iterator[tuple[Path, Tensor]]:
+    """(path, (3, S, S) uint8) for every readable image; the others are counted in ``skipped`` by reason."""
+    for p in paths:
+        try:
+            yield p, read_image(p, size)
+        except BadImage as e:
+            skipped[e.reason] += 1
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def embed_folder(tagger: Tagger, folder: Path, paths: list[Path], batch_size: int,
+                 skipped: Counter) -> Iterator[tuple[list[str], Tensor]]:
+    """(names relative to ``folder``, image vectors (B, d)) per batch of readable images."""
+    for batch in batched(read_images(paths, tagger.image_size, skipped), batch_size):
+        # at this point each item is (path, (3, S, S) uint8)
+        names = [p.relative_to(folder).as_posix() for p, _ in batch]
+        yield names, tagger.embed(torch.stack([x for _, x in batch]), batch_size)
+
+
+def folder_summary(command: str, done: int, skipped: Counter, ignored: int, out: Path) -> str:
+    why = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+    return (f"im2vec.predict {command}: {done} images -> {out}; {sum(skipped.values())} skipped"
+            + (f" ({why})" if why else "") + f"; {ignored} other file{'s' * (ignored != 1)} (no image suffix) ignored")
+
+
+# ---- the commands
+def run_tag(args: argparse.Namespace) -> None:
+    tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
+    folder, out = Path(args.folder), Path(args.out)
+    paths, ignored = find_images(folder)
+    skipped, done = Counter(), 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for names, u in embed_folder(tagger, folder, paths, args.batch_size, skipped):
+            for name, tags in zip(names, tagger.tag_vectors(u, args.k, args.gamma)):
+                f.write(json.dumps({"image": name, "tags": [[t, s] for t, s in tags]}) + "\n")
+            done += len(names)
+    print(folder_summary("tag", done, skipped, ignored, out), file=sys.stderr)
+
+
+def run_index(args: argparse.Namespace) -> None:
+    tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
+    folder, out = Path(args.folder), Path(args.out)
+    paths, ignored = find_images(folder)
+    skipped, names, vectors = Counter(), [], []
+    for batch_names, u in embed_folder(tagger, folder, paths, args.batch_size, skipped):
+        names += batch_names
+        vectors.append(u)
+    index = {  # plain containers only: the index loads weights-only
+        "format": INDEX_FORMAT, "paths": names, "root": str(folder.resolve()),
+        "vectors": torch.cat(vectors) if vectors else torch.zeros(0, tagger.dim),  # (N, d) float32
+        "fingerprint": tagger.fingerprint, "weights": tagger.weights_digest,
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(index, tmp)
+    os.replace(tmp, out)  # a reader never sees half an index
+    print(folder_summary("index", len(names), skipped, ignored, out), file=sys.stderr)
+
+
+def load_index(path: str | os.PathLike, tagger: Tagger) -> dict:
+    """An index written by ``index``, refused unless it was built with ``tagger``'s checkpoint."""
+    try:
+        index = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused by weights-only loading: {_unpickling_reason(e)}") from e
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not an im2vec index (write one with `python -m im2vec.predict index`)")
+    rebuild = "rebuild it with `python -m im2vec.predict index` and this checkpoint"
+    if index["fingerprint"] != tagger.fingerprint:
+        raise ValueError(f"{path} was built from a checkpoint with another vocabulary (fingerprint "
+                         f"{index['fingerprint']}, {tagger.path} has {tagger.fingerprint}): {rebuild}")
+    if index["weights"] != tagger.weights_digest:
+        raise ValueError(f"{path} was built from other weights than {tagger.path} (same vocabulary, another "
+                         f"training state, e.g. an older last.ckpt; index built from {index['checkpoint']}): {rebuild}")
+    return index
+
+
+def run_search(args: argparse.Namespace) -> None:
+    tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
+    tagger.row(args.tag)  # an unknown tag fails before the index is read
+    index = load_index(args.index, tagger)
+    for i, score in tagger.search(index["vectors"], args.tag, args.k):
+        print(f"{index['paths'][i]}\t{score:.6f}")
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {n}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m im2vec.predict", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("checkpoint", help="a training checkpoint (e.g. outputs/.../checkpoints/last.ckpt)")
+        c.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1, ...)")
+        c.set_defaults(run=run)
+        return c
+
+    t = command("tag", run_tag, "tag every image under a folder: one JSON line per image")
+    t.add_argument("folder")
+    t.add_argument("--out", required=True, help="the JSONL file to write")
+    t.add_argument("--k", type=_positive, default=5, help="tags per image")
+    t.add_argument("--gamma", type=float, default=None, help="γ of the tagging score (default: the checkpoint's)")
+    t.add_argument("--batch-size", type=_positive, default=64)
+    i = command("index", run_index, "embed every image under a folder into an index file for search")
+    i.add_argument("folder")
+    i.add_argument("--out", required=True, help="the index file to write (e.g. index.pt)")
+    i.add_argument("--batch-size", type=_positive, default=64)
+    s = command("search", run_search, "print the images of an index that score highest for a tag")
+    s.add_argument("index", help="an index written by `index` with the same checkpoint")
+    s.add_argument("tag")
+    s.add_argument("--k", type=_positive, default=10, help="images to print")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (OSError, ValueError, KeyError) as e:  # a bad input file or tag: one line, not a traceback
+        print(f"im2vec.predict {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
