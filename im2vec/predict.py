@@ -87,21 +87,28 @@ class Tagger:
 
     chunk = 65536  # tags scored per matrix product when tagging
 
-    def __init__(self, model: TrainedModel, device: str | torch.device = "cpu"):
+    def __init__(self, model: TrainedModel, device: str | torch.device = "cpu", image_size: int | None = None):
+        """``image_size``: the side images are resized to; by default the one the checkpoint was
+        trained on (older checkpoints did not record it: then it must be given)."""
+        image_size = image_size or model.image_size
+        if not image_size:
+            raise ValueError(f"{model.path} does not record the image size it was trained on: give it "
+                             "(Tagger.from_checkpoint(..., image_size=S), or --image-size S)")
         self.device = torch.device(device)
         self.encoder = model.encoder.to(self.device).eval()
         self.table, self.log_counts = model.table, model.log_counts  # (V, d), (V,) on the CPU
-        self.tags, self.gamma, self.image_size = model.tags, model.gamma, model.image_size
+        self.tags, self.gamma, self.image_size = model.tags, model.gamma, int(image_size)
         self.fingerprint, self.path = model.fingerprint, model.path
         self.rows = model.index  # tag -> row; built once (TrainedModel.index builds a new dict per call)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Tagger:
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        image_size: int | None = None) -> Tagger:
         try:
             model = load_model(path)
         except pickle.UnpicklingError as e:
             raise ValueError(f"{path}: refused by weights-only loading: {_unpickling_reason(e)}") from e
-        return cls(model, device)
+        return cls(model, device, image_size)
 
     def __repr__(self) -> str:
         return (f"Tagger({self.path}: {len(self.tags):,} tags, d={self.dim}, γ={self.gamma:g}, "
@@ -257,7 +264,7 @@ def folder_summary(command: str, done: int, skipped: Counter, ignored: int, out:
 
 # ---- the commands
 def run_tag(args: argparse.Namespace) -> None:
-    tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
+    tagger = Tagger.from_checkpoint(args.checkpoint, args.device, args.image_size)
     folder, out = Path(args.folder), Path(args.out)
     paths, ignored = find_images(folder)
     skipped, done = Counter(), 0
@@ -271,7 +278,7 @@ def run_tag(args: argparse.Namespace) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
-    tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
+    tagger = Tagger.from_checkpoint(args.checkpoint, args.device, args.image_size)
     folder, out = Path(args.folder), Path(args.out)
     paths, ignored = find_images(folder)
     skipped, names, vectors = Counter(), [], []
@@ -310,7 +317,7 @@ def load_index(path: str | os.PathLike, tagger: Tagger) -> dict:
 
 
 def run_search(args: argparse.Namespace) -> None:
-    tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
+    tagger = Tagger.from_checkpoint(args.checkpoint, args.device, args.image_size)
     tagger.row(args.tag)  # an unknown tag fails before the index is read
     index = load_index(args.index, tagger)
     for i, score in tagger.search(index["vectors"], args.tag, args.k):
@@ -332,6 +339,8 @@ def parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.add_argument("checkpoint", help="a training checkpoint (e.g. outputs/.../checkpoints/last.ckpt)")
         c.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1, ...)")
+        c.add_argument("--image-size", type=_positive, default=None,
+                       help="resize images to this side (default: the size the checkpoint was trained on)")
         c.set_defaults(run=run)
         return c
 

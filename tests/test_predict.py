@@ -98,6 +98,17 @@ def test_embed_matches_the_trained_encoder(trained, tmp_path):
         tagger.embed([paths[0], bad])
 
 
+def test_checkpoint_without_image_size_needs_one(trained, tmp_path):
+    ckpt = torch.load(trained.ckpt, map_location="cpu", weights_only=True)
+    del ckpt["im2vec"]["image_size"]  # as checkpoints written before it was recorded
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="does not record the image size"):
+        Tagger.from_checkpoint(tmp_path / "old.ckpt")
+    tagger = Tagger.from_checkpoint(tmp_path / "old.ckpt", image_size=trained.tagger.image_size)
+    pixels = _eval_batch(trained.jpegs[:2], tagger.image_size)
+    torch.testing.assert_close(tagger.embed(pixels), trained.tagger.embed(pixels))
+
+
 def test_tag_scores_match_brute_force(trained):
     tagger, module = trained.tagger, trained.module
     assert tagger.tags == module.tags and tagger.gamma == module.sampler_cfg.gamma
