@@ -31,16 +31,18 @@ from im2vec.vocab import Vocabulary
 
 @torch.no_grad()
 def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int, batch_size: int, num_workers: int,
-                 max_images: int | None, thumb: int = 64) -> dict:
+                 max_images: int | None, device: str = "cpu", thumb: int = 64) -> dict:
     """Every held-out image once: each model's vectors, the observed and clean tag ids (in the first
     model's vocabulary), keys, small thumbnails for pictures, and the skip counts."""
     vocab = Vocabulary(models[0].tags, models[0].log_counts.exp().round().long().tolist())
     loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images)
     us, obs, clean, keys, thumbs, skipped = [[] for _ in models], [], [], [], [], 0
+    for m in models:
+        m.encoder.to(device)
     for batch in loader:
-        x = normalize(batch["image"])
+        x = normalize(batch["image"].to(device))  # uint8 to the device, normalized there
         for m, u in zip(models, us):
-            u.append(m.encoder(x).float())
+            u.append(m.encoder(x).float().cpu())
         obs.append(batch["tags"])
         clean.append(batch["clean"])
         keys += batch["keys"]
@@ -70,16 +72,19 @@ def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: floa
         m.update(tagging_metrics(r, 1, KS, None, v, prefix=f"{prefix}tagging/clean/"))
     m.update(retrieval_metrics(u, table, obs, queries, prefix=f"{prefix}retrieval/")[0])
     if clean is not None:
-        m.update(retrieval_metrics(u, table, clean, prefix=f"{prefix}retrieval/clean/")[0])
+        m.update(retrieval_metrics(u, table, clean, queries, prefix=f"{prefix}retrieval/clean/")[0])
     return m, r.top_ids
 
 
 def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float], obs: Tensor, clean: Tensor | None,
                 noise_ids: Tensor | None, k: int = 5) -> dict[str, float]:
     """precision@k on observed and clean tags and the noise share of the top k, for each γ, from one
-    pass of top-k lists (ties broken by tag index)."""
-    out = {}
-    for g, (_, top) in topk_tags(u, table, log_counts, gammas, k).items():
+    pass of top-k lists (equal scores in torch.topk's order)."""
+    out, tops = {}, {g: [] for g in gammas}
+    for b0 in range(0, u.shape[0], 256):  # a batch of images at a time: memory does not grow with N
+        for g, (_, top) in topk_tags(u[b0 : b0 + 256], table, log_counts, gammas, k).items():
+            tops[g].append(top)
+    for g, top in ((g, torch.cat(t)) for g, t in tops.items()):
         out[f"gamma_sweep/precision@{k}/{g:g}"] = _list_precision(top, obs)
         if clean is not None:
             out[f"gamma_sweep/clean_precision@{k}/{g:g}"] = _list_precision(top, clean)
@@ -90,9 +95,17 @@ def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float
     return out
 
 
+def noise_ids_for(tags: list[str], content: set[str] | None) -> Tensor | None:
+    """Rows of the tags that are not content tags (None when the corpus names no content tags)."""
+    if content is None:
+        return None
+    return torch.tensor([i for i, t in enumerate(tags) if t not in content], dtype=torch.long)
+
+
 def _list_precision(top: Tensor, truth: Tensor) -> float:
     has = (truth != PAD).any(1)
-    hits = ((top[:, :, None] == truth[:, None, :]) & (truth[:, None, :] != PAD)).any(-1).float().mean(1)
+    k = 5  # as tagging_metrics: hits / k, also when V < k
+    hits = ((top[:, :, None] == truth[:, None, :]) & (truth[:, None, :] != PAD)).any(-1).float().sum(1) / k
     return float(hits[has].mean()) if has.any() else math.nan
 
 
@@ -114,18 +127,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     shards = expand_shards(cfg.shards) if cfg.shards else datamodule.val_shards
     if not shards:
         raise ValueError("evaluate: no held-out shards (set shards=… or data.val_shards=…)")
-    content = getattr(datamodule, "content_tags", None)
-    noise_ids = None if content is None else torch.tensor([i for i, t in enumerate(model.tags) if t not in content])
+    noise_ids = noise_ids_for(model.tags, getattr(datamodule, "content_tags", None))
     image_size = cfg.image_size or model.image_size or datamodule.image_size
-    data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images)
+    if len(models) > 1 and (models[1].image_size or image_size) != image_size:
+        raise ValueError(f"evaluate: baseline_ckpt was trained at {models[1].image_size} px, the model at "
+                         f"{image_size} px: both are scored on the same images, so evaluate them separately")
+    data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images, cfg.device)
     has_clean = bool((data["clean"] != PAD).any())
     clean = data["clean"] if has_clean else None
     queries = None
     if cfg.queries:
-        missing = [q for q in cfg.queries if q not in model.index]
+        index, names = model.index, [str(q) for q in cfg.queries]  # Hydra reads `2015` as a number
+        missing = [q for q in names if q not in index]
         if missing:
             raise ValueError(f"evaluate: query tags not in the vocabulary: {missing[:5]}")
-        queries = torch.tensor([model.index[q] for q in cfg.queries])
+        queries = torch.tensor([index[q] for q in names])
     gamma = model.gamma if cfg.gamma is None else float(cfg.gamma)
     t_scoring = time.perf_counter()
     metrics, top = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids,
@@ -141,6 +157,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics.update(bm)
     gammas = sorted(set(cfg.gammas) | {gamma})
     metrics.update(gamma_sweep(data["u"][0], model.table, model.log_counts, gammas, data["obs"], clean, noise_ids))
+    if len(models) > 1:
+        metrics["info/baseline_gamma"] = models[1].gamma if cfg.gamma is None else gamma
     metrics.update({"info/images": float(n), "info/tags": float(len(model.tags)), "info/gamma": gamma,
                     "info/skipped_images": float(data["skipped"]),
                     "info/scoring_seconds": time.perf_counter() - t_scoring,
@@ -204,7 +222,7 @@ def make_pictures(model: TrainedModel, data: dict, top: Tensor, prior_top: Tenso
     truth = data["clean"] if bool((data["clean"] != PAD).any()) else obs
     counts = torch.bincount(truth[truth != PAD], minlength=len(tags))
     rows = []
-    for q in torch.argsort(counts, descending=True)[:query_pictures].tolist():
+    for q in torch.argsort(counts, descending=True)[: min(query_pictures, int((counts > 0).sum()))].tolist():
         s = data["u"][0] @ model.table[q]
         best = torch.argsort(s, descending=True)[:8].tolist()
         rel = (truth[best] == q).any(1).tolist()

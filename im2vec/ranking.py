@@ -42,10 +42,10 @@ class TagRanks:
 
 @torch.no_grad()
 def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths: list[Tensor],
-              kmax: int = 10, batch: int = 256, budget: int = 1 << 25) -> TagRanks:
+              kmax: int = 10, batch: int = 256, budget: int = 1 << 24) -> TagRanks:
     """One chunked pass over the V tags for every image of ``u`` (N, d); see the module docstring.
 
-    ``budget`` bounds the elements of the per-chunk comparison tensor (batch × true tags × chunk)."""
+    ``budget`` bounds the scores held at once (batch × chunk of tags)."""
     u, table, log_counts = u.float().cpu(), table.float().cpu(), log_counts.float().cpu()
     n, v = u.shape[0], table.shape[0]
     kmax = min(kmax, v)
@@ -62,7 +62,7 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
         ge = torch.zeros_like(ids)
         best_s = torch.full((ub.shape[0], 0), -torch.inf)
         best_i = torch.zeros(ub.shape[0], 0, dtype=torch.long)
-        chunk = max(1, budget // max(1, ub.shape[0] * ids.shape[1]))
+        chunk = max(1, budget // ub.shape[0])
         # thresholds: each true score, and the float just below it (s > that ⟺ s ≥ the true score)
         thr, order = torch.sort(torch.cat([st, torch.nextafter(st, torch.tensor(-torch.inf))], 1), dim=1)
         for c0 in range(0, v, chunk):
@@ -178,11 +178,13 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
 def retrieval_metrics(u: Tensor, table: Tensor, truth: Tensor, queries: Tensor | None = None, k: int = 10,
                       chunk: int = 256, prefix: str = "") -> tuple[dict[str, float], Tensor, Tensor]:
     """For each query tag (default: every tag true for at least one image) rank the N images by
-    v_t·u: -> ({map, precision@k, queries}, per-query AP, per-query precision@k)."""
+    v_t·u: -> ({map, precision@k, queries, queries_without_images}, per-query AP, per-query
+    precision@k). A given query tag that no image has is left out (AP is undefined) and counted."""
     u, table = u.float().cpu(), table.float().cpu()
     valid = truth != PAD
-    if queries is None:
-        queries = torch.unique(truth[valid])
+    present = torch.unique(truth[valid])
+    asked = len(queries) if queries is not None else len(present)
+    queries = present if queries is None else queries[torch.isin(queries, present)]
     aps, pks = [], []
     for q0 in range(0, len(queries), chunk):
         q = queries[q0 : q0 + chunk]  # (Q,)
@@ -198,7 +200,8 @@ def retrieval_metrics(u: Tensor, table: Tensor, truth: Tensor, queries: Tensor |
         aps.append(((rel_ge / ge) * rel_sorted).sum(1) / n_rel.clamp(min=1))
         pks.append(_expected_hits(neg, cum, k) / k)
     ap, pk = (torch.cat(aps), torch.cat(pks)) if aps else (torch.zeros(0), torch.zeros(0))
-    return {f"{prefix}map": _mean(ap), f"{prefix}precision@{k}": _mean(pk), f"{prefix}queries": float(len(ap))}, ap, pk
+    return ({f"{prefix}map": _mean(ap), f"{prefix}precision@{k}": _mean(pk), f"{prefix}queries": float(len(ap)),
+             f"{prefix}queries_without_images": float(asked - len(ap))}, ap, pk)
 
 
 def _expected_hits(neg: Tensor, cum: Tensor, k: int) -> Tensor:

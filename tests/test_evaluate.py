@@ -65,8 +65,22 @@ def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
 
     tags = load_model(ckpt).tags[:3]
     q = evaluate(_eval_cfg(cache_dir, tmp_path / "q", f"ckpt_path={ckpt}", f"queries=[{','.join(tags)}]"))
-    assert q["retrieval/queries"] == 3
+    assert q["retrieval/queries"] + q["retrieval/queries_without_images"] == 3 and q["retrieval/queries"] >= 1
     with pytest.raises(ValueError, match="not in the vocabulary"):
         evaluate(_eval_cfg(cache_dir, tmp_path / "x", f"ckpt_path={ckpt}", "queries=[no_such_tag]"))
     with pytest.raises(ValueError, match="set ckpt_path"):
         evaluate(_eval_cfg(cache_dir, tmp_path / "y"))
+
+
+def test_a_vocabulary_without_noise_tags_scores():
+    import torch
+
+    from im2vec.evaluating import noise_ids_for, score_model
+
+    noise = noise_ids_for(["a", "b"], {"a", "b"})  # every tag names content
+    assert noise.dtype == torch.long and noise.numel() == 0
+    g = torch.Generator().manual_seed(0)
+    u, table = torch.randn(6, 3, generator=g), torch.randn(2, 3, generator=g)
+    obs = torch.tensor([[0, -1], [1, -1], [0, 1], [1, -1], [0, -1], [-1, -1]])
+    m, _ = score_model(u, table, torch.zeros(2), 0.0, obs, None, noise, None, "")
+    assert m["tagging/noise_share@5"] == 0.0 and 0 <= m["tagging/map"] <= 1

@@ -473,28 +473,25 @@ def test_retrieval_explicit_queries_and_chunks(seed):
     truth = make_truth(seed, 30, 80, max_t=10, empty=3)
     S0 = full_scores(u, table, lc, 0.0)
     Y = indicator(truth, 80)
-    # explicit queries, including tags true for no image (AP 0, precision 0) and a repeated one
+    # explicit queries, including tags true for no image (left out, counted) and a repeated one
     queries = torch.tensor([5, 79, 0, 5, 33, 2])
     m, ap, pk = retrieval_metrics(u, table, truth, queries=queries, chunk=4, prefix="r/")
-    assert set(m) == {"r/map", "r/precision@10", "r/queries"} and m["r/queries"] == 6
+    kept = [q for q in queries.tolist() if Y[:, q].sum()]
+    assert set(m) == {"r/map", "r/precision@10", "r/queries", "r/queries_without_images"}
+    assert m["r/queries"] == len(kept) and m["r/queries_without_images"] == len(queries) - len(kept)
     ref_ap, ref_pk = [], []
-    for q in queries.tolist():
-        if Y[:, q].sum():
-            a, p = ref_retrieval(S0, Y, [q])
-            ref_ap.append(a[0])
-            ref_pk.append(p[0])
-            assert float(ap[len(ref_ap) - 1]) == pytest.approx(average_precision_score(Y[:, q], S0[:, q]), abs=TOL)
-        else:
-            ref_ap.append(0.0)
-            ref_pk.append(0.0)
+    for q in kept:
+        a, p = ref_retrieval(S0, Y, [q])
+        ref_ap.append(a[0])
+        ref_pk.append(p[0])
+        assert float(ap[len(ref_ap) - 1]) == pytest.approx(average_precision_score(Y[:, q], S0[:, q]), abs=TOL)
     np.testing.assert_allclose(ap.numpy(), ref_ap, atol=TOL, rtol=0)
     np.testing.assert_allclose(pk.numpy(), ref_pk, atol=TOL, rtol=0)
     assert m["r/map"] == pytest.approx(np.mean(ref_ap), abs=TOL)
     # other k
     m5, _, pk5 = retrieval_metrics(u, table, truth, queries=queries, k=3)
     assert "precision@3" in m5
-    np.testing.assert_allclose(pk5.numpy(), [ref_retrieval(S0, Y, [q], k=3)[1][0] if Y[:, q].sum() else 0.0
-                                             for q in queries.tolist()], atol=TOL, rtol=0)
+    np.testing.assert_allclose(pk5.numpy(), [ref_retrieval(S0, Y, [q], k=3)[1][0] for q in kept], atol=TOL, rtol=0)
     # chunking of the queries changes nothing
     default = retrieval_metrics(u, table, truth, chunk=1000)
     small = retrieval_metrics(u, table, truth, chunk=2)
