@@ -42,7 +42,7 @@ class TagRanks:
 
 @torch.no_grad()
 def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths: list[Tensor],
-              kmax: int = 10, batch: int = 256, budget: int = 1 << 24) -> TagRanks:
+              kmax: int = 10, batch: int = 256, budget: int = 1 << 22) -> TagRanks:
     """One chunked pass over the V tags for every image of ``u`` (N, d); see the module docstring.
 
     ``budget`` bounds the scores held at once (batch × chunk of tags)."""
