@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 
 from im2vec.checkpoint import TrainedModel, load_model
 from im2vec.data import eval_loader, expand_shards, normalize
+from im2vec.metrics import noise_share, precision_at_k
 from im2vec.ranking import KS, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
 from im2vec.sampler import PAD
 from im2vec.scoring import topk_tags
@@ -85,13 +86,11 @@ def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float
         for g, (_, top) in topk_tags(u[b0 : b0 + 256], table, log_counts, gammas, k).items():
             tops[g].append(top)
     for g, top in ((g, torch.cat(t)) for g, t in tops.items()):
-        out[f"gamma_sweep/precision@{k}/{g:g}"] = _list_precision(top, obs)
+        out[f"gamma_sweep/precision@{k}/{g:g}"] = precision_at_k(top, obs, k)
         if clean is not None:
-            out[f"gamma_sweep/clean_precision@{k}/{g:g}"] = _list_precision(top, clean)
+            out[f"gamma_sweep/clean_precision@{k}/{g:g}"] = precision_at_k(top, clean, k)
         if noise_ids is not None:
-            noise = torch.zeros(table.shape[0], dtype=torch.bool)
-            noise[noise_ids] = True
-            out[f"gamma_sweep/noise_share@{k}/{g:g}"] = float(noise[top].float().mean())
+            out[f"gamma_sweep/noise_share@{k}/{g:g}"] = noise_share(top, noise_ids, k)
     return out
 
 
@@ -100,13 +99,6 @@ def noise_ids_for(tags: list[str], content: set[str] | None) -> Tensor | None:
     if content is None:
         return None
     return torch.tensor([i for i, t in enumerate(tags) if t not in content], dtype=torch.long)
-
-
-def _list_precision(top: Tensor, truth: Tensor) -> float:
-    has = (truth != PAD).any(1)
-    k = 5  # as tagging_metrics: hits / k, also when V < k
-    hits = ((top[:, :, None] == truth[:, None, :]) & (truth[:, None, :] != PAD)).any(-1).float().sum(1) / k
-    return float(hits[has].mean()) if has.any() else math.nan
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

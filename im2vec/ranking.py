@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from im2vec.metrics import hits
 from im2vec.sampler import PAD
 
 KS = (1, 3, 5, 10)
@@ -146,8 +147,8 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
     last = n_ge.float().clamp(min=1)
     for k in ks:
         p_in = ((k - first + 1) / (last - first + 1)).clamp(0, 1) * valid  # P(true tag in the top k)
-        hits = p_in.sum(1)
-        prec, rec = hits / k, hits / n_true.clamp(min=1)
+        expected = p_in.sum(1)  # expected true tags in the top k
+        prec, rec = expected / k, expected / n_true.clamp(min=1)
         f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(prec))
         for name, x in (("precision", prec), ("recall", rec), ("f1", f1)):
             m[f"{prefix}{name}@{k}"] = _mean(x[has])
@@ -160,7 +161,7 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
                                                       noise_ids.max() if noise_ids is not None and len(noise_ids) else 0)) + 1
     for k in ks:
         top = r.top_ids[:, :k]
-        hit = (top[:, :, None] == truth[:, None, :]).any(-1) & has[:, None]  # (N, k)
+        hit = hits(top, truth) & has[:, None]  # (N, k)
         pred = torch.bincount(top[has].flatten(), minlength=v).float()
         correct = torch.bincount(top[hit], minlength=v).float()
         relevant = torch.bincount(truth[valid], minlength=v).float()
