@@ -16,30 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from im2vec.data import SKIP_REASONS, normalize
-from im2vec.loss import full_bce_loss, multi_hot, negative_sampling_loss, shared_negative_loss
-from im2vec.sampler import NegativeSampler, PositiveSampler, collides
+from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
+from im2vec.loss import full_bce_loss, multi_hot
+from im2vec.sampler import NegativeSampler, PositiveSampler
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.validation import ValidationReport
-
-
-@dataclass
-class SamplerConfig:
-    head: str = "sampled"  # "sampled" (negative sampling) or "full" (BCE over all V rows; small V only)
-    negatives: str = "per_example"  # "per_example": K rows per image; "shared": K rows per batch
-    num_negatives: int = 20  # K
-    num_positives: int = 1  # P, drawn from the image's own tags
-    alpha: float = 0.75  # negatives ∝ count^alpha
-    beta: float = 0.0  # positives ∝ count^(-beta): 0 uniform, 1 inverse frequency
-    exclude_own: bool = True  # never use one of the image's own tags as its negative
-    gamma: float = 0.2  # tagging score s = v·u + gamma·log count (chosen from the validation γ sweep)
-
-    def __post_init__(self):
-        if self.head not in ("sampled", "full"):
-            raise ValueError(f"sampler.head={self.head!r}: use 'sampled' or 'full'")
-        if self.negatives not in ("per_example", "shared"):
-            raise ValueError(f"sampler.negatives={self.negatives!r}: use 'per_example' or 'shared'")
-        if self.num_negatives < 1 or self.num_positives < 1:
-            raise ValueError("sampler.num_negatives and sampler.num_positives must be at least 1")
 
 
 @dataclass
@@ -49,7 +30,8 @@ class OptimConfig:
     warmup_batches: int = 50
     min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the peak
     grad_clip: float = 1.0  # max gradient norm of the trunk + W (0: off)
-    table_optimizer: str = "sparse_adam"  # or "row_adagrad" when Adam's 2·V·d moments don't fit
+    table_optimizer: str = "sparse_adam"  # fused SparseAdam; "row_adagrad" when Adam's 2·V·d moments don't fit;
+    # "torch_sparse_adam": the stock torch.optim.SparseAdam (same results, slower)
     table_lr: float = 0.02
     table_init_std: float = 0.01
 
@@ -100,27 +82,12 @@ class Im2VecModule(pl.LightningModule):
     # ---- the head
     def head_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u (B, d) on the trunk's device, tags (B, T) on the CPU -> (loss, mean pos score, mean neg score)."""
-        s, b = self.sampler_cfg, u.shape[0]
+        s = self.sampler_cfg
         if s.head == "full":
             rows = self.table.lookup(torch.arange(self.table.num_tags), u.device, u.dtype)  # (V, d)
             return full_bce_loss(u, rows, multi_hot(tags, self.table.num_tags).to(u.device))
-        pos_ids = self.pos_sampler.sample(tags, s.num_positives, self.gen)  # (B, P)
-        weight = None
-        if s.negatives == "shared":
-            neg_ids = self.neg_sampler.sample((s.num_negatives,), self.gen)  # (K,)
-            if s.exclude_own:
-                weight = (~collides(neg_ids.expand(b, -1), tags)).float()  # (B, K)
-        elif s.exclude_own:
-            neg_ids, weight = self.neg_sampler.sample_excluding(tags, s.num_negatives, self.gen)  # (B, K) x2
-        else:
-            neg_ids = self.neg_sampler.sample((b, s.num_negatives), self.gen)  # (B, K)
-        # one gather for all rows, so the table receives one sparse gradient per step
-        rows = self.table.lookup(torch.cat([pos_ids.flatten(), neg_ids.flatten()]), u.device, u.dtype)  # (B·P + #neg, d)
-        pos = rows[: pos_ids.numel()].view(b, s.num_positives, -1)  # (B, P, d)
-        neg = rows[pos_ids.numel():].view(*neg_ids.shape, -1)  # (B, K, d) or (K, d)
-        weight = weight.to(u.device, u.dtype) if weight is not None else None
-        loss_fn = shared_negative_loss if s.negatives == "shared" else negative_sampling_loss
-        return loss_fn(u, pos, neg, weight)
+        ids = draw_ids(s, self.pos_sampler, self.neg_sampler, tags, self.gen)
+        return sampled_loss(s, self.table, u, *ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt_dense, opt_table = self.optimizers()

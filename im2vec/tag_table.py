@@ -5,9 +5,11 @@ Both go through ``nn.Module._apply``; this wrapper's ``_apply`` ignores them, so
 where it is while remaining an ordinary submodule: ``state_dict``, checkpoints and
 ``ModelCheckpoint`` include it like any other parameter.
 
-Rows are read with ``lookup`` (a sparse-gradient ``nn.Embedding``), sent to the trunk's device,
-scored there, and their gradient flows back to the CPU as a sparse tensor, so a step reads and
-writes only the B·(P+K) sampled rows, whatever V is.
+Training reads rows with ``gather``: the sampled ids are deduplicated once, each distinct row is
+read once (in parallel) and sent once to the trunk's device, scored there, and its gradient comes
+back to the CPU summed, as a coalesced sparse (V, d) tensor. A step therefore reads and writes
+only the distinct sampled rows, whatever V is, and the optimizer (``im2vec.sparse_optim``) never
+has to coalesce. ``lookup`` (a plain sparse ``nn.Embedding`` read) serves everything else.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from im2vec.allocator import empty_hugepages
+from im2vec.sparse_optim import RowAdagrad, SparseAdam, gather_rows, make_table_optimizer
+
+__all__ = ["CPUTagTable", "RowAdagrad", "SparseAdam", "make_table_optimizer"]  # optimizers re-exported
+
 
 class CPUTagTable(nn.Module):
     """Tag vectors (V, d) plus each tag's log count (used by the tagging score)."""
 
     def __init__(self, counts: Tensor, dim: int, init_std: float = 0.01):
         super().__init__()
-        self.embedding = nn.Embedding(counts.numel(), dim, sparse=True)
-        nn.init.normal_(self.embedding.weight, std=init_std)
+        weight = empty_hugepages(counts.numel(), dim)  # 2 MiB pages: rows are read at random
+        nn.init.normal_(weight, std=init_std)
+        self.embedding = nn.Embedding(counts.numel(), dim, sparse=True, _weight=weight)
         self.register_buffer("log_counts", counts.double().clamp_min(1).log().float())  # (V,)
 
     @property
@@ -46,45 +54,32 @@ class CPUTagTable(nn.Module):
         rows = self.embedding(ids.cpu())  # (..., d) fp32, CPU
         return rows.to(device=device, dtype=dtype, non_blocking=True)
 
+    def gather(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+        """ids (...) on the CPU -> rows (..., d) on ``device``, each distinct row read and sent once.
+
+        The table's gradient is one coalesced sparse (V, d) tensor over the distinct ids.
+        """
+        uniq, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)  # (n,), ids.shape
+        rows = _DistinctRows.apply(self.embedding.weight, uniq)  # (n, d) CPU fp32
+        rows = rows.to(device=device, dtype=dtype, non_blocking=True)
+        return rows.index_select(0, inverse.flatten().to(rows.device)).view(*ids.shape, rows.shape[1])
+
     def forward(self, ids: Tensor) -> Tensor:
         return self.embedding(ids)
 
 
-class RowAdagrad(torch.optim.Optimizer):
-    """Row-wise sparse Adagrad: one accumulator value per row (V floats instead of Adam's 2·V·d).
+class _DistinctRows(torch.autograd.Function):
+    """weight[uniq] for sorted distinct ids; backward: the gradient as a coalesced sparse tensor."""
 
-    For the touched rows i with (coalesced) gradient g_i:
-        G_i += mean(g_i²);   w_i -= lr · g_i / (sqrt(G_i) + eps)
-    Untouched rows and their state are left exactly as they were.
-    """
+    @staticmethod
+    def forward(ctx, weight: Tensor, uniq: Tensor) -> Tensor:
+        ctx.save_for_backward(uniq)
+        ctx.shape = weight.shape
+        return gather_rows(weight.detach(), uniq)
 
-    def __init__(self, params, lr: float = 0.1, eps: float = 1e-10, initial_accumulator_value: float = 0.0):
-        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not p.grad.is_sparse:
-                    raise RuntimeError("RowAdagrad expects sparse gradients (nn.Embedding(sparse=True))")
-                state = self.state[p]
-                if not state:
-                    state["sum"] = torch.full((p.shape[0],), group["initial_accumulator_value"], dtype=p.dtype, device=p.device)
-                grad = p.grad.coalesce()
-                rows = grad.indices()[0]  # (n,) unique
-                g = grad.values()  # (n, d)
-                acc = state["sum"].index_add_(0, rows, g.pow(2).mean(1))[rows]  # (n,)
-                p.index_add_(0, rows, g / (acc.sqrt() + group["eps"]).unsqueeze(1), alpha=-group["lr"])
-        return loss
-
-
-def make_table_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """'sparse_adam' (default) or 'row_adagrad' (for vocabularies whose Adam moments don't fit)."""
-    if name == "sparse_adam":
-        return torch.optim.SparseAdam(params, lr=lr)
-    if name == "row_adagrad":
-        return RowAdagrad(params, lr=lr)
-    raise ValueError(f"unknown table optimizer {name!r}: use 'sparse_adam' or 'row_adagrad'")
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (uniq,) = ctx.saved_tensors
+        values = grad.to("cpu", torch.float32).contiguous()
+        return torch.sparse_coo_tensor(uniq.unsqueeze(0), values, ctx.shape, is_coalesced=True,
+                                       check_invariants=False), None

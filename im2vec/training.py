@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from im2vec.allocator import tune_malloc
 from im2vec.module import Im2VecModule
 
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
@@ -49,6 +50,7 @@ def schedule_length(cfg: DictConfig) -> int:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    tune_malloc()  # large per-step temporaries reuse freed memory (im2vec/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")

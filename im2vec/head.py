@@ -1,0 +1,74 @@
+"""The sampled tag head, without Lightning: what a training step does between the trunk and the table.
+
+``draw_ids`` draws a batch's positive and negative tag ids on the CPU; ``sampled_loss`` gathers
+their rows from the CPU tag table (each distinct row once), scores them against the image vectors
+on the trunk's device and returns the negative-sampling loss. ``Im2VecModule`` and the tag-head
+benchmark (``python -m im2vec.bench``) both call these two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from im2vec.loss import negative_sampling_loss, shared_negative_loss
+from im2vec.sampler import NegativeSampler, PositiveSampler, collides
+from im2vec.tag_table import CPUTagTable
+
+
+@dataclass
+class SamplerConfig:
+    head: str = "sampled"  # "sampled" (negative sampling) or "full" (BCE over all V rows; small V only)
+    negatives: str = "per_example"  # "per_example": K rows per image; "shared": K rows per batch
+    num_negatives: int = 20  # K
+    num_positives: int = 1  # P, drawn from the image's own tags
+    alpha: float = 0.75  # negatives ∝ count^alpha
+    beta: float = 0.0  # positives ∝ count^(-beta): 0 uniform, 1 inverse frequency
+    exclude_own: bool = True  # never use one of the image's own tags as its negative
+    gamma: float = 0.2  # tagging score s = v·u + gamma·log count (chosen from the validation γ sweep)
+
+    def __post_init__(self):
+        if self.head not in ("sampled", "full"):
+            raise ValueError(f"sampler.head={self.head!r}: use 'sampled' or 'full'")
+        if self.negatives not in ("per_example", "shared"):
+            raise ValueError(f"sampler.negatives={self.negatives!r}: use 'per_example' or 'shared'")
+        if self.num_negatives < 1 or self.num_positives < 1:
+            raise ValueError("sampler.num_negatives and sampler.num_positives must be at least 1")
+
+
+def draw_ids(s: SamplerConfig, pos_sampler: PositiveSampler, neg_sampler: NegativeSampler, tags: Tensor,
+             gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The sampled head's ids for a batch's tags (B, T) on the CPU -> (positives (B, P), negatives
+    (B, K) or (K,) when shared, negative weights (B, K) or None)."""
+    b = tags.shape[0]
+    pos_ids = pos_sampler.sample(tags, s.num_positives, gen)  # (B, P)
+    weight = None
+    if s.negatives == "shared":
+        neg_ids = neg_sampler.sample((s.num_negatives,), gen)  # (K,)
+        if s.exclude_own:
+            weight = (~collides(neg_ids.expand(b, -1), tags)).float()  # (B, K)
+    elif s.exclude_own:
+        neg_ids, weight = neg_sampler.sample_excluding(tags, s.num_negatives, gen)  # (B, K) x2
+    else:
+        neg_ids = neg_sampler.sample((b, s.num_negatives), gen)  # (B, K)
+    return pos_ids, neg_ids, weight
+
+
+def sampled_loss(s: SamplerConfig, table: CPUTagTable, u: Tensor, pos_ids: Tensor, neg_ids: Tensor,
+                 weight: Tensor | None, dedupe: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Negative-sampling loss of u (B, d) on the trunk's device against the drawn rows.
+
+    One gather for all rows: each distinct row is read and sent once, and the table receives one
+    coalesced sparse gradient per step. ``dedupe=False`` reads the rows with a plain sparse
+    ``nn.Embedding`` lookup instead (duplicates and all: the stock path, for the benchmark).
+    """
+    b = u.shape[0]
+    ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
+    rows = (table.gather if dedupe else table.lookup)(ids, u.device, u.dtype)  # (B·P + #neg, d)
+    pos = rows[: pos_ids.numel()].view(b, pos_ids.shape[1], -1)  # (B, P, d)
+    neg = rows[pos_ids.numel():].view(*neg_ids.shape, -1)  # (B, K, d) or (K, d)
+    weight = weight.to(u.device, u.dtype) if weight is not None else None
+    loss_fn = shared_negative_loss if s.negatives == "shared" else negative_sampling_loss
+    return loss_fn(u, pos, neg, weight)

@@ -1,0 +1,304 @@
+"""Sparse optimizers for the CPU tag table, fused into one pass over the rows a step touched.
+
+``torch.optim.SparseAdam`` spends most of a step outside the arithmetic: it coalesces the gradient
+on one thread, then builds five sparse tensors and eleven temporaries of the touched rows and adds
+them into the dense state one by one (``sparse_mask``, ``add_``). Here a step is:
+
+1. the touched rows, once and sorted: the gradient's indices when they are already distinct and
+   sorted (the tag table's ``gather`` produces such gradients: it deduplicates the ids before the
+   forward pass), otherwise one coalesce;
+2. one kernel that, for each touched row and in parallel over rows, reads the gradient, the
+   weights and the state once, and writes the weights and the state once: the least memory traffic
+   the update can have (the bandwidth floor of ``python -m im2vec.bench``).
+
+The kernel is compiled by numba (a dependency). Without numba the same arithmetic runs as torch
+gather / update / scatter on the touched rows, which is slower but still far from the stock path.
+
+``SparseAdam`` is a drop-in for ``torch.optim.SparseAdam``: the same hyperparameters, the same state
+(``step``, ``exp_avg``, ``exp_avg_sq``, so checkpoints move between the two) and the same float32
+operations in the same order, so its results equal the stock optimizer's (tests check ≤ 1e-6).
+Parameters that are not contiguous float32 CPU tensors take the stock code path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from im2vec.allocator import empty_hugepages
+
+try:  # numba compiles the fused kernels; without it the torch path below runs
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool: its threads sleep between kernels instead of spinning beside
+        # torch's OpenMP threads (a second OpenMP runtime would), and it needs no extra package
+        os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised by forcing USE_NUMBA = False in the tests
+    numba = None
+
+USE_NUMBA = numba is not None  # tests switch this off to check the torch path
+
+
+if numba is not None:
+    # Each kernel is a per-row (or per-block) function called from a parallel loop and from a serial
+    # one: numba's thread pool costs ~0.1-0.3 ms to wake on a small VM, more than a few hundred rows
+    # take. (Two dispatchers of one Python function would share numba's cache file and load each
+    # other's code: hence the separate functions.)
+    @njit(cache=True, nogil=True)
+    def _adam_row(w, m, v, r, g, i, c1, c2, eps, neg_step):  # pragma: no cover - compiled
+        # torch.optim.SparseAdam's float32 operations, in its order (see _adam_rows_torch)
+        for j in range(g.shape[1]):
+            gj = g[i, j]
+            mo = m[r, j]
+            vo = v[r, j]
+            mn = mo + (gj - mo) * c1
+            vn = vo + (gj * gj - vo) * c2
+            m[r, j] = mn
+            v[r, j] = vn
+            w[r, j] = w[r, j] + neg_step * (mn / (np.float32(np.sqrt(vn)) + eps))  # float32 throughout
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _adam_rows(w, m, v, idx, g, c1, c2, eps, neg_step):  # pragma: no cover - compiled
+        for i in prange(g.shape[0]):
+            _adam_row(w, m, v, idx[i], g, i, c1, c2, eps, neg_step)
+
+    @njit(cache=True, nogil=True)
+    def _adam_rows_serial(w, m, v, idx, g, c1, c2, eps, neg_step):  # pragma: no cover - compiled
+        for i in range(g.shape[0]):
+            _adam_row(w, m, v, idx[i], g, i, c1, c2, eps, neg_step)
+
+    # reassoc: the sum of squares may be vectorized (summed in another order than torch's mean)
+    @njit(cache=True, nogil=True, fastmath={"reassoc"})
+    def _adagrad_block(w, acc, idx, g, scale, lo, hi, neg_lr, eps):  # pragma: no cover - compiled
+        # first the block's accumulators (independent loads the CPU can overlap), then its rows
+        d = g.shape[1]
+        for i in range(lo, hi):
+            s = np.float32(0.0)
+            for j in range(d):
+                s += g[i, j] * g[i, j]
+            a = acc[idx[i]] + s / np.float32(d)
+            acc[idx[i]] = a
+            scale[i] = neg_lr / (np.float32(np.sqrt(a)) + eps)
+        for i in range(lo, hi):
+            r = idx[i]
+            for j in range(d):
+                w[r, j] = w[r, j] + g[i, j] * scale[i]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _adagrad_rows(w, acc, idx, g, neg_lr, eps):  # pragma: no cover - compiled
+        n = g.shape[0]
+        scale = np.empty(n, np.float32)
+        for b in prange((n + 15) // 16):
+            _adagrad_block(w, acc, idx, g, scale, b * 16, min(n, b * 16 + 16), neg_lr, eps)
+
+    @njit(cache=True, nogil=True)
+    def _adagrad_rows_serial(w, acc, idx, g, neg_lr, eps):  # pragma: no cover - compiled
+        n = g.shape[0]
+        scale = np.empty(n, np.float32)
+        for b in range((n + 15) // 16):
+            _adagrad_block(w, acc, idx, g, scale, b * 16, min(n, b * 16 + 16), neg_lr, eps)
+
+    @njit(cache=True, nogil=True)
+    def _strictly_increasing(idx):  # pragma: no cover - compiled
+        for i in range(1, idx.shape[0]):
+            if idx[i] <= idx[i - 1]:
+                return False
+        return True
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _gather_rows(w, idx, out):  # pragma: no cover - compiled
+        for i in prange(idx.shape[0]):
+            out[i, :] = w[idx[i], :]
+
+    @njit(cache=True, nogil=True)
+    def _gather_rows_serial(w, idx, out):  # pragma: no cover - compiled
+        for i in range(idx.shape[0]):
+            out[i, :] = w[idx[i], :]
+
+PARALLEL_ROWS = 256  # fewer touched rows than this: the serial kernel
+_numba_threads = 0
+
+
+def _kernel(parallel, serial, rows: int):
+    """The parallel kernel (with numba's thread count following torch's) or the serial one."""
+    global _numba_threads
+    if rows < PARALLEL_ROWS:
+        return serial
+    n = torch.get_num_threads()
+    if n != _numba_threads:  # numba follows torch's intra-op thread count (torch.set_num_threads)
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _numba_threads = n
+    return parallel
+
+
+def _fast(*tensors: Tensor) -> bool:
+    return USE_NUMBA and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def zeros_state(p: Tensor) -> Tensor:
+    """Zeros shaped like ``p``, on huge pages when ``p`` is a large CPU tensor (im2vec.allocator)."""
+    if p.device.type != "cpu":
+        return torch.zeros_like(p, memory_format=torch.contiguous_format)
+    return empty_hugepages(like=p).zero_()
+
+
+def unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """A sparse (V, d) gradient -> (rows (n,) int64 unique and sorted, values (n, d) contiguous)."""
+    rows = grad._indices()[0]
+    # autograd drops the "coalesced" flag when it stores a gradient; strictly increasing indices
+    # (what the tag table's gather produces) are coalesced by definition
+    if not grad.is_coalesced() and not _increasing(rows):
+        grad = grad.coalesce()  # one sort and segment-sum
+        rows = grad._indices()[0]
+    return rows.contiguous(), grad._values().contiguous()
+
+
+def _increasing(rows: Tensor) -> bool:
+    if rows.numel() < 2:
+        return True
+    if USE_NUMBA and rows.dtype == torch.int64 and rows.device.type == "cpu":
+        return _strictly_increasing(rows.contiguous().numpy())
+    return bool((rows[1:] > rows[:-1]).all())
+
+
+def gather_rows(weight: Tensor, rows: Tensor) -> Tensor:
+    """weight[rows] for a (V, d) CPU table, rows copied in parallel."""
+    if weight.dtype == torch.float32 and _fast(weight) and rows.dtype == torch.int64:
+        out = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype)
+        if rows.numel():
+            _kernel(_gather_rows, _gather_rows_serial, rows.numel())(
+                weight.numpy(), rows.contiguous().numpy(), out.numpy())
+        return out
+    return weight.index_select(0, rows)
+
+
+def _adam_rows_torch(w, m, v, idx, g, c1, c2, eps, neg_step) -> None:
+    """The same update with torch ops on the touched rows (gather, update, scatter)."""
+    mo, vo, wr = m.index_select(0, idx), v.index_select(0, idx), w.index_select(0, idx)
+    mn = mo.add_(g.sub(mo).mul_(c1))  # torch.optim.SparseAdam: old + (g - old)(1 - β1)
+    vn = vo.add_(g.pow(2).sub_(vo).mul_(c2))
+    wr.add_(mn.div(vn.sqrt().add_(eps)).mul_(neg_step))
+    m.index_copy_(0, idx, mn)
+    v.index_copy_(0, idx, vn)
+    w.index_copy_(0, idx, wr)
+
+
+def _adagrad_rows_torch(w, acc, idx, g, neg_lr, eps) -> None:
+    a = acc.index_select(0, idx).add_(g.pow(2).mean(1))
+    acc.index_copy_(0, idx, a)
+    w.index_add_(0, idx, g * (neg_lr / a.sqrt().add_(eps)).unsqueeze(1))
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """``torch.optim.SparseAdam`` ("lazy" Adam: only rows with a gradient move, with the global step
+    count in the bias correction), fused into one parallel pass over the touched rows."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False):
+        if not 0.0 < lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 < eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = zeros_state(p)
+                    state["exp_avg_sq"] = zeros_state(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if not (p.dtype == torch.float32 and p.dim() == 2 and _fast(p, m, v)):
+                    torch.optim._functional.sparse_adam(
+                        [p], [p.grad], [m], [v], [state["step"]], eps=group["eps"], beta1=beta1,
+                        beta2=beta2, lr=float(group["lr"]), maximize=group["maximize"])
+                    continue
+                idx, g = unique_rows(p.grad)
+                if g.numel() == 0:
+                    continue
+                if group["maximize"]:
+                    g = -g
+                step = state["step"]
+                step_size = float(group["lr"]) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                f32 = np.float32  # torch casts Python scalars to the tensors' float32 the same way
+                args = (f32(1 - beta1), f32(1 - beta2), f32(group["eps"]), f32(-step_size))
+                if USE_NUMBA:
+                    _kernel(_adam_rows, _adam_rows_serial, idx.numel())(
+                        p.numpy(), m.numpy(), v.numpy(), idx.numpy(), g.numpy(), *args)
+                else:
+                    _adam_rows_torch(p, m, v, idx, g, 1 - beta1, 1 - beta2, group["eps"], -step_size)
+        return loss
+
+
+class RowAdagrad(torch.optim.Optimizer):
+    """Row-wise sparse Adagrad: one accumulator value per row (V floats instead of Adam's 2·V·d).
+
+    For the touched rows i with (coalesced) gradient g_i:
+        G_i += mean(g_i²);   w_i -= lr · g_i / (sqrt(G_i) + eps)
+    Untouched rows and their state are left exactly as they were.
+    """
+
+    def __init__(self, params, lr: float = 0.1, eps: float = 1e-10, initial_accumulator_value: float = 0.0):
+        super().__init__(params, dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowAdagrad expects sparse gradients (nn.Embedding(sparse=True))")
+                state = self.state[p]
+                if not state:
+                    state["sum"] = zeros_state(p[:, 0]).fill_(group["initial_accumulator_value"])
+                idx, g = unique_rows(p.grad)
+                if g.numel() == 0:
+                    continue
+                neg_lr = -float(group["lr"])
+                if p.dtype == torch.float32 and p.dim() == 2 and _fast(p, state["sum"]):
+                    _kernel(_adagrad_rows, _adagrad_rows_serial, idx.numel())(
+                        p.numpy(), state["sum"].numpy(), idx.numpy(), g.numpy(), np.float32(neg_lr),
+                        np.float32(group["eps"]))
+                else:
+                    _adagrad_rows_torch(p, state["sum"], idx.to(p.device), g, neg_lr, group["eps"])
+        return loss
+
+
+TABLE_OPTIMIZERS = ("sparse_adam", "row_adagrad", "torch_sparse_adam")
+
+
+def make_table_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """'sparse_adam' (default: the fused SparseAdam), 'row_adagrad' (for vocabularies whose Adam
+    moments don't fit) or 'torch_sparse_adam' (the stock optimizer, for comparisons)."""
+    if name == "sparse_adam":
+        return SparseAdam(params, lr=lr)
+    if name == "row_adagrad":
+        return RowAdagrad(params, lr=lr)
+    if name == "torch_sparse_adam":
+        return torch.optim.SparseAdam(params, lr=lr)
+    raise ValueError(f"unknown table optimizer {name!r}: use one of {', '.join(TABLE_OPTIMIZERS)}")
