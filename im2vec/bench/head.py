@@ -1,0 +1,467 @@
+"""Tag-head benchmark: the wide part against its limits and against a dense head.
+
+    python -m im2vec.bench                               # V = 60k, 600k, 6M; d = 256, B = 256, K = 20
+    python -m im2vec.bench --sizes 60000,600000 --steps 50 --json head.json
+
+Every case runs in a fresh child process (so that its peak resident memory is its own), one after
+the other, and each figure is the median over ``--steps`` timed steps after ``--warmup`` steps:
+
+- **tag-head step** at each V, for the fused SparseAdam (im2vec's default), the row-wise Adagrad,
+  the shared-negative mode (K = ``--shared`` rows per batch, SparseAdam) and the stock
+  ``torch.optim.SparseAdam``. A step is what training does after the trunk: draw the ids
+  (``sample``), gather the rows, score, loss and backward (``fwd+bwd``), the table update
+  (``update``). The image vectors u (B, d) are a random leaf tensor; the counts are Zipf
+  (count ∝ 1/rank); each image has ``--tags-per-image`` tags drawn ∝ count.
+- **bandwidth floor** of the update: the bytes it must move (distinct rows × d × 4 B × the tensors
+  it reads and writes: SparseAdam reads g, w, m, v and writes w, m, v = 7; Adagrad reads g, w and
+  writes w = 3, plus 8 B per row of accumulator) divided by this machine's copy bandwidth,
+  measured in the same process just before (``dst.copy_(src)`` of ``--bandwidth-mb`` MB buffers).
+- **peak memory** of table + optimizer state: the process's peak resident set (VmHWM, reset just
+  before the table is built) minus its resident set at that moment, beside the arithmetic
+  minimum (V·d·4 B for the table, plus 2·V·d·4 B of Adam moments or V·4 B of Adagrad sums).
+- **dense head**: ``nn.Linear(d, V)``, BCE-with-logits over the multi-hot targets and
+  ``torch.optim.Adam``: what one would write without a sampled head. Skipped where its memory
+  (about 4·V·d·4 B of parameters and state plus 4·B·V·4 B of logits) does not fit.
+- **whole training step** with the default small trunk at ``--whole-vocab`` tags: trunk forward,
+  sampled head, backward, gradient clipping, AdamW and the table update, beside the same trunk
+  with no tag head (loss on u alone), the two interleaved step by step.
+
+Cases whose estimated memory exceeds what the machine has free are skipped and listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GiB = 1 << 30
+FLAT_GOAL, FLOOR_GOAL, DENSE_GOAL, SHARE_GOAL, MEMORY_GOAL = 1.5, 3.0, 200.0, 0.20, 1.2
+HEADS = ("sparse_adam", "row_adagrad", "shared", "torch_sparse_adam")
+STATE_TENSORS = {"sparse_adam": 2, "torch_sparse_adam": 2, "shared": 2}  # full (V, d) state tensors
+
+
+# ---------------------------------------------------------------- machine facts
+def meminfo(key: str) -> int:
+    """A /proc/meminfo (or /proc/self/status) field in bytes; 0 where there is none."""
+    for path in ("/proc/meminfo", "/proc/self/status"):
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return 0
+
+
+def rss() -> int:
+    return meminfo("VmRSS")
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where it cannot be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    return meminfo("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import numba
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "ram_gib": round(meminfo("MemTotal") / GiB, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "numba": numba_version}
+
+
+def copy_bandwidth(mb: int, repeats: int = 5) -> float:
+    """Bytes/s that ``dst.copy_(src)`` moves (read + write) between buffers far larger than the caches."""
+    src = torch.ones(mb * (1 << 20) // 4)
+    dst = torch.zeros_like(src)  # both written once, so every page is resident
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+# ---------------------------------------------------------------- synthetic vocabulary and batches
+def zipf_counts(v: int) -> torch.Tensor:
+    """count(rank r) = ceil(V / r): Zipf's law, every tag seen at least once."""
+    return torch.ceil(v / torch.arange(1, v + 1, dtype=torch.float64)).long()
+
+
+def batch_tags(counts: torch.Tensor, b: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, T) tag ids drawn ∝ count (frequent tags are on more photos), distinct within a row."""
+    from im2vec.sampler import PAD, NegativeSampler
+
+    ids = NegativeSampler(counts, alpha=1.0).sample((b, t), gen)
+    ids, _ = ids.sort(1)
+    dup = torch.zeros_like(ids, dtype=torch.bool)
+    dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return torch.where(dup, torch.full_like(ids, PAD), ids).sort(1, descending=True).values  # PAD (-1) last
+
+
+def estimate_bytes(case: dict) -> int:
+    v, d, b = case["V"], case["d"], case["B"]
+    if case["kind"] == "dense":
+        return 4 * v * (d + 1) * 4 + 4 * b * v * 4
+    table = v * d * 4
+    state = STATE_TENSORS.get(case["head"], 0) * table + (v * 4 if case["head"] == "row_adagrad" else 0)
+    return table + state + v * 40  # + counts and the sampler's CDF
+
+
+# ---------------------------------------------------------------- one case, in its own process
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_head(case: dict) -> dict:
+    """Tag-head steps with the training code's own sampling, gather, loss and optimizers."""
+    from im2vec.head import SamplerConfig, draw_ids, sampled_loss
+    from im2vec.sampler import NegativeSampler, PositiveSampler
+    from im2vec.tag_table import CPUTagTable, make_table_optimizer
+
+    v, d, b, head = case["V"], case["d"], case["B"], case["head"]
+    gen = torch.Generator().manual_seed(0)
+    counts = zipf_counts(v)
+    shared = head == "shared"
+    cfg = SamplerConfig(negatives="shared" if shared else "per_example",
+                        num_negatives=case["shared"] if shared else case["K"])
+    pos_sampler, neg_sampler = PositiveSampler(counts, cfg.beta), NegativeSampler(counts, cfg.alpha)
+    batches = [batch_tags(counts, b, case["tags_per_image"], gen) for _ in range(8)]
+    u = torch.randn(b, d, generator=gen).mul_(0.1).requires_grad_()
+    optimizer = "sparse_adam" if shared else head
+    stock = head == "torch_sparse_adam"  # the stock path: nn.Embedding(sparse=True) lookup, torch's SparseAdam
+
+    def step(table, opt, tags, samplers) -> tuple[float, float, float, float, int]:
+        t0 = time.perf_counter()
+        ids = draw_ids(cfg, *samplers, tags, gen)
+        t1 = time.perf_counter()
+        table.weight.grad = None
+        u.grad = None
+        loss, _, _ = sampled_loss(cfg, table, u, *ids, dedupe=not stock)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        return t0, t1, t2, t3, torch.cat([ids[0].flatten(), ids[1].flatten()]).unique().numel()
+
+    # the same code once on a small table first: kernels compiled or loaded from numba's cache and
+    # torch's lazy initialisation happen before the memory baseline, not inside it
+    few = counts[:1000]
+    small = CPUTagTable(few, d)
+    step(small, make_table_optimizer(optimizer, [small.weight], lr=0.01), batches[0].clamp(max=few.numel() - 1),
+         (PositiveSampler(few, cfg.beta), NegativeSampler(few, cfg.alpha)))
+    del small
+    bandwidth = copy_bandwidth(case["bandwidth_mb"])
+
+    base, exact_peak = rss(), reset_peak()
+    table = CPUTagTable(counts, d)
+    opt = make_table_optimizer(optimizer, [table.weight], lr=0.01)
+    per_row = 7 * d * 4 if head != "row_adagrad" else 3 * d * 4 + 8  # bytes the update moves per distinct row
+    out = {"sample_ms": [], "fwd_bwd_ms": [], "update_ms": [], "step_ms": [], "rows": [], "floor_ms": []}
+    for i in range(case["warmup"] + case["steps"]):
+        t0, t1, t2, t3, rows = step(table, opt, batches[i % len(batches)], (pos_sampler, neg_sampler))
+        if i >= case["warmup"]:
+            for key, x in (("sample_ms", t1 - t0), ("fwd_bwd_ms", t2 - t1), ("update_ms", t3 - t2),
+                           ("step_ms", t3 - t0)):
+                out[key].append(x * 1e3)
+            out["rows"].append(rows)
+            out["floor_ms"].append(rows * per_row / bandwidth * 1e3)
+    peak = peak_rss() - base
+    minimum = v * d * 4 * (1 + STATE_TENSORS.get(head, 0)) + (v * 4 if head == "row_adagrad" else 0)
+    ratios = [u_ / f for u_, f in zip(out["update_ms"], out["floor_ms"])]
+    return {**{k: _median(x) for k, x in out.items()}, "update_over_floor": _median(ratios),
+            "bandwidth_gbs": bandwidth / 1e9, "peak_bytes": peak, "min_bytes": minimum,
+            "peak_over_min": peak / minimum, "peak_exact": exact_peak, "rows_sampled": b + cfg.num_negatives * (1 if shared else b)}
+
+
+def run_dense(case: dict) -> dict:
+    """The head one would otherwise write: a V-wide Linear, BCE over multi-hot targets, dense Adam."""
+    import torch.nn.functional as F
+
+    from im2vec.loss import multi_hot
+
+    v, d, b = case["V"], case["d"], case["B"]
+    gen = torch.Generator().manual_seed(0)
+    counts = zipf_counts(v)
+    batches = [batch_tags(counts, b, case["tags_per_image"], gen) for _ in range(2)]
+    u = torch.randn(b, d, generator=gen).mul_(0.1).requires_grad_()
+
+    def step(head: torch.nn.Linear, opt: torch.optim.Optimizer, tags: torch.Tensor) -> float:
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        u.grad = None
+        targets = multi_hot(tags, head.out_features)  # (B, V)
+        loss = F.binary_cross_entropy_with_logits(head(u), targets)
+        loss.backward()
+        opt.step()
+        return (time.perf_counter() - t) * 1e3
+
+    small = torch.nn.Linear(d, 1000)  # once on a small head first (lazy initialisation outside the baseline)
+    step(small, torch.optim.Adam(small.parameters()), batches[0].clamp(max=999))
+    del small
+    base, exact_peak = rss(), reset_peak()
+    head = torch.nn.Linear(d, v)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    steps = []
+    for i in range(case["warmup"] + case["steps"]):
+        ms = step(head, opt, batches[i % len(batches)])
+        if i >= case["warmup"]:
+            steps.append(ms)
+    peak = peak_rss() - base
+    minimum = 4 * v * (d + 1) * 4  # weights, gradient and Adam's two moments
+    return {"step_ms": _median(steps), "peak_bytes": peak, "min_bytes": minimum, "peak_over_min": peak / minimum,
+            "peak_exact": exact_peak}
+
+
+def run_whole(case: dict) -> dict:
+    """A whole training step (default small trunk + sampled head) beside the trunk alone, interleaved."""
+    from im2vec.head import SamplerConfig, draw_ids, sampled_loss
+    from im2vec.model import ImageEncoder
+    from im2vec.sampler import NegativeSampler, PositiveSampler
+    from im2vec.tag_table import CPUTagTable, make_table_optimizer
+
+    v, d, b, size = case["V"], case["d"], case["B"], case["image_size"]
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    counts = zipf_counts(v)
+    cfg = SamplerConfig(num_negatives=case["K"])
+    pos_sampler, neg_sampler = PositiveSampler(counts, cfg.beta), NegativeSampler(counts, cfg.alpha)
+    tags = batch_tags(counts, b, case["tags_per_image"], gen)
+    images = torch.randn(b, 3, size, size, generator=gen)
+    encoder = ImageEncoder("small_cnn", d)
+    table = CPUTagTable(counts, d)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
+    opt_table = make_table_optimizer("sparse_adam", [table.weight], lr=0.01)
+
+    def step(with_head: bool) -> float:
+        t = time.perf_counter()
+        u = encoder(images)
+        if with_head:
+            loss = sampled_loss(cfg, table, u, *draw_ids(cfg, pos_sampler, neg_sampler, tags, gen))[0]
+        else:
+            loss = u.square().mean()
+        opt.zero_grad(set_to_none=True)
+        table.weight.grad = None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        opt.step()
+        if with_head:
+            opt_table.step()
+        return (time.perf_counter() - t) * 1e3
+
+    whole, trunk = [], []
+    for i in range(case["warmup"] + case["steps"]):
+        a, c = step(True), step(False)
+        if i >= case["warmup"]:
+            whole.append(a)
+            trunk.append(c)
+    w, t = _median(whole), _median(trunk)
+    return {"step_ms": w, "trunk_ms": t, "wide_share": (w - t) / w}
+
+
+def run_case(case: dict) -> dict:
+    from im2vec.allocator import tune_malloc
+
+    tuned = tune_malloc() if case.get("malloc_tuning", True) else False  # as training does
+    if case.get("threads"):
+        torch.set_num_threads(case["threads"])
+    t = time.perf_counter()
+    result = {"head": run_head, "dense": run_dense, "whole": run_whole}[case["kind"]](case)
+    return {**result, "case_seconds": time.perf_counter() - t, "malloc_tuned": tuned}
+
+
+# ---------------------------------------------------------------- the parent: cases, table, goals
+def child(case: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "im2vec.bench.head", "--case", json.dumps(case)],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {**case, **json.loads(line[7:])}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**case, "failed": f"exit {proc.returncode}: {tail}"}
+
+
+def plan(a: argparse.Namespace) -> list[dict]:
+    common = {"d": a.dim, "B": a.batch, "K": a.negatives, "shared": a.shared, "warmup": a.warmup,
+              "tags_per_image": a.tags_per_image, "bandwidth_mb": a.bandwidth_mb, "threads": a.threads,
+              "malloc_tuning": not a.no_malloc_tuning}
+    cases = [{**common, "kind": "head", "head": h, "V": v, "steps": a.steps} for v in a.sizes for h in a.heads]
+    if not a.no_dense:
+        cases += [{**common, "kind": "dense", "head": "dense", "V": v, "steps": a.dense_steps, "warmup": 1}
+                  for v in a.sizes]
+    if not a.no_whole:
+        cases.append({**common, "kind": "whole", "head": "sparse_adam", "V": a.whole_vocab,
+                      "image_size": a.image_size, "steps": a.whole_steps, "warmup": 2})
+    return cases
+
+
+def goals(results: list[dict]) -> list[dict]:
+    ok = [r for r in results if "failed" not in r and "skipped" not in r]
+    head = {(r["head"], r["V"]): r for r in ok if r["kind"] == "head"}
+    sizes = sorted({v for _, v in head})
+    out = []
+
+    def add(name: str, goal: str, ratio: float, met: bool, detail: str, percent: bool = False) -> None:
+        out.append({"goal": name, "target": goal, "ratio": ratio, "met": met, "detail": detail, "percent": percent})
+
+    for h in ("sparse_adam", "row_adagrad", "shared"):
+        have = [v for v in sizes if (h, v) in head]
+        if len(have) >= 2:
+            lo, hi = head[(h, have[0])]["step_ms"], head[(h, have[-1])]["step_ms"]
+            add(f"flat in V ({h})", f"≤ {FLAT_GOAL}×", hi / lo, hi / lo <= FLAT_GOAL,
+                f"step {hi:.2f} ms at V={have[-1]:,} / {lo:.2f} ms at V={have[0]:,}")
+    for h in ("sparse_adam", "row_adagrad", "shared"):
+        rs = [head[(h, v)] for v in sizes if (h, v) in head]
+        if rs:
+            worst = max(rs, key=lambda r: r["update_over_floor"])
+            add(f"update vs bandwidth floor ({h})", f"≤ {FLOOR_GOAL}×", worst["update_over_floor"],
+                worst["update_over_floor"] <= FLOOR_GOAL,
+                f"worst at V={worst['V']:,}: update {worst['update_ms']:.2f} ms, floor {worst['floor_ms']:.2f} ms")
+    dense = {r["V"]: r for r in ok if r["kind"] == "dense"}
+    both = [v for v in sizes if v in dense and ("sparse_adam", v) in head]
+    if both:
+        v = 600_000 if 600_000 in both else both[-1]
+        ratio = dense[v]["step_ms"] / head[("sparse_adam", v)]["step_ms"]
+        add("faster than the dense head", f"≥ {DENSE_GOAL:.0f}×", ratio, ratio >= DENSE_GOAL,
+            f"V={v:,}: dense {dense[v]['step_ms']:.1f} ms / sampled {head[('sparse_adam', v)]['step_ms']:.2f} ms")
+    whole = [r for r in ok if r["kind"] == "whole"]
+    if whole:
+        w = whole[0]
+        add("wide part of a whole step", f"≤ {SHARE_GOAL:.0%}", w["wide_share"], w["wide_share"] <= SHARE_GOAL,
+            f"V={w['V']:,}: whole {w['step_ms']:.1f} ms, trunk alone {w['trunk_ms']:.1f} ms", percent=True)
+    for h in ("sparse_adam", "row_adagrad"):
+        rs = [head[(h, v)] for v in sizes if (h, v) in head]
+        if rs:
+            worst = max(rs, key=lambda r: r["peak_over_min"])
+            add(f"peak memory vs minimum ({h})", f"≤ {MEMORY_GOAL}×", worst["peak_over_min"],
+                worst["peak_over_min"] <= MEMORY_GOAL,
+                f"worst at V={worst['V']:,}: {worst['peak_bytes'] / 2**20:,.0f} MiB / {worst['min_bytes'] / 2**20:,.0f} MiB")
+    return out
+
+
+def mib(x: float) -> str:
+    return f"{x / 2**20:,.0f}"
+
+
+def table(results: list[dict], goal_rows: list[dict], info: dict) -> str:
+    lines = [f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+             f"{info['ram_gib']} GiB RAM; torch {info['torch']}, numba {info['numba']}; glibc malloc thresholds "
+             f"{'tuned as in training' if any(r.get('malloc_tuned') for r in results) else 'left at their defaults'}", "",
+             "| V | head | step ms | sample | fwd+bwd | update | distinct rows | floor ms | update / floor "
+             "| peak MiB | minimum MiB | peak / min |", "|" + " ---: |" * 12]
+    for r in results:
+        if r["kind"] == "whole":
+            continue
+        what = f"| {r['V']:,} | {r['head']} |"
+        if "failed" in r or "skipped" in r:
+            lines.append(f"{what} {r.get('skipped') or r.get('failed')} |" + " |" * 10)
+        elif r["kind"] == "dense":
+            lines.append(f"{what} {r['step_ms']:.1f} | | | | | | | {mib(r['peak_bytes'])} | {mib(r['min_bytes'])} "
+                         f"| {r['peak_over_min']:.2f} |")
+        else:
+            lines.append(f"{what} {r['step_ms']:.2f} | {r['sample_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                         f"{r['update_ms']:.2f} | {r['rows']:,.0f} | {r['floor_ms']:.2f} | {r['update_over_floor']:.2f} "
+                         f"| {mib(r['peak_bytes'])} | {mib(r['min_bytes'])} | {r['peak_over_min']:.2f} |")
+    for r in results:
+        if r["kind"] == "whole" and "step_ms" in r:
+            lines += ["", f"whole training step, small_cnn trunk at {r['image_size']} px, B={r['B']}, d={r['d']}, "
+                      f"V={r['V']:,}: {r['step_ms']:.1f} ms; trunk alone {r['trunk_ms']:.1f} ms; "
+                      f"wide part {r['wide_share']:.1%} of the step"]
+        elif r["kind"] == "whole":
+            lines += ["", f"whole training step: {r.get('skipped') or r.get('failed')}"]
+    lines += ["", "| goal | target | measured | met |", "| --- | ---: | ---: | :---: |"]
+    for g in goal_rows:
+        measured = f"{g['ratio']:.1%}" if g["percent"] else f"{g['ratio']:.2f}×"
+        lines.append(f"| {g['goal']}: {g['detail']} | {g['target']} | {measured} | {'yes' if g['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m im2vec.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="60000,600000,6000000", help="vocabulary sizes V, comma-separated")
+    ap.add_argument("--heads", default=",".join(HEADS), help="tag-head cases, comma-separated: " + ", ".join(HEADS))
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--negatives", type=int, default=20, help="K per image")
+    ap.add_argument("--shared", type=int, default=1024, help="K per batch in the shared-negative mode")
+    ap.add_argument("--tags-per-image", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=50, help="timed steps per tag-head case")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dense-steps", type=int, default=5)
+    ap.add_argument("--whole-vocab", type=int, default=600_000)
+    ap.add_argument("--whole-steps", type=int, default=10)
+    ap.add_argument("--image-size", type=int, default=64, help="the default run's image size")
+    ap.add_argument("--bandwidth-mb", type=int, default=256, help="buffer size of the copy-bandwidth measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: torch's")
+    ap.add_argument("--no-malloc-tuning", action="store_true",
+                    help="keep glibc's default malloc thresholds (training tunes them: im2vec/allocator.py)")
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--no-whole", action="store_true")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every case in this process (quicker; peak memory then includes what earlier cases left)")
+    ap.add_argument("--json", default="bench-head.json", help="where the results go")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
+    a = ap.parse_args(argv)
+    if a.case:
+        print("RESULT " + json.dumps(run_case(json.loads(a.case))), flush=True)
+        return {}
+    a.sizes = [int(x) for x in a.sizes.split(",")]
+    a.heads = [h for h in a.heads.split(",") if h]
+    if set(a.heads) - set(HEADS):
+        ap.error(f"--heads: unknown {sorted(set(a.heads) - set(HEADS))}; choose from {', '.join(HEADS)}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    info = machine()
+    results = []
+    for case in plan(a):
+        need, free = estimate_bytes(case), meminfo("MemAvailable")
+        label = f"{case['kind']} {case['head']} V={case['V']:,}"
+        if free and need + GiB > free:
+            results.append({**case, "skipped": f"skipped: needs ~{need / GiB:.1f} GiB, {free / GiB:.1f} GiB free"})
+            print(f"{label}: {results[-1]['skipped']}", flush=True)
+            continue
+        print(f"{label} ...", end=" ", flush=True)
+        results.append({**case, **run_case(case)} if a.in_process else child(case))
+        r = results[-1]
+        print(r.get("failed") or f"{r['step_ms']:.2f} ms/step ({r['case_seconds']:.0f} s)", flush=True)
+    goal_rows = goals(results)
+    text = table(results, goal_rows, info)
+    print("\n" + text)
+    report = {"machine": info, "args": {k: v for k, v in vars(a).items() if k != "case"}, "results": results,
+              "goals": goal_rows, "table": text}
+    Path(a.json).write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {a.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
