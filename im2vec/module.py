@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from im2vec.allocator import advise_hugepages
 from im2vec.data import SKIP_REASONS, normalize
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
 from im2vec.loss import full_bce_loss, multi_hot
@@ -169,6 +170,10 @@ class Im2VecModule(pl.LightningModule):
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.device.type != "cpu":
                     state[key] = value.cpu()
+                if isinstance(value, Tensor) and state[key].device.type == "cpu":
+                    # state read from a checkpoint: Linux may back it with huge pages over time
+                    # (khugepaged) without the copy a fresh huge-page allocation would need
+                    advise_hugepages(state[key])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["im2vec"] = {

@@ -49,7 +49,7 @@ def test_figures_are_consistent(report):
         state = r["V"] * 4 if r["head"] == "row_adagrad" else 2 * r["V"] * 16 * 4
         assert r["min_bytes"] == r["V"] * 16 * 4 + state
         # in one process, memory freed by earlier cases may be reused: the peak can be 0 here
-        assert r["peak_bytes"] >= 0 and math.isfinite(r["peak_over_min"])
+        assert r["peak_bytes"] >= 0 and math.isfinite(r["peak_over_min"]) and r["working_bytes"] >= 0
     whole = [r for r in report["results"] if r["kind"] == "whole"][0]
     assert 0 < whole["trunk_ms"] and 0 < whole["step_ms"]
     assert whole["wide_share"] == pytest.approx((whole["step_ms"] - whole["trunk_ms"]) / whole["step_ms"])
