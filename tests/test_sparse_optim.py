@@ -20,16 +20,18 @@ def path(request, monkeypatch):
     """Run a test on the numba kernels and on the torch fallback."""
     if request.param == "torch":
         monkeypatch.setattr(so, "USE_NUMBA", False)
+        monkeypatch.setattr(so, "_stock_sparse_adam", _forbidden)  # the torch path, not the stock one
     else:
         assert so.USE_NUMBA, "numba is a dependency: the fused kernels must be in use"
         # the kernels must really run: the torch fallback would hide a broken fast path
         monkeypatch.setattr(so, "_adam_rows_torch", _forbidden)
         monkeypatch.setattr(so, "_adagrad_rows_torch", _forbidden)
+        monkeypatch.setattr(so, "_stock_sparse_adam", _forbidden)
     return request.param
 
 
-def _forbidden(*args):
-    raise AssertionError("the torch fallback ran although numba is available")
+def _forbidden(*args, **kwargs):
+    raise AssertionError("a slower path ran than the one under test")
 
 
 def _grad(v: int, d: int, rows: torch.Tensor, gen: torch.Generator, coalesce: bool) -> torch.Tensor:
