@@ -133,10 +133,8 @@ def batch_tags(counts: torch.Tensor, b: int, t: int, gen: torch.Generator) -> to
 def estimate_bytes(case: dict) -> int:
     v, d, b = case["V"], case["d"], case["B"]
     if case["kind"] == "dense":
-        return 4 * v * (d + 1) * 4 + 4 * b * v * 4
-    table = v * d * 4
-    state = STATE_TENSORS.get(case["head"], 0) * table + (v * 4 if case["head"] == "row_adagrad" else 0)
-    return table + state + v * 40  # + counts and the sampler's CDF
+        return _dense_minimum(v, d) + 4 * b * v * 4  # + logits, targets and their gradients
+    return _minimum(case["head"], v, d) + v * 40  # + counts and the sampler's CDF
 
 
 # ---------------------------------------------------------------- one case, in its own process
@@ -218,6 +216,11 @@ def run_head(case: dict) -> dict:
             "working_bytes": working}
 
 
+def _dense_minimum(v: int, d: int) -> int:
+    """Bytes of the dense head's weights and bias, their gradient and Adam's two moments."""
+    return 4 * v * (d + 1) * 4
+
+
 def _minimum(head: str, v: int, d: int) -> int:
     """Bytes of the (V, d) fp32 table plus its optimizer state, nothing else."""
     return v * d * 4 * (1 + STATE_TENSORS.get(head, 0)) + (v * 4 if head == "row_adagrad" else 0)
@@ -257,7 +260,7 @@ def run_dense(case: dict) -> dict:
         if i >= case["warmup"]:
             steps.append(ms)
     peak = peak_rss() - base
-    minimum = 4 * v * (d + 1) * 4  # weights, gradient and Adam's two moments
+    minimum = _dense_minimum(v, d)
     return {"step_ms": _median(steps), "peak_bytes": peak, "min_bytes": minimum, "peak_over_min": peak / minimum,
             "peak_exact": exact_peak}
 
