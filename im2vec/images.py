@@ -29,10 +29,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Decoded, in 8-bit RGB; no copy when it already is (convert would copy a full-size image).
 
     16-bit and float images are scaled to 8 bits first: PIL's convert would clip them (a 16-bit
-    PNG comes out almost white)."""
+    PNG comes out almost white). Transparent pixels are laid on white: ``convert("RGB")`` would keep
+    whatever colour they happen to store (often black), so a drawing on a transparent background
+    (clip art, icons, logos) would come out as a black square."""
     img.load()
     if img.mode == "RGB":
         return img
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I") else max(float(a.max()), 1e-12)

@@ -32,6 +32,7 @@ from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
 from im2vec.yfcc import DEFAULT_TEMPLATE, Skip, image_path, normalize_tags, parse_line, read_lines
 
 SPLITS = ("train", "val", "test")
+SPLIT_BY = ("id", "user", "manifest")
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others: JPEG
 
 
@@ -43,7 +44,7 @@ class Settings:
     inputs: list[str] = field(default_factory=list)
     root: str = ""  # the image mirror (yfcc) or the collection's folder: resumed runs must read the same
     shard_size: int = 5000
-    split_by: str = "id"  # id | user: with user, one uploader's photos never straddle splits
+    split_by: str = "id"  # id | user (one uploader's photos never straddle splits) | manifest (its "split" field)
     val_fraction: float = 0.01
     test_fraction: float = 0.01
     salt: str = "im2vec"
@@ -54,8 +55,10 @@ class Settings:
     quality: int = 90
 
     def __post_init__(self):
-        if self.split_by not in ("id", "user"):
-            raise ValueError(f"ingest: split_by must be 'id' or 'user', not {self.split_by!r}")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"ingest: split_by must be one of {', '.join(SPLIT_BY)}, not {self.split_by!r}")
+        if self.split_by == "manifest" and self.source != "collection":
+            raise ValueError("ingest: split_by 'manifest' needs a collection manifest with a 'split' field")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise ValueError("ingest: val_fraction and test_fraction must be ≥ 0 and sum to less than 1")
         if self.shard_size < 1:
@@ -238,8 +241,12 @@ def collection_samples(s: Settings, progress=None) -> Iterator[Item]:
         if s.split_by == "user" and (user is None or user == ""):
             yield Skip("no_user", f"{manifest}:{n}: --split-by user needs a 'user' field")
             continue
+        if s.split_by == "manifest" and meta.get("split") not in SPLITS:
+            yield Skip("no_split", f"{manifest}:{n}: --split-by manifest needs a 'split' field, one of {SPLITS}")
+            continue
         key = hashlib.sha1(rel.encode()).hexdigest()[:20]  # no dots in keys (webdataset splits on them)
-        yield key, str(path), meta, str(user if s.split_by == "user" else meta["id"])
+        split_key = {"user": user, "manifest": meta.get("split")}.get(s.split_by, meta["id"])
+        yield key, str(path), meta, str(split_key)
 
 
 # ---------------------------------------------------------------- the main loop
@@ -291,7 +298,7 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
                 examples.setdefault(item.reason, str(item))
                 continue
             key, path, meta, split_key = item
-            split = split_of(split_key, s.val_fraction, s.test_fraction, s.salt)
+            split = split_key if s.split_by == "manifest" else split_of(split_key, s.val_fraction, s.test_fraction, s.salt)
             buffers[split].append((key, path, meta))
             if len(buffers[split]) == s.shard_size:
                 flush(split)
@@ -363,8 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
     for p in (y, c):
         p.add_argument("--out", required=True, help="output folder: <out>/{train,val,test}/shard-NNNNNN.tar")
         p.add_argument("--shard-size", type=int, default=5000)
-        p.add_argument("--split-by", choices=("id", "user"), default="id",
-                       help="hash of the photo id, or of the user (one uploader's photos in one split)")
+        p.add_argument("--split-by", choices=SPLIT_BY, default="id",
+                       help="hash of the photo id, or of the user (one uploader's photos in one split), "
+                            "or (collections) the manifest's own 'split' field: train, val or test")
         p.add_argument("--val-fraction", type=float, default=0.01)
         p.add_argument("--test-fraction", type=float, default=0.01)
         p.add_argument("--max-side", type=int, default=None, help="shrink longer images to this side (JPEG)")
