@@ -22,7 +22,7 @@ class TrainedModel:
     table: Tensor  # (V, d) tag vectors, fp32
     log_counts: Tensor  # (V,) log of each tag's training count
     tags: list[str]
-    gamma: float  # the tagging score's γ the model was trained with (sampler.gamma)
+    gamma: float  # the tagging score's γ: chosen on validation in training (else sampler.gamma)
     image_size: int | None  # None in checkpoints written before it was recorded
     fingerprint: str
     path: str
@@ -46,6 +46,16 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     encoder.eval()
     return TrainedModel(
         encoder=encoder, table=state["table.embedding.weight"].float(), log_counts=state["table.log_counts"].float(),
-        tags=list(meta["tags"]), gamma=float(meta["sampler"]["gamma"]), image_size=meta.get("image_size"),
+        tags=list(meta["tags"]), gamma=float(meta.get("gamma", meta["sampler"]["gamma"])), image_size=meta.get("image_size"),
         fingerprint=meta["fingerprint"], path=str(path),
     )
+
+
+def set_gamma(path: str | os.PathLike, gamma: float) -> None:
+    """Record ``gamma`` as a training checkpoint's tagging γ (written to a temporary file, then renamed)."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["im2vec"]["gamma"] = float(gamma)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)

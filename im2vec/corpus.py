@@ -71,7 +71,8 @@ def content_tags() -> list[str]:
 @dataclass
 class CorpusSpec:
     num_train: int = 6000  # training photos
-    num_val: int = 600  # held-out photos (their own users too: evaluation on unseen uploaders)
+    num_val: int = 600  # validation photos (their own users: γ is chosen on unseen uploaders)
+    num_test: int = 600  # test photos (a third set of users, seen by neither: what evaluate.py reports)
     image_size: int = 64  # stored side in pixels
     num_users: int = 150
     tail_size: int = 20000  # distinct long-tail tags the Zipf draws come from (up to ~600k)
@@ -224,6 +225,9 @@ def ensure_corpus(cache_dir: str | os.PathLike, spec: CorpusSpec | None = None) 
     train_users, val_users = _Users(rng, spec.num_users, 0), _Users(rng, max(1, spec.num_users // 5), spec.num_users)
     train_tags = _write_split(tmp, "train", spec.num_train, 0, train_users, spec, rng, zipf_cdf)
     _write_split(tmp, "val", spec.num_val, spec.num_train, val_users, spec, rng, zipf_cdf)
+    if spec.num_test:  # drawn after the others: train and val are the same with or without a test split
+        test_users = _Users(rng, max(1, spec.num_users // 5), spec.num_users + max(1, spec.num_users // 5))
+        _write_split(tmp, "test", spec.num_test, spec.num_train + spec.num_val, test_users, spec, rng, zipf_cdf)
     Vocabulary.from_tag_lists(train_tags).save(tmp / "vocab.tsv")
     (tmp / "content_tags.txt").write_text("\n".join(content_tags()) + "\n")
     (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=1))

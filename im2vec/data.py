@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import math
 import random
@@ -263,23 +264,47 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
 def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, num_workers: int,
                 max_images: int | None = None, rank: int | None = None, world_size: int | None = None,
                 max_pixels: int = MAX_PIXELS, draft: bool = True) -> wds.WebLoader:
-    """Evaluation batches: every image of this rank's shards once, resized and center-cropped."""
+    """Evaluation batches: every image of this rank's shards once, resized and center-cropped.
+
+    With ``max_images`` the images are a subset chosen by a hash of their keys (``key_rank``), the
+    same whatever the workers, batch size or shard order: the loader drops, before decoding, the
+    keys whose hash is clearly too large (when the shards' sizes are known), and the consumer keeps
+    the ``max_images`` smallest hashes of what arrives (``first_by_key``)."""
     rank, world_size = rank_info(rank, world_size)
     mine = shards[rank::world_size]
     if not mine:
         return []  # fewer shards than ranks: nothing for this one
     stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
+    sizes = shard_weights(shards) if max_images else None
+    # a margin over max_images / total: samples skipped later (no tag, bad image) must not leave fewer
+    keep = min(1.0, 1.5 * max_images / sum(sizes) + 1e-3) if sizes else 1.0
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(mine),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=stages.read_error),
+        # at this point each sample is {"__key__", "jpg", "json"}: keep the keys of the hash subset
+        wds.select(functools.partial(_in_subset, keep)),
         stages.decode,
         wds.batched(batch_size, collation_fn=stages.collate, partial=True),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
-    if max_images:
-        loader = loader.slice((max_images + batch_size - 1) // batch_size)
-    return loader
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+
+def _in_subset(keep: float, sample: dict) -> bool:
+    return keep >= 1.0 or key_rank(str(sample.get("__key__", ""))) < keep * 2**64
+
+
+def key_rank(key: str) -> int:
+    """A sample key's place in the held-out subset order: a 64-bit hash, the same on every machine."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "big")
+
+
+def first_by_key(keys: list[str], n: int | None) -> torch.Tensor:
+    """Indices of the ``n`` keys with the smallest ``key_rank`` (all when n is None), in their given order."""
+    if not n or n >= len(keys):
+        return torch.arange(len(keys))
+    ranks = torch.tensor([key_rank(k) >> 1 for k in keys], dtype=torch.long)  # >> 1: fits an int64
+    return torch.sort(torch.topk(ranks, n, largest=False).indices).values
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:

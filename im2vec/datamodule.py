@@ -20,6 +20,7 @@ class ShardDataModule(pl.LightningDataModule):
         train_shards: str | list[str],
         val_shards: str | list[str] | None,
         vocab_path: str,
+        test_shards: str | list[str] | None = None,  # held out from both: what evaluate.py scores by default
         content_tags_path: str | None = None,  # tags that name real content; the rest count as noise
         vocab_max_size: int | None = None,  # keep the most frequent tags only (600k for YFCC)
         vocab_min_count: int = 1,
@@ -40,6 +41,7 @@ class ShardDataModule(pl.LightningDataModule):
             raise ValueError(f"data: set {' and '.join(missing)} (e.g. data.train_shards='/data/yfcc/train-{{000000..000999}}.tar')")
         self.train_shards = expand_shards(train_shards)
         self.val_shards = expand_shards(val_shards) if val_shards else []
+        self.test_shards = expand_shards(test_shards) if test_shards else []  # may match nothing: evaluate says so
         if not self.train_shards:
             raise FileNotFoundError(f"data: no shards match {train_shards!r}")
         if val_shards and not self.val_shards:
@@ -86,6 +88,7 @@ def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> Shar
     return ShardDataModule(
         train_shards=sorted(str(p) for p in root.glob("train-*.tar")),
         val_shards=sorted(str(p) for p in root.glob("val-*.tar")),
+        test_shards=sorted(str(p) for p in root.glob("test-*.tar")),
         vocab_path=str(root / "vocab.tsv"),
         content_tags_path=str(root / "content_tags.txt"),
         **kwargs,

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from im2vec.checkpoint import TrainedModel, load_model
-from im2vec.data import eval_loader, expand_shards, normalize
+from im2vec.data import eval_loader, expand_shards, first_by_key, normalize
 from im2vec.metrics import noise_share, precision_at_k
 from im2vec.ranking import KS, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
 from im2vec.sampler import PAD
@@ -52,15 +52,18 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
         skipped += int(batch["skipped"].sum())
     if not keys:
         raise ValueError(f"evaluate: no readable held-out image in {len(shards)} shard(s)")
-    n = min(len(keys), max_images or len(keys))  # the loader stops at a whole batch: cut to max_images
-    return {"u": [torch.cat(u)[:n] for u in us], "obs": _cat_padded(obs)[:n], "clean": _cat_padded(clean)[:n],
-            "keys": keys[:n], "thumbs": torch.cat(thumbs)[:n], "skipped": skipped}
+    keep = first_by_key(keys, max_images)  # the max_images smallest key hashes: the same for any loader settings
+    return {"u": [torch.cat(u)[keep] for u in us], "obs": _cat_padded(obs)[keep], "clean": _cat_padded(clean)[keep],
+            "keys": [keys[i] for i in keep.tolist()], "thumbs": torch.cat(thumbs)[keep], "skipped": skipped}
 
 
 def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,
                 noise_ids: Tensor | None, queries: Tensor | None, prefix: str) -> tuple[dict, Tensor]:
     """All tagging and retrieval metrics of one scorer -> (flat metrics, top-10 tag ids). ``u`` None is
-    the frequency prior: s = log count(t) for every image, and every image ties in retrieval."""
+    the frequency prior: s = log count(t) for every image, and every image ties in retrieval.
+    Per-tag metrics are also given over the rarer half of the vocabulary (``tag_precision@5/rare``:
+    the tags whose training count is at most the median count)."""
+    rare = {"rare": log_counts <= log_counts.median()}
     truths = [obs] + ([clean] if clean is not None else [])
     if u is None:
         r = rank_prior(log_counts, truths, kmax=max(KS))
@@ -68,9 +71,9 @@ def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: floa
     else:
         r = rank_tags(u, table, log_counts, gamma, truths, kmax=max(KS))
     v = table.shape[0]
-    m = tagging_metrics(r, 0, KS, noise_ids, v, prefix=f"{prefix}tagging/")
+    m = tagging_metrics(r, 0, KS, noise_ids, v, prefix=f"{prefix}tagging/", groups=rare)
     if clean is not None:
-        m.update(tagging_metrics(r, 1, KS, None, v, prefix=f"{prefix}tagging/clean/"))
+        m.update(tagging_metrics(r, 1, KS, None, v, prefix=f"{prefix}tagging/clean/", groups=rare))
     m.update(retrieval_metrics(u, table, obs, queries, prefix=f"{prefix}retrieval/")[0])
     if clean is not None:
         m.update(retrieval_metrics(u, table, clean, queries, prefix=f"{prefix}retrieval/clean/")[0])
@@ -92,6 +95,30 @@ def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float
         if noise_ids is not None:
             out[f"gamma_sweep/noise_share@{k}/{g:g}"] = noise_share(top, noise_ids, k)
     return out
+
+
+@torch.no_grad()
+def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor, tags: list[str], gamma: float,
+                    shards: list[str], image_size: int, noise_ids: Tensor | None = None, gammas: list[float] = (),
+                    batch_size: int = 256, num_workers: int = 0, prefix: str = "test/") -> dict[str, float]:
+    """A trained encoder and table on held-out shards at ``gamma``, beside the frequency prior:
+    training's closing test figures (``test/tagging/precision@5``, ``test/prior/tagging/map``, …) and
+    the test γ sweep (``test/gamma_sweep/…``: a diagnostic, not a choice)."""
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    model = TrainedModel(encoder.eval(), table.detach().float().cpu(), log_counts.float().cpu(), tags, gamma,
+                         image_size, "", "")
+    try:
+        data = embed_shards([model], shards, image_size, batch_size, num_workers, None, str(device))
+    finally:
+        encoder.train(was_training)
+    clean = data["clean"] if bool((data["clean"] != PAD).any()) else None
+    m, _ = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids, None, "")
+    m.update(score_model(None, model.table, model.log_counts, 1.0, data["obs"], clean, noise_ids, None, "prior/")[0])
+    m.update(gamma_sweep(data["u"][0], model.table, model.log_counts, sorted(set(gammas) | {gamma}), data["obs"],
+                         clean, noise_ids))
+    m.update({"images": float(len(data["keys"])), "skipped_images": float(data["skipped"]), "gamma": gamma})
+    return {prefix + k: v for k, v in m.items()}
 
 
 def noise_ids_for(tags: list[str], content: set[str] | None) -> Tensor | None:
@@ -116,9 +143,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         datamodule = instantiate(cfg.data)
     except InstantiationException as e:
         raise (e.__cause__ or e) from None
-    shards = expand_shards(cfg.shards) if cfg.shards else datamodule.val_shards
+    # the test split (uploaders seen neither in training nor where γ was chosen), else validation's
+    shards = expand_shards(cfg.shards) if cfg.shards else datamodule.test_shards or datamodule.val_shards
     if not shards:
-        raise ValueError("evaluate: no held-out shards (set shards=… or data.val_shards=…)")
+        raise ValueError("evaluate: no held-out shards (set shards=…, data.test_shards=… or data.val_shards=…)")
     noise_ids = noise_ids_for(model.tags, getattr(datamodule, "content_tags", None))
     image_size = cfg.image_size or model.image_size or datamodule.image_size
     if len(models) > 1 and (models[1].image_size or image_size) != image_size:
@@ -167,7 +195,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- the printed table
-ROWS = [f"{m}@{k}" for m in ("precision", "recall", "f1") for k in KS] + ["map", "miap"] + \
+ROWS = [f"{m}@{k}" for m in ("precision", "recall", "f1") for k in KS] + ["map", "map_all_images"] + \
     [f"tag_{m}@5" for m in ("precision", "recall")]
 
 

@@ -13,14 +13,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from im2vec.loss import negative_sampling_loss, shared_negative_loss
+from im2vec.loss import in_batch_softmax_loss, negative_sampling_loss, sampled_softmax_loss, shared_negative_loss
 from im2vec.sampler import NegativeSampler, PositiveSampler, collides
 from im2vec.tag_table import CPUTagTable
 
 
+LOSSES = ("negative_sampling", "softmax", "in_batch")
+
+
 @dataclass
 class SamplerConfig:
-    head: str = "sampled"  # "sampled" (negative sampling) or "full" (BCE over all V rows; small V only)
+    head: str = "sampled"  # "sampled" (the loss below over drawn rows) or "full" (BCE over all V rows; small V only)
+    loss: str = "negative_sampling"  # "negative_sampling" (word2vec), "softmax" (sampled softmax, logQ-corrected)
+    # or "in_batch" (softmax over the batch's positives, frequency-corrected; no drawn negatives)
+    logq: bool = True  # softmax losses: subtract each candidate's log sampling probability (off: an ablation)
     negatives: str = "per_example"  # "per_example": K rows per image; "shared": K rows per batch
     num_negatives: int = 20  # K
     num_positives: int = 1  # P, drawn from the image's own tags
@@ -32,6 +38,8 @@ class SamplerConfig:
     def __post_init__(self):
         if self.head not in ("sampled", "full"):
             raise ValueError(f"sampler.head={self.head!r}: use 'sampled' or 'full'")
+        if self.loss not in LOSSES:
+            raise ValueError(f"sampler.loss={self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.negatives not in ("per_example", "shared"):
             raise ValueError(f"sampler.negatives={self.negatives!r}: use 'per_example' or 'shared'")
         if self.num_negatives < 1 or self.num_positives < 1:
@@ -45,6 +53,9 @@ def draw_ids(s: SamplerConfig, pos_sampler: PositiveSampler, neg_sampler: Negati
     b = tags.shape[0]
     pos_ids = pos_sampler.sample(tags, s.num_positives, gen)  # (B, P)
     weight = None
+    if s.loss == "in_batch":  # the candidates are the batch's positives; an image's own tags are masked
+        own = collides(pos_ids.flatten().expand(b, -1), tags)  # (B, B·P)
+        return pos_ids, torch.empty(b, 0, dtype=torch.long), (~own).float()
     if s.negatives == "shared":
         neg_ids = neg_sampler.sample((s.num_negatives,), gen)  # (K,)
         if s.exclude_own:
@@ -68,7 +79,21 @@ def sampled_loss(s: SamplerConfig, table: CPUTagTable, u: Tensor, pos_ids: Tenso
     ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
     rows = (table.gather if dedupe else table.lookup)(ids, u.device, u.dtype)  # (B·P + #neg, d)
     pos = rows[: pos_ids.numel()].view(b, pos_ids.shape[1], -1)  # (B, P, d)
-    neg = rows[pos_ids.numel():].view(*neg_ids.shape, -1)  # (B, K, d) or (K, d)
+    neg = rows[pos_ids.numel():].view(*neg_ids.shape, rows.shape[1])  # (B, K, d) or (K, d)
     weight = weight.to(u.device, u.dtype) if weight is not None else None
-    loss_fn = shared_negative_loss if s.negatives == "shared" else negative_sampling_loss
-    return loss_fn(u, pos, neg, weight)
+    if s.loss == "in_batch":  # a tag's chance to be some image's positive ≈ count^(1-β) (up to a constant)
+        log_q = _log_q(table, pos_ids, 1.0 - s.beta, s.logq).to(u.device)  # (B, P)
+        return in_batch_softmax_loss(u, pos, log_q, weight <= 0)
+    shared = s.negatives == "shared"
+    if s.loss == "softmax":  # the negatives' proposal: count^α (the NegativeSampler's)
+        s_pos = torch.einsum("bd,bpd->bp", u, pos).float()  # (B, P)
+        s_neg = (u @ neg.t() if shared else torch.einsum("bd,bkd->bk", u, neg)).float()  # (B, K)
+        log_q_pos = _log_q(table, pos_ids, s.alpha, s.logq).to(u.device)  # (B, P)
+        log_q_neg = _log_q(table, neg_ids, s.alpha, s.logq).to(u.device)  # (B, K) or (K,)
+        return sampled_softmax_loss(s_pos, s_neg, log_q_pos, log_q_neg, weight)
+    return (shared_negative_loss if shared else negative_sampling_loss)(u, pos, neg, weight)
+
+
+def _log_q(table: CPUTagTable, ids: Tensor, power: float, on: bool) -> Tensor:
+    """log of a sampling probability ∝ count^power for ``ids`` (zeros when the correction is off)."""
+    return power * table.log_counts[ids] if on else torch.zeros(ids.shape)

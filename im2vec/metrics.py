@@ -20,6 +20,15 @@ def precision_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
     return hits(pred[has, :k], truth[has]).float().sum(1).div(k).mean().item()
 
 
+def recall_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
+    """Mean over images of |top-k ∩ truth| / |truth| (images without any true tag are left out)."""
+    n_true = (truth >= 0).sum(1)
+    has = n_true > 0
+    if not has.any():
+        return float("nan")
+    return (hits(pred[has, :k], truth[has]).float().sum(1) / n_true[has]).mean().item()
+
+
 def noise_share(pred: Tensor, noise_ids: Tensor, k: int) -> float:
     """Share of all top-k predictions that are known noise tags."""
     return torch.isin(pred[:, :k], noise_ids).float().mean().item()

@@ -52,7 +52,8 @@ class Im2VecModule(pl.LightningModule):
                  sampler: SamplerConfig | None = None, optim: OptimConfig | None = None,
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
-                 projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224):
+                 projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224,
+                 choose_gamma: bool = True, gamma_by: str = "precision@5"):
         super().__init__()
         self.encoder = encoder
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
@@ -63,7 +64,9 @@ class Im2VecModule(pl.LightningModule):
         self.neg_sampler = NegativeSampler(counts, s.alpha)
         self.pos_sampler = PositiveSampler(counts, s.beta)
         self.gen = torch.Generator().manual_seed(seed)  # all sampling randomness; saved in checkpoints
-        self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images)
+        # γ starts at sampler.gamma and, with choose_gamma, is chosen at every validation (ValidationReport)
+        self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images,
+                                       choose_gamma, gamma_by)
         self.automatic_optimization = False
         self._last_batch_time: float | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
@@ -124,7 +127,7 @@ class Im2VecModule(pl.LightningModule):
     # ---- validation: held-out precision@5 beside the frequency prior, γ sweep, pictures
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         u = self.encoder(batch["image"]).float().cpu()  # (B, d)
-        self.report.add(u, batch["tags"], batch["clean"], batch["image"] if batch_idx == 0 else None)
+        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch["image"] if batch_idx == 0 else None)
         self.val_skipped += batch["skipped"]
 
     def on_validation_epoch_start(self) -> None:
@@ -134,7 +137,8 @@ class Im2VecModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.report.size:
             return
-        metrics = self.report.compute(self.table.weight.detach(), self.table.log_counts, self.global_step)
+        max_images = getattr(self.trainer.datamodule, "val_max_images", None)  # a key-hash subset: data.eval_loader
+        metrics = self.report.compute(self.table.weight.detach(), self.table.log_counts, self.global_step, max_images)
         self.log_dict({k: v for k, v in metrics.items() if not math.isnan(v)}, batch_size=self.report.size)
         self.log_dict({f"data/val_skipped_{r}": self.val_skipped[i].float() for i, r in enumerate(SKIP_REASONS)},
                       batch_size=self.report.size)
@@ -147,6 +151,11 @@ class Im2VecModule(pl.LightningModule):
     @property
     def val_metrics(self) -> dict[str, float]:
         return self.report.metrics
+
+    @property
+    def gamma(self) -> float:
+        """The tagging score's γ: chosen on validation, or sampler.gamma (no validation yet, or choose_gamma=false)."""
+        return self.report.gamma
 
     # ---- optimizers, schedules, checkpoints
     def configure_optimizers(self):
@@ -184,6 +193,7 @@ class Im2VecModule(pl.LightningModule):
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler": asdict(self.sampler_cfg), "optim": asdict(self.optim_cfg),
             "encoder": getattr(self.encoder, "spec", {}), "image_size": self.image_size,
+            "gamma": self.gamma,  # what evaluation and prediction score with
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -197,6 +207,7 @@ class Im2VecModule(pl.LightningModule):
             raise ValueError("checkpoint was trained with a different vocabulary (same size, other tags): "
                              "resume with the vocabulary file it was trained on")
         self.gen.set_state(meta["sampler_rng"])
+        self.report.gamma = float(meta.get("gamma", self.report.gamma))
         torch.set_rng_state(meta["torch_rng"])
         if meta["cuda_rng"] and torch.cuda.is_available() and len(meta["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(meta["cuda_rng"])

@@ -9,9 +9,11 @@ how many tags score above it (n_gt) and at least as high (n_ge, t itself include
   to [0, 1]); averaged over the images with at least one true tag.
 - mAP: per image, average precision over the full ranking with tied scores ranked pessimistically,
   (1/R) Σ_t |{true t': s_t' ≥ s_t}| / |{t': s_t' ≥ s_t}| (scikit-learn's average_precision_score
-  and label_ranking_average_precision_score per image); mean over images with a true tag.
-- MiAP (Li et al.'s mean image average precision): the same per-image AP, averaged over all
-  images, an image without any true tag counting 0.
+  and label_ranking_average_precision_score per image); mean over images with a true tag. This is
+  the image-centric "MiAP" of Li et al. (2016, "Socializing the semantic gap"), whose test images
+  all have a true tag.
+- map_all_images: the same per-image AP averaged over all images, an image without any true tag
+  counting 0 (= mAP × the share of images with a true tag).
 - noise share@k, per-tag (macro) precision@k and recall@k: from the top-k lists (equal scores
   taken in tag-index order, whatever the chunking).
 
@@ -136,8 +138,10 @@ def _count_above(s: Tensor, thr: Tensor, order: Tensor) -> Tensor:
 
 
 def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise_ids: Tensor | None = None,
-                    num_tags: int | None = None, prefix: str = "") -> dict[str, float]:
-    """Metrics against truth ``which`` of ``r`` (see the module docstring), as flat keys."""
+                    num_tags: int | None = None, prefix: str = "", groups: dict[str, Tensor] | None = None
+                    ) -> dict[str, float]:
+    """Metrics against truth ``which`` of ``r`` (see the module docstring), as flat keys. ``groups``
+    ({name: (V,) bool}) adds the per-tag metrics over each group of tags as ``tag_precision@k/name``."""
     truth, n_gt, n_ge, st = r.truths[which], r.n_gt[which], r.n_ge[which], r.true_scores[which]
     valid = truth != PAD
     n_true = valid.sum(1)  # (N,)
@@ -156,7 +160,7 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
     rel_ge = ((st[:, None, :] >= st[:, :, None]) & valid[:, None, :]).sum(-1).float()  # (N, T)
     ap = (rel_ge / last * valid).sum(1) / n_true.clamp(min=1)
     m[f"{prefix}map"] = _mean(ap[has])
-    m[f"{prefix}miap"] = float(ap[has].sum() / max(1, truth.shape[0]))
+    m[f"{prefix}map_all_images"] = float(ap[has].sum() / max(1, truth.shape[0]))
     v = num_tags if num_tags is not None else int(max(r.top_ids.max(), truth.max(),
                                                       noise_ids.max() if noise_ids is not None and len(noise_ids) else 0)) + 1
     for k in ks:
@@ -166,8 +170,13 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
         correct = torch.bincount(top[hit], minlength=v).float()
         relevant = torch.bincount(truth[valid], minlength=v).float()
         seen = relevant > 0
-        m[f"{prefix}tag_precision@{k}"] = _mean(torch.where(pred > 0, correct / pred.clamp(min=1), 0.0)[seen])
-        m[f"{prefix}tag_recall@{k}"] = _mean((correct / relevant.clamp(min=1))[seen])
+        tag_p = torch.where(pred > 0, correct / pred.clamp(min=1), 0.0)  # (V,) a tag never predicted: 0
+        tag_r = correct / relevant.clamp(min=1)
+        m[f"{prefix}tag_precision@{k}"] = _mean(tag_p[seen])
+        m[f"{prefix}tag_recall@{k}"] = _mean(tag_r[seen])
+        for name, mask in (groups or {}).items():
+            m[f"{prefix}tag_precision@{k}/{name}"] = _mean(tag_p[seen & mask[:v]])
+            m[f"{prefix}tag_recall@{k}/{name}"] = _mean(tag_r[seen & mask[:v]])
         if noise_ids is not None:
             noise = torch.zeros(v, dtype=torch.bool)
             noise[noise_ids] = True

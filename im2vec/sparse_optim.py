@@ -64,6 +64,24 @@ if numba is not None:
             v[r, j] = vn
             w[r, j] = w[r, j] + neg_step * (mn / (np.float32(np.sqrt(vn)) + eps))  # float32 throughout
 
+    @njit(cache=True, nogil=True)
+    def _lazy_adam_row(w, m, v, t, r, g, i, c1, c2, eps, lr, b1, b2):  # pragma: no cover - compiled
+        # the row's own step count in the bias correction: a row first touched late starts like a new one
+        n = t[r] + 1
+        t[r] = n
+        neg_step = np.float32(-lr * np.sqrt(1.0 - b2**n) / (1.0 - b1**n))
+        _adam_row(w, m, v, r, g, i, c1, c2, eps, neg_step)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _lazy_adam_rows(w, m, v, t, idx, g, c1, c2, eps, lr, b1, b2):  # pragma: no cover - compiled
+        for i in prange(g.shape[0]):
+            _lazy_adam_row(w, m, v, t, idx[i], g, i, c1, c2, eps, lr, b1, b2)
+
+    @njit(cache=True, nogil=True)
+    def _lazy_adam_rows_serial(w, m, v, t, idx, g, c1, c2, eps, lr, b1, b2):  # pragma: no cover - compiled
+        for i in range(g.shape[0]):
+            _lazy_adam_row(w, m, v, t, idx[i], g, i, c1, c2, eps, lr, b1, b2)
+
     @njit(parallel=True, cache=True, nogil=True)
     def _adam_rows(w, m, v, idx, g, c1, c2, eps, neg_step):  # pragma: no cover - compiled
         for i in prange(g.shape[0]):
@@ -190,6 +208,14 @@ def _adam_rows_torch(w, m, v, idx, g, c1, c2, eps, neg_step) -> None:
     w.index_copy_(0, idx, wr)
 
 
+def _row_step_sizes(t: Tensor, idx: Tensor, lr: float, beta1: float, beta2: float) -> Tensor:
+    """Advance the touched rows' step counts; -> each row's -lr·sqrt(1-β2^t)/(1-β1^t) as (n, 1) float32."""
+    n = t.index_select(0, idx).add_(1)
+    t.index_copy_(0, idx, n)
+    n = n.double()
+    return (-lr * (1 - beta2**n).sqrt() / (1 - beta1**n)).float().unsqueeze(1)
+
+
 def _adagrad_rows_torch(w, acc, idx, g, neg_lr, eps) -> None:
     a = acc.index_select(0, idx).add_(g.pow(2).mean(1))
     acc.index_copy_(0, idx, a)
@@ -198,10 +224,19 @@ def _adagrad_rows_torch(w, acc, idx, g, neg_lr, eps) -> None:
 
 class SparseAdam(torch.optim.Optimizer):
     """``torch.optim.SparseAdam`` ("lazy" Adam: only rows with a gradient move, with the global step
-    count in the bias correction), fused into one parallel pass over the touched rows."""
+    count in the bias correction), fused into one parallel pass over the touched rows.
+
+    ``row_steps=True`` ("lazy_adam" in the configs) counts steps per row instead (state ``row_step``,
+    one int32 per row) and bias-corrects each row with its own count. With the global count a row
+    first touched at step 5,000 has moments that are one gradient old but are divided by
+    (1 - β1^5000) ≈ 1 and (1 - β2^5000) ≈ 0.99: its first moves are ≈ lr·g/|g|·0.1/sqrt(0.001)
+    ≈ 3 × lr, sign-like, whatever the gradient's size. Counted per row, every row's first update
+    is Adam's first update (lr · g/|g|), and a rarely seen row decays its moments only when seen.
+    """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, maximize: bool = False):
+                 eps: float = 1e-8, maximize: bool = False, row_steps: bool = False):
+        self.row_steps = row_steps
         if not 0.0 < lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 < eps:
@@ -230,6 +265,12 @@ class SparseAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = zeros_state(p)
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
+                if self.row_steps and "row_step" not in state:
+                    # fresh, or state written by the global-count optimizer: rows it moved count as that old
+                    state["row_step"] = torch.where(v.ne(0).any(1), state["step"] - 1, 0).to(torch.int32).cpu()
+                if self.row_steps:
+                    self._row_step(p, state, group)
+                    continue
                 if not (p.dtype == torch.float32 and p.dim() == 2 and _cpu_contiguous(p, m, v)):
                     _stock_sparse_adam(
                         [p], [p.grad], [m], [v], [state["step"]], eps=group["eps"], beta1=beta1,
@@ -250,6 +291,26 @@ class SparseAdam(torch.optim.Optimizer):
                 else:
                     _adam_rows_torch(p, m, v, idx, g, 1 - beta1, 1 - beta2, group["eps"], -step_size)
         return loss
+
+
+    def _row_step(self, p: Tensor, state: dict, group: dict) -> None:
+        """The update with per-row step counts (fused kernel, or torch ops on the touched rows)."""
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
+        if p.dim() != 2 or p.dtype != torch.float32 or p.device.type != "cpu":
+            raise RuntimeError("lazy_adam: the table must be a (V, d) float32 CPU tensor")
+        idx, g = unique_rows(p.grad)
+        if g.numel() == 0:
+            return
+        g = -g if group["maximize"] else g
+        beta1, beta2 = group["betas"]
+        lr, f32 = float(group["lr"]), np.float32
+        if USE_NUMBA and _cpu_contiguous(p, m, v, t):
+            _kernel(_lazy_adam_rows, _lazy_adam_rows_serial, idx.numel())(
+                p.numpy(), m.numpy(), v.numpy(), t.numpy(), idx.numpy(), g.numpy(), f32(1 - beta1), f32(1 - beta2),
+                f32(group["eps"]), lr, beta1, beta2)
+        else:
+            _adam_rows_torch(p, m, v, idx, g, 1 - beta1, 1 - beta2, group["eps"],
+                             _row_step_sizes(t, idx, lr, beta1, beta2))
 
 
 class RowAdagrad(torch.optim.Optimizer):
@@ -291,12 +352,15 @@ class RowAdagrad(torch.optim.Optimizer):
         return loss
 
 
-TABLE_OPTIMIZERS = ("sparse_adam", "row_adagrad", "torch_sparse_adam")
+TABLE_OPTIMIZERS = ("lazy_adam", "sparse_adam", "row_adagrad", "torch_sparse_adam")
 
 
 def make_table_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """'sparse_adam' (default: the fused SparseAdam), 'row_adagrad' (for vocabularies whose Adam
-    moments don't fit) or 'torch_sparse_adam' (the stock optimizer, for comparisons)."""
+    """'lazy_adam' (the fused SparseAdam with per-row step counts), 'sparse_adam' (the fused SparseAdam,
+    = torch.optim.SparseAdam), 'row_adagrad' (for vocabularies whose Adam moments don't fit) or
+    'torch_sparse_adam' (the stock optimizer, for comparisons)."""
+    if name == "lazy_adam":
+        return SparseAdam(params, lr=lr, row_steps=True)
     if name == "sparse_adam":
         return SparseAdam(params, lr=lr)
     if name == "row_adagrad":

@@ -16,6 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from im2vec.allocator import tune_malloc
+from im2vec.checkpoint import set_gamma
+from im2vec.evaluating import heldout_figures
 from im2vec.module import Im2VecModule
 
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
@@ -60,29 +62,49 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if datamodule.val_shards and not trainer.fast_dev_run and module.report.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final held-out figures
+        if trainer.checkpoint_callback is not None and Path(trainer.checkpoint_callback.best_model_path or "").is_file():
+            # the last checkpoint holds the same weights: give it the γ chosen on them
+            set_gamma(trainer.checkpoint_callback.best_model_path, module.gamma)
     metrics = dict(module.val_metrics)
+    if datamodule.test_shards and not trainer.fast_dev_run:  # the figures to report: images nothing was chosen on
+        test = heldout_figures(module.encoder, module.table.weight, module.table.log_counts, module.tags, module.gamma,
+                               datamodule.test_shards, datamodule.image_size, datamodule.noise_ids,
+                               list(cfg.validation.val_gammas), datamodule.val_batch_size, datamodule.num_workers)
+        metrics.update(test)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({k: v for k, v in test.items() if not math.isnan(v)},
+                                       step=trainer.fit_loop.epoch_loop._batches_that_stepped)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    print(summary(metrics, cfg.sampler.gamma))
+    print(summary(metrics, module.gamma))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
 def summary(m: dict[str, float], gamma: float) -> str:
-    """The held-out figures beside the frequency prior, and the γ sweep."""
+    """The validation figures and, where there is a test split, the test figures, beside the frequency
+    prior; the validation γ sweep."""
     if not m:
         return "no held-out figures (no validation shards)"
-    rows = [f"held-out figures (tagging score γ={gamma:g}):", f"  {'':24s} {'model':>7s} {'prior':>7s}"]
-    for name in ("precision@5", "clean_precision@5", "noise_share@5"):
+    chosen = " chosen on these images" if "val/gamma" in m else ""
+    rows = [f"validation figures (tagging score γ={gamma:g}{chosen}):", f"  {'':24s} {'model':>7s} {'prior':>7s}"]
+    for name in ("precision@1", "precision@5", "recall@10", "clean_precision@5", "noise_share@5"):
         if f"val/{name}" in m:
             rows.append(f"  {name:24s} {m[f'val/{name}']:7.3f} {m[f'val/{name}_prior']:7.3f}")
+    if "test/images" in m:
+        rows.append(f"test figures ({int(m['test/images'])} images of uploaders seen in neither training nor "
+                    f"validation; γ={gamma:g}):")
+        for name in ("precision@1", "precision@5", "recall@10", "map", "tag_precision@5", "clean/precision@5",
+                     "noise_share@5"):
+            if f"test/tagging/{name}" in m:
+                rows.append(f"  {name:24s} {m[f'test/tagging/{name}']:7.3f} {m[f'test/prior/tagging/{name}']:7.3f}")
     gammas = sorted({float(k.rsplit("/", 1)[1]) for k in m if k.startswith("val_gamma/")})
     names = [n for n in ("precision@5", "clean_precision@5", "noise_share@5")  # clean and noise need content tags
              if any(k.startswith(f"val_gamma/{n}/") for k in m)]
     if gammas:
         heads = {"precision@5": "P@5", "clean_precision@5": "clean", "noise_share@5": "noise"}
-        rows.append(f"  γ sweep: {'γ':>5s} " + " ".join(f"{heads[n]:>6s}" for n in names))
+        rows.append(f"  validation γ sweep: {'γ':>5s} " + " ".join(f"{heads[n]:>6s}" for n in names))
         for g in gammas:
             vals = [m.get(f"val_gamma/{n}/{g:g}", math.nan) for n in names]
-            rows.append(f"           {g:5.2f} " + " ".join(f"{v:6.3f}" for v in vals))
+            rows.append(f"                      {g:5.2f} " + " ".join(f"{v:6.3f}" for v in vals))
     return "\n".join(rows)

@@ -10,12 +10,19 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from im2vec.data import MEAN, STD
-from im2vec.metrics import noise_share, precision_at_k
+from im2vec.data import MEAN, STD, first_by_key
+from im2vec.metrics import noise_share, precision_at_k, recall_at_k
 from im2vec.sampler import PAD
 from im2vec.scoring import prior_topk, topk_tags
 
-K = 5
+K = 5  # the headline cut-off (precision@5, the noise share of the top 5)
+K_MAX = 10  # top lists are this long: precision@1, precision@5 and recall@10 all come from them
+
+
+def _observed(top: Tensor, obs: Tensor) -> dict[str, float]:
+    """precision@1, precision@5 and recall@10 of top-10 lists (N, 10) against the observed tags."""
+    return {"precision@1": precision_at_k(top, obs, 1), "precision@5": precision_at_k(top, obs, K),
+            "recall@10": recall_at_k(top, obs, K_MAX)}
 
 
 def _cat_padded(rows: list[Tensor]) -> Tensor:
@@ -23,51 +30,76 @@ def _cat_padded(rows: list[Tensor]) -> Tensor:
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=PAD) for r in rows])
 
 
+GAMMA_CRITERIA = ("precision@1", "precision@5", "recall@10")  # what the γ on validation is chosen by
+
+
 class ValidationReport:
+    """Accumulates a validation pass and computes its figures.
+
+    γ (the tagging score's weight on log count) is chosen here when ``choose_gamma``: the γ of the
+    sweep with the best ``gamma_by`` on these held-out images (ties: the smaller γ). The
+    validation split is grouped by user where the data allows it (the ingest's ``--split-by
+    user``), so the choice reflects new uploaders; test figures are computed elsewhere, at this γ.
+    """
+
     def __init__(self, tags: list[str], counts: Tensor, noise_ids: Tensor | None, gamma: float,
-                 gammas: list[float], projector_tags: int, grid_images: int):
+                 gammas: list[float], projector_tags: int, grid_images: int, choose_gamma: bool = True,
+                 gamma_by: str = "precision@5"):
+        if gamma_by not in GAMMA_CRITERIA:
+            raise ValueError(f"validation.gamma_by={gamma_by!r}: use one of {', '.join(GAMMA_CRITERIA)}")
         self.tags, self.counts, self.noise_ids = tags, counts, noise_ids
         self.gamma, self.gammas = gamma, sorted(set(gammas) | {gamma})
+        self.choose_gamma, self.gamma_by = choose_gamma, gamma_by
         self.projector_tags, self.grid_images = min(projector_tags, 100_000, len(tags)), grid_images
         self.metrics: dict[str, float] = {}
         self.step = -1  # global step of the last computed figures
         self.reset()
 
     def reset(self) -> None:
-        self.u, self.obs, self.clean, self.images = [], [], [], None
+        self.u, self.obs, self.clean, self.keys, self.images = [], [], [], [], None
 
     @property
     def size(self) -> int:
         return sum(len(u) for u in self.u)
 
-    def add(self, u: Tensor, tags: Tensor, clean: Tensor, images: Tensor | None) -> None:
+    def add(self, u: Tensor, tags: Tensor, clean: Tensor, keys: list[str], images: Tensor | None) -> None:
         self.u.append(u)
         self.obs.append(tags)
         self.clean.append(clean)
+        self.keys += keys
         if images is not None and self.images is None:
             self.images = images[: self.grid_images].float().cpu()
 
-    def compute(self, table: Tensor, log_counts: Tensor, step: int) -> dict[str, float]:
-        u, obs, clean = torch.cat(self.u), _cat_padded(self.obs), _cat_padded(self.clean)
-        top = topk_tags(u, table, log_counts, self.gammas, K)
-        prior = prior_topk(self.counts, len(u), K)
+    def compute(self, table: Tensor, log_counts: Tensor, step: int, max_images: int | None = None) -> dict[str, float]:
+        """The figures on the ``max_images`` images with the smallest key hashes (all when None)."""
+        keep = first_by_key(self.keys, max_images)  # the same subset whatever the loader's settings
+        u, obs, clean = torch.cat(self.u)[keep], _cat_padded(self.obs)[keep], _cat_padded(self.clean)[keep]
+        top = {g: ids for g, (_, ids) in topk_tags(u, table, log_counts, self.gammas, K_MAX).items()}  # γ -> (N, 10)
+        prior = prior_topk(self.counts, len(u), K_MAX)
         has_clean = bool((clean >= 0).any())
-        m = {"val/precision@5": precision_at_k(top[self.gamma][1], obs, K),
-             "val/precision@5_prior": precision_at_k(prior, obs, K)}
+        by = {g: _observed(ids, obs) for g, ids in top.items()}  # γ -> {precision@1, precision@5, recall@10}
+        if self.choose_gamma:  # the best γ on these images; the smallest of equals
+            self.gamma = max(self.gammas, key=lambda g: (by[g][self.gamma_by], -g))
+        g0 = self.gamma
+        m = {f"val/{name}": v for name, v in by[g0].items()}
+        m.update({f"val/{name}_prior": v for name, v in _observed(prior, obs).items()})
+        m["val/gamma"] = g0
         if has_clean:
-            m["val/clean_precision@5"] = precision_at_k(top[self.gamma][1], clean, K)
+            m["val/clean_precision@5"] = precision_at_k(top[g0], clean, K)
             m["val/clean_precision@5_prior"] = precision_at_k(prior, clean, K)
         if self.noise_ids is not None:
-            m["val/noise_share@5"] = noise_share(top[self.gamma][1], self.noise_ids, K)
+            m["val/noise_share@5"] = noise_share(top[g0], self.noise_ids, K)
             m["val/noise_share@5_prior"] = noise_share(prior, self.noise_ids, K)
-        for g in self.gammas:  # the γ sweep: choose the tagging score's γ from these
-            m[f"val_gamma/precision@5/{g:g}"] = precision_at_k(top[g][1], obs, K)
+        for g in self.gammas:  # the sweep: what γ would have given, a diagnostic
+            m[f"val_gamma/precision@5/{g:g}"] = by[g]["precision@5"]
+            if self.gamma_by != "precision@5":
+                m[f"val_gamma/{self.gamma_by}/{g:g}"] = by[g][self.gamma_by]
             if has_clean:
-                m[f"val_gamma/clean_precision@5/{g:g}"] = precision_at_k(top[g][1], clean, K)
+                m[f"val_gamma/clean_precision@5/{g:g}"] = precision_at_k(top[g], clean, K)
             if self.noise_ids is not None:
-                m[f"val_gamma/noise_share@5/{g:g}"] = noise_share(top[g][1], self.noise_ids, K)
+                m[f"val_gamma/noise_share@5/{g:g}"] = noise_share(top[g], self.noise_ids, K)
         self.metrics, self.step = m, step
-        self._top = top[self.gamma][1]
+        self._top = top[g0]
         self._obs = obs
         return m
 
@@ -76,7 +108,7 @@ class ValidationReport:
         n = self.projector_tags
         tb.add_embedding(table[:n].clone(), metadata=self.tags[:n], tag="tag_vectors", global_step=step)
         if self.images is not None:
-            tiles = [self._tile(img, self._top[i].tolist(), set(self._obs[i].tolist())) for i, img in enumerate(self.images)]
+            tiles = [self._tile(img, self._top[i, :K].tolist(), set(self._obs[i].tolist())) for i, img in enumerate(self.images)]
             tb.add_image("val/top5_tags", make_grid(torch.stack(tiles), nrow=8, padding=2), step)
 
     def _tile(self, image: Tensor, top: list[int], observed: set[int], side: int = 128) -> Tensor:

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "data.corpus.num_train=192", "data.corpus.num_val=64", "data.corpus.num_users=12",
+    "data.corpus.num_train=192", "data.corpus.num_val=64", "data.corpus.num_test=48", "data.corpus.num_users=12",
     "data.corpus.tail_size=300", "data.corpus.shard_size=64", "data.vocab_min_count=1",
     "data.batch_size=16", "data.batches_per_epoch=3", "data.num_workers=0", "data.val_batch_size=32",
     "data.shuffle_buffer=50", "model.dim=16", "trainer.accelerator=cpu", "trainer.max_epochs=2",

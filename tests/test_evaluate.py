@@ -26,17 +26,19 @@ def trained(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("run")
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = _compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}"])
-    metrics, _ = train(cfg)
-    return out / "checkpoints" / "last.ckpt", metrics
+    metrics, objs = train(cfg)
+    val_shards = str(objs["datamodule"].val_shards[0]).rsplit("/", 1)[0] + "/val-*.tar"
+    return out / "checkpoints" / "last.ckpt", metrics, val_shards
 
 
 def test_evaluate_writes_every_output(trained, cache_dir, tmp_path):
-    ckpt, train_metrics = trained
-    m = evaluate(_eval_cfg(cache_dir, tmp_path, f"ckpt_path={ckpt}", f"baseline_ckpt={ckpt}"))
+    ckpt, train_metrics, val_shards = trained
+    # validation's images (γ was chosen on them), to compare with training's own figures
+    m = evaluate(_eval_cfg(cache_dir, tmp_path, f"ckpt_path={ckpt}", f"baseline_ckpt={ckpt}", f"shards='{val_shards}'"))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(m, nan_ok=True)
     for prefix in ("", "prior/", "baseline/"):
-        for key in ("tagging/precision@5", "tagging/recall@10", "tagging/f1@3", "tagging/map", "tagging/miap",
+        for key in ("tagging/precision@5", "tagging/recall@10", "tagging/f1@3", "tagging/map", "tagging/map_all_images",
                     "tagging/tag_precision@5", "tagging/tag_recall@5", "tagging/noise_share@5",
                     "tagging/clean/precision@1", "tagging/clean/map", "retrieval/map", "retrieval/precision@10",
                     "retrieval/clean/map"):
@@ -45,7 +47,8 @@ def test_evaluate_writes_every_output(trained, cache_dir, tmp_path):
     # the baseline is the same checkpoint: the same figures
     assert all(saved[f"baseline/{k}"] == pytest.approx(v) for k, v in saved.items()
                if k.startswith(("tagging/", "retrieval/")))
-    # the same images, the same γ, the same top 5 as training's own validation
+    # the same images, the γ chosen on them in training, the same top 5 as training's own validation
+    assert saved["info/gamma"] == train_metrics["val/gamma"]
     assert saved["tagging/precision@5"] == pytest.approx(train_metrics["val/precision@5"], abs=1e-6)
     assert saved["tagging/clean/precision@5"] == pytest.approx(train_metrics["val/clean_precision@5"], abs=1e-6)
     for name in ("top5_tags", "precision_recall_at_k", "gamma_sweep", "retrieval"):
@@ -57,13 +60,15 @@ def test_evaluate_writes_every_output(trained, cache_dir, tmp_path):
 
 
 def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
-    ckpt, _ = trained
+    ckpt, _, _ = trained
     m = evaluate(_eval_cfg(cache_dir, tmp_path, f"ckpt_path={ckpt}", "gamma=0.0", "max_images=40"))
     assert m["info/gamma"] == 0.0 and m["info/images"] == 40
     assert m["tagging/precision@5"] == pytest.approx(m["gamma_sweep/precision@5/0"], abs=1e-6)
     from im2vec.checkpoint import load_model
 
-    tags = load_model(ckpt).tags[:3]
+    from im2vec.corpus import content_tags
+
+    tags = [t for t in load_model(ckpt).tags if t in set(content_tags())][:3]  # every held-out split has some
     q = evaluate(_eval_cfg(cache_dir, tmp_path / "q", f"ckpt_path={ckpt}", f"queries=[{','.join(tags)}]"))
     assert q["retrieval/queries"] + q["retrieval/queries_without_images"] == 3 and q["retrieval/queries"] >= 1
     with pytest.raises(ValueError, match="not in the vocabulary"):

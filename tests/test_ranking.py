@@ -146,7 +146,7 @@ def ref_tagging(S: np.ndarray, truth: torch.Tensor, ks=KS) -> dict[str, float]:
         rel[true_rows[i]] = 1
         aps.append(ap_pessimistic(S[i], rel))
     m["map"] = float(np.mean(aps))
-    m["miap"] = float(np.sum(aps) / n)
+    m["map_all_images"] = float(np.sum(aps) / n)
     return m
 
 
@@ -245,8 +245,8 @@ def test_map_equals_sklearn(case, seed):
     per_row = [average_precision_score(Y[i], S[i]) for i in np.flatnonzero(has)]
     assert m["map"] == pytest.approx(lrap, abs=TOL)
     assert m["map"] == pytest.approx(np.mean(per_row), abs=TOL)
-    assert m["miap"] == pytest.approx(np.sum(per_row) / len(Y), abs=TOL)
-    assert m["miap"] < m["map"]  # the empty rows count 0
+    assert m["map_all_images"] == pytest.approx(np.sum(per_row) / len(Y), abs=TOL)
+    assert m["map_all_images"] < m["map"]  # the empty rows count 0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -375,7 +375,7 @@ def test_per_tag_conventions_by_hand():
     assert m["recall@2"] == pytest.approx((1 / 2 + 0) / 2)
     # AP: image 0: tag 0 at rank 1 (1/1), tag 2 at rank 3 (2/3); image 1: tag 3 (score 2) at rank 3 (1/3)
     assert m["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3) / 2)
-    assert m["miap"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3) / 3)
+    assert m["map_all_images"] == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3) / 3)
 
 
 @pytest.mark.parametrize("case", CASES)
