@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in (y, c):
         p.add_argument("--out", required=True, help="output folder: <out>/{train,val,test}/shard-NNNNNN.tar")
         p.add_argument("--shard-size", type=int, default=5000)
-        p.add_argument("--split-by", choices=SPLIT_BY, default="id",
+        p.add_argument("--split-by", choices=SPLIT_BY if p is c else ("id", "user"), default="id",
                        help="hash of the photo id, or of the user (one uploader's photos in one split), "
                             "or (collections) the manifest's own 'split' field: train, val or test")
         p.add_argument("--val-fraction", type=float, default=0.01)
@@ -384,11 +384,14 @@ def main(argv: list[str] | None = None) -> dict:
     for p in inputs:
         if not Path(p).is_file():
             ap.error(f"not found: {p}")
-    s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
-                 val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
-                 max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
-                 template=getattr(a, "template", DEFAULT_TEMPLATE),
-                 root=os.path.abspath(a.images if a.source == "yfcc" else (a.root or os.path.dirname(inputs[0]))))
+    try:
+        s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
+                     val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
+                     max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
+                     template=getattr(a, "template", DEFAULT_TEMPLATE),
+                     root=os.path.abspath(a.images if a.source == "yfcc" else (a.root or os.path.dirname(inputs[0]))))
+    except ValueError as e:  # a bad combination of settings: one line, no traceback
+        raise SystemExit(str(e)) from None
     bar = _progress_bar(inputs, a.quiet)
     try:
         if a.source == "yfcc":

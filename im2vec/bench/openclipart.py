@@ -47,8 +47,9 @@ PACKAGES = ("openclipart-svg", "openclipart-png")
 INSTALLED = Path("/usr/share/openclipart")
 _SUBJECT = re.compile(r"<dc:subject>(.*?)</dc:subject>", re.S)
 _ITEM = re.compile(r"<rdf:li>(.*?)</rdf:li>", re.S)
-_CREATOR = re.compile(r"<dc:creator>.*?<dc:title>(.*?)</dc:title>", re.S)
+_CREATOR = re.compile(r"<dc:creator>(.*?)</dc:creator>", re.S)
 _TITLE = re.compile(r"<dc:title>(.*?)</dc:title>", re.S)
+_AGENT = re.compile(r"<cc:Agent\b.*?</cc:Agent>", re.S)  # a publisher's, creator's or rights holder's name
 
 
 def svg_metadata(text: str) -> dict:
@@ -58,8 +59,9 @@ def svg_metadata(text: str) -> dict:
     subject = _SUBJECT.search(meta)
     tags = [html.unescape(t).strip() for t in _ITEM.findall(subject.group(1))] if subject else []
     creator = _CREATOR.search(meta)
-    title = _TITLE.search(meta)
-    return {"tags": [t for t in tags if t], "user": html.unescape(creator.group(1)).strip() if creator else "",
+    name = _TITLE.search(creator.group(1)) if creator else None  # the creator's own agent, nothing after it
+    title = _TITLE.search(_AGENT.sub("", meta))  # the work's title, not an agent's
+    return {"tags": [t for t in tags if t], "user": html.unescape(name.group(1)).strip() if name else "",
             "title": html.unescape(title.group(1)).strip() if title else ""}
 
 
