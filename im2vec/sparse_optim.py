@@ -293,6 +293,12 @@ class SparseAdam(torch.optim.Optimizer):
         return loss
 
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts every state tensor but "step" to the parameter's dtype
+            if "row_step" in state:
+                state["row_step"] = state["row_step"].to(torch.int32)
+
     def _row_step(self, p: Tensor, state: dict, group: dict) -> None:
         """The update with per-row step counts (fused kernel, or torch ops on the touched rows)."""
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
