@@ -276,8 +276,9 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
         return []  # fewer shards than ranks: nothing for this one
     stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
     sizes = shard_weights(shards) if max_images else None
-    # a margin over max_images / total: samples skipped later (no tag, bad image) must not leave fewer
-    keep = min(1.0, 1.5 * max_images / sum(sizes) + 1e-3) if sizes else 1.0
+    # a margin over max_images / total, so that samples skipped later (no tag, bad image) and the hash's
+    # chance do not leave fewer than max_images: exact unless more than about half the samples are skipped
+    keep = min(1.0, (2 * max_images + 1000) / sum(sizes)) if sizes else 1.0
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(mine),
         wds.split_by_worker,

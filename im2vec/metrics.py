@@ -17,7 +17,7 @@ def precision_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
     has = (truth >= 0).any(1)
     if not has.any():
         return float("nan")
-    return hits(pred[has, :k], truth[has]).float().sum(1).div(k).mean().item()
+    return hits(pred[has, :k], truth[has]).double().sum(1).div(k).mean().item()  # float64: equal hits, equal figures
 
 
 def recall_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
@@ -26,7 +26,7 @@ def recall_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
     has = n_true > 0
     if not has.any():
         return float("nan")
-    return (hits(pred[has, :k], truth[has]).float().sum(1) / n_true[has]).mean().item()
+    return (hits(pred[has, :k], truth[has]).double().sum(1) / n_true[has]).mean().item()
 
 
 def noise_share(pred: Tensor, noise_ids: Tensor, k: int) -> float:

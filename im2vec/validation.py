@@ -78,8 +78,8 @@ class ValidationReport:
         prior = prior_topk(self.counts, len(u), K_MAX)
         has_clean = bool((clean >= 0).any())
         by = {g: _observed(ids, obs) for g, ids in top.items()}  # γ -> {precision@1, precision@5, recall@10}
-        if self.choose_gamma:  # the best γ on these images; the smallest of equals
-            self.gamma = max(self.gammas, key=lambda g: (by[g][self.gamma_by], -g))
+        if self.choose_gamma:  # the best γ on these images; the smallest of equals (rounding: equal hits, one value)
+            self.gamma = max(self.gammas, key=lambda g: (round(by[g][self.gamma_by], 9), -g))
         g0 = self.gamma
         m = {f"val/{name}": v for name, v in by[g0].items()}
         m.update({f"val/{name}_prior": v for name, v in _observed(prior, obs).items()})
