@@ -100,16 +100,18 @@ def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float
 @torch.no_grad()
 def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor, tags: list[str], gamma: float,
                     shards: list[str], image_size: int, noise_ids: Tensor | None = None, gammas: list[float] = (),
-                    batch_size: int = 256, num_workers: int = 0, prefix: str = "test/") -> dict[str, float]:
+                    batch_size: int = 256, num_workers: int = 0, max_images: int | None = None,
+                    prefix: str = "test/") -> dict[str, float]:
     """A trained encoder and table on held-out shards at ``gamma``, beside the frequency prior:
     training's closing test figures (``test/tagging/precision@5``, ``test/prior/tagging/map``, …) and
-    the test γ sweep (``test/gamma_sweep/…``: a diagnostic, not a choice)."""
+    the test γ sweep (``test/gamma_sweep/…``: a diagnostic, not a choice). At most ``max_images``
+    images, chosen by key hash (YFCC's 1 % test split is a million photos: evaluate.py scores more)."""
     device = next(encoder.parameters()).device
     was_training = encoder.training
     model = TrainedModel(encoder.eval(), table.detach().float().cpu(), log_counts.float().cpu(), tags, gamma,
                          image_size, "", "")
     try:
-        data = embed_shards([model], shards, image_size, batch_size, num_workers, None, str(device))
+        data = embed_shards([model], shards, image_size, batch_size, num_workers, max_images, str(device))
     finally:
         encoder.train(was_training)
     clean = data["clean"] if bool((data["clean"] != PAD).any()) else None
