@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def schedule_length(cfg: DictConfig) -> int:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    t0 = time.perf_counter()
     tune_malloc()  # large per-step temporaries reuse freed memory (im2vec/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
@@ -75,6 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         if trainer.logger is not None:
             trainer.logger.log_metrics({k: v for k, v in test.items() if not math.isnan(v)},
                                        step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+    metrics["info/seconds"] = time.perf_counter() - t0  # the whole run: data, training, held-out figures
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))

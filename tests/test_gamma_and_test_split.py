@@ -519,7 +519,7 @@ from im2vec.bench import quality  # noqa: E402
 def _metrics(rng: np.random.Generator, prior: dict, gamma: float, nan_key: str | None = None) -> dict:
     m = {f"test/{k}": float(rng.uniform(0, 1)) for _, k in quality.COLUMNS}
     m.update({f"test/prior/{k}": v for k, v in prior.items()})
-    m.update({"test/gamma": gamma, "seconds": float(rng.uniform(30, 90))})
+    m.update({"test/gamma": gamma, "info/seconds": float(rng.uniform(30, 90))})
     if nan_key:
         m[f"test/{nan_key}"] = math.nan
     return m
@@ -571,7 +571,7 @@ def test_quality_table_shows_mean_and_sd_over_seeds_and_the_prior():
                 assert float(sd) == pytest.approx(statistics.stdev(xs), abs=5e-4)
                 assert float(sd) != pytest.approx(statistics.pstdev(xs), abs=5e-4)
         assert row[-2] == ", ".join(f"{g:g}" for g in sorted({mm["test/gamma"] for mm in ms}))
-        assert row[-1] == f"{statistics.fmean(mm['seconds'] for mm in ms) / 60:.1f}"
+        assert row[-1] == f"{statistics.fmean(mm['info/seconds'] for mm in ms) / 60:.1f}"
     assert _row(text, "corpus", "sampled (defaults)")[3 + 3] == _mean_sd(  # mAP: the NaN seed left out
         [r["metrics"]["test/tagging/map"] for r in recs[:3]])
     for data, prior in (("corpus", prior_c), ("openclipart", prior_o)):
@@ -625,7 +625,7 @@ def test_run_skips_runs_in_the_jsonl_and_appends_new_ones(tmp_path, monkeypatch)
 
     def stub(data, data_dir, overrides, seed, out):
         calls.append((data, data_dir, list(overrides), seed, Path(out)))
-        return {"test/gamma": 0.2, "seconds": 1.0, "test/tagging/precision@5": seed / 10}
+        return {"test/gamma": 0.2, "info/seconds": 1.0, "test/tagging/precision@5": seed / 10}
 
     monkeypatch.setattr(quality, "run_one", stub)
     path = tmp_path / "runs.jsonl"
@@ -640,7 +640,7 @@ def test_run_skips_runs_in_the_jsonl_and_appends_new_ones(tmp_path, monkeypatch)
     assert lines[0] == old and len(lines) == 4
     assert [(r["variant"], r["overrides"], r["seed"]) for r in lines[1:]] == [
         ("sampled (defaults)", [], 1), ("lr 3/x", ["optim.lr=3e-3"], 0), ("lr 3/x", ["optim.lr=3e-3"], 1)]
-    assert lines[2]["metrics"]["test/tagging/precision@5"] == 0.0 and lines[3]["metrics"]["seconds"] == 1.0
+    assert lines[2]["metrics"]["test/tagging/precision@5"] == 0.0 and lines[3]["metrics"]["info/seconds"] == 1.0
     assert len(recs) == 4 and old in recs
     calls.clear()
     again = quality.run(["corpus"], variants, [0, 1], "/data", path, tmp_path / "out")
@@ -651,6 +651,6 @@ def test_run_one_trains_and_returns_test_figures(cache_dir, tmp_path):
     r = quality.run_one("corpus", str(tmp_path / "unused"), [*TINY, "trainer.max_epochs=1",
                                                              f"paths.cache_dir={cache_dir}"], 1, tmp_path / "run")
     assert 0.0 <= r["test/tagging/precision@5"] <= 1.0
-    assert r["test/gamma"] == r["val/gamma"] and r["seconds"] > 0
+    assert r["test/gamma"] == r["val/gamma"] and r["info/seconds"] > 0
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert not any(k.startswith(("train/", "val_gamma/")) for k in r)

@@ -28,7 +28,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -58,11 +57,10 @@ def run_one(data: str, data_dir: str, overrides: list[str], seed: int, out: Path
         cfg = compose("train", overrides=[*data_overrides(data, data_dir), *overrides, f"seed={seed}",
                                           f"paths.output_dir={out}", "trainer.enable_progress_bar=false",
                                           "trainer.enable_model_summary=false"])
-    t0 = time.perf_counter()
     metrics, _ = train(cfg)
     if "test/images" not in metrics:
         raise SystemExit(f"quality: {data} has no test split: nothing to report")
-    return {"seconds": time.perf_counter() - t0, **{k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))}}
+    return {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "info/"))}
 
 
 def _key(r: dict) -> tuple:
@@ -117,7 +115,7 @@ def table(records: list[dict], prior: bool = True) -> str:
         label = variant + (f" ({' '.join(overrides)})" if overrides and variant not in HEADS else "")
         vals = [mean_sd([m.get(f"test/{k}", math.nan) for m in ms]) for _, k in COLUMNS]
         gammas = ", ".join(f"{g:g}" for g in sorted({m["test/gamma"] for m in ms}))
-        minutes = statistics.fmean(m.get("seconds", math.nan) for m in ms) / 60
+        minutes = statistics.fmean(m.get("info/seconds", math.nan) for m in ms) / 60
         lines.append(f"| {data} | {label} | {len(ms)} | {' | '.join(vals)} | {gammas} | {minutes:.1f} |")
     return "\n".join(lines)
 
@@ -133,7 +131,7 @@ def from_multirun(folder: Path) -> list[dict]:
         seed = next((int(o.split("=", 1)[1]) for o in ovr if o.startswith("seed=")), 0)
         rest = [o for o in ovr if not o.startswith("seed=")]
         data = "openclipart" if "+experiment=openclipart" in rest else "corpus"
-        rest = [o for o in rest if not o.startswith(("+experiment=", "paths.data_dir="))]
+        rest = [o for o in rest if not o.startswith(("+experiment=", "paths.", "hydra.", "trainer.enable_"))]
         records.append({"data": data, "variant": " ".join(rest) or "defaults", "overrides": [], "seed": seed,
                         "metrics": json.loads(metrics.read_text())})
     if not records:
