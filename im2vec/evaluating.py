@@ -220,7 +220,9 @@ def table(m: dict, has_clean: bool, has_baseline: bool, gamma: float) -> str:
     gammas = sorted({float(k.rsplit("/", 1)[1]) for k in m if k.startswith("gamma_sweep/precision@5/")})
     if gammas:
         names = [n for n in ("precision@5", "clean_precision@5", "noise_share@5") if f"gamma_sweep/{n}/{gammas[0]:g}" in m]
-        lines.append("  γ sweep (model)   γ" + "".join(f"{n:>19s}" for n in names))
+        lines.append(f"  γ sweep of the model on these images (a diagnostic: the figures above use γ={gamma:g}, "
+                     "the checkpoint's, chosen on validation, or gamma=)")
+        lines.append("                    γ" + "".join(f"{n:>19s}" for n in names))
         for g in gammas:
             lines.append(f"{g:21.2f}" + "".join(f"{m[f'gamma_sweep/{n}/{g:g}']:19.3f}" for n in names))
     return "\n".join(lines)
