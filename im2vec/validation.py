@@ -44,7 +44,7 @@ class ValidationReport:
 
     def __init__(self, tags: list[str], counts: Tensor, noise_ids: Tensor | None, gamma: float,
                  gammas: list[float], projector_tags: int, grid_images: int, choose_gamma: bool = True,
-                 gamma_by: str = "precision@5"):
+                 gamma_by: str = "recall@10"):
         if gamma_by not in GAMMA_CRITERIA:
             raise ValueError(f"validation.gamma_by={gamma_by!r}: use one of {', '.join(GAMMA_CRITERIA)}")
         self.tags, self.counts, self.noise_ids = tags, counts, noise_ids

@@ -404,9 +404,11 @@ def test_training_reports_the_chosen_gamma_and_the_test_split(trained, cache_dir
         assert key in m, key
     assert m["test/gamma"] == m["val/gamma"] == module.gamma
     assert 0 <= m["test/tagging/precision@5"] <= 1 and 0 <= m["test/prior/tagging/precision@5"] <= 1
-    # γ is the sweep's best validation precision@5, the smallest of equals (from the reported sweep)
-    sweep = {float(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("val_gamma/precision@5/")}
-    best = max(sweep.values())
+    # γ is the sweep's best validation recall@10 (the default criterion), the smallest of equals
+    sweep = {float(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("val_gamma/recall@10/")}
+    assert len(sweep) >= 10
+    best = max(round(v, 9) for v in sweep.values())
+    sweep = {g: round(v, 9) for g, v in sweep.items()}
     assert m["val/gamma"] == min(g for g, v in sweep.items() if v == best)
     # test/images: the tiny corpus's test images with an in-vocabulary tag, counted here
     assert dm.test_shards and all("test-" in Path(s).name for s in dm.test_shards)
