@@ -24,7 +24,9 @@ import hashlib
 import json
 import math
 import random
+import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,9 +111,10 @@ class _Samples:
     """The stages after tar reading, sharing one skip counter per process."""
 
     def __init__(self, vocab: Vocabulary, transform, size: int, seed: int, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True, rank: int = 0):
+                 draft: bool = True, rank: int = 0, user_keep: dict[str, float] | None = None):
         self.vocab, self.transform, self.size, self.seed, self.rank = vocab, transform, size, seed, rank
         self.max_pixels, self.draft = max_pixels, draft
+        self.user_keep = user_keep or {}  # uploader -> chance a drawn sample of theirs is used (balance_users)
         self.skipped = [0] * len(SKIP_REASONS)
         self.draws_without_sample = 0
 
@@ -155,6 +158,8 @@ class _Samples:
             if not tags:
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
+            if self.user_keep and rng.random() >= self.user_keep.get(str(meta.get("user")), 1.0):
+                continue  # a prolific uploader's sample, passed over this time (not bad data: not counted)
             try:
                 img = open_image(next(s[e] for e in IMAGE_EXTS if e in s), self.max_pixels)
                 x = to_uint8_tensor(self.transform(img, self.size, rng, draft=self.draft))
@@ -217,6 +222,52 @@ def shard_weights(urls: list[str]) -> list[int] | None:
     return weights if sum(weights) > 0 else None
 
 
+def user_counts(urls: list[str]) -> Counter:
+    """Samples per uploader (the json's "user") in these shards: from the ingest's ``.stats.json``
+    files when every shard's has them, else by reading the shards' json members once."""
+    from im2vec.ingest import stats_name
+
+    counts = Counter()
+    stats = [stats_name(Path(u)) for u in urls]
+    if all(p.is_file() for p in stats):
+        found = [json.loads(p.read_text(encoding="utf-8")).get("users") for p in stats]
+        if all(f is not None for f in found):
+            for f in found:
+                counts.update(f)
+            return counts
+    for u in urls:
+        counts.update(_shard_users(u))
+    return counts
+
+
+def _shard_users(url: str) -> Counter:
+    counts = Counter()
+    try:
+        with tarfile.open(url, "r|*") as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    try:
+                        user = json.loads(tar.extractfile(member).read()).get("user")
+                    except (ValueError, AttributeError, RecursionError):
+                        continue  # the loader counts such samples (bad_meta) when it meets them
+                    if user not in (None, ""):
+                        counts[str(user)] += 1
+    except (OSError, tarfile.TarError, EOFError):
+        pass  # a truncated shard: what was read counts; the loader counts the read error
+    return counts
+
+
+def balance_users(counts: Counter, max_per_user: int | None) -> dict[str, float]:
+    """uploader -> the chance each drawn sample of theirs is used, so that in expectation no uploader
+    gives more than ``max_per_user`` samples per pass over the data (uploaders at or under it: always,
+    left out of the map). Each draw decides anew: over many passes every sample is seen."""
+    if not max_per_user:
+        return {}
+    if max_per_user < 1:
+        raise ValueError(f"data.max_per_user={max_per_user}: use a positive number of samples, or null (off)")
+    return {u: max_per_user / n for u, n in counts.items() if n > max_per_user}
+
+
 def resampled_shards(urls: list[str], seed: int, rank: int = 0, weights: list[int] | None = None,
                      stages: "_Samples | None" = None) -> Iterator[dict]:
     """An endless stream of shard urls drawn with replacement from this rank's shards (in proportion
@@ -235,13 +286,14 @@ def resampled_shards(urls: list[str], seed: int, rank: int = 0, weights: list[in
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
                  num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True) -> wds.WebLoader:
+                 draft: bool = True, user_keep: dict[str, float] | None = None) -> wds.WebLoader:
     """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
-    shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang)."""
+    shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang). ``user_keep``
+    (``balance_users``) passes over each prolific uploader's samples with the given chance."""
     rank, world_size = rank_info(rank, world_size)
     mine = rank_shards(shards, rank, world_size)
     crop = functools.partial(train_view, min_scale=min_scale)
-    stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank)
+    stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank, user_keep)
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
         functools.partial(resampled_shards, mine, seed, rank, shard_weights(mine), stages),

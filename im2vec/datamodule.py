@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import MAX_PIXELS, eval_loader, expand_shards, train_loader
+from im2vec.data import MAX_PIXELS, balance_users, eval_loader, expand_shards, train_loader, user_counts
 from im2vec.vocab import Vocabulary
 
 
@@ -33,6 +33,7 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 2000,
         min_scale: float = 0.35,  # RandomResizedCrop's smallest area fraction
         max_pixels: int = MAX_PIXELS,  # larger images (decompression bombs) are skipped and counted
+        max_per_user: int | None = None,  # at most about this many samples of one uploader per pass (balance_users)
         seed: int = 0,
     ):
         super().__init__()
@@ -60,6 +61,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_batch_size, self.val_max_images = val_batch_size, val_max_images
         self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed
         self.max_pixels = max_pixels
+        self.user_keep = balance_users(user_counts(self.train_shards), max_per_user) if max_per_user else {}
+        if self.user_keep:
+            print(f"data: {len(self.user_keep):,} uploaders with more than {max_per_user:,} training samples: "
+                  f"each of their samples is used with chance {max_per_user:,}/n (data.max_per_user)")
 
     def _rank(self) -> dict:
         if self.trainer is None:
@@ -73,7 +78,8 @@ class ShardDataModule(pl.LightningDataModule):
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=self.seed * 100003 + epoch, shuffle_buffer=self.shuffle_buffer,
-                            min_scale=self.min_scale, max_pixels=self.max_pixels, **self._rank())
+                            min_scale=self.min_scale, max_pixels=self.max_pixels, user_keep=self.user_keep,
+                            **self._rank())
 
     def val_dataloader(self):
         if not self.val_shards:

@@ -129,7 +129,7 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
     """Write one shard of (key, image path, metadata) samples; returns and stores its stats."""
     shard = shard_name(Path(out), split, index)
     tmp = shard.with_name(shard.name + ".tmp")
-    written, skipped, examples = 0, Counter(), {}
+    written, skipped, examples, users = 0, Counter(), {}, Counter()
     with wds.TarWriter(str(tmp)) as sink:
         for key, path, meta in samples:
             try:
@@ -140,12 +140,16 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
                 continue
             sink.write({"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False).encode()})
             written += 1
+            if meta.get("user") not in (None, ""):
+                users[str(meta["user"])] += 1
     if written:
         _fsync(tmp)
         os.replace(tmp, shard)  # only whole shards carry the final name
     else:
         tmp.unlink()  # every image skipped: a stats file only (an empty tar would be drawn in training)
-    stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples}
+    # samples per uploader: the loader's max_per_user balances uploaders from these (im2vec.data.user_counts)
+    stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples,
+             "users": dict(users)}
     _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished
     return stats
 
