@@ -207,19 +207,17 @@ def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
     return urls[rank::world_size]
 
 
-def shard_weights(urls: list[str]) -> list[int] | None:
-    """Samples per shard, from the ingest's ``.stats.json`` files when every shard has one (else None:
-    uniform draws). Drawing shards in proportion to their size draws every sample equally often,
-    a short last shard included."""
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Samples per shard, from the ingest's ``.stats.json`` files when every shard has one (else None)."""
     from im2vec.ingest import stats_name
 
-    weights = []
+    sizes = []
     for u in urls:
         stats = stats_name(Path(u))
         if not stats.is_file():
             return None
-        weights.append(json.loads(stats.read_text(encoding="utf-8"))["written"])
-    return weights if sum(weights) > 0 else None
+        sizes.append(json.loads(stats.read_text(encoding="utf-8"))["written"])
+    return sizes if sum(sizes) > 0 else None
 
 
 def user_counts(urls: list[str]) -> Counter:
@@ -268,11 +266,12 @@ def balance_users(counts: Counter, max_per_user: int | None) -> dict[str, float]
     return {u: max_per_user / n for u, n in counts.items() if n > max_per_user}
 
 
-def resampled_shards(urls: list[str], seed: int, rank: int = 0, weights: list[int] | None = None,
-                     stages: "_Samples | None" = None) -> Iterator[dict]:
-    """An endless stream of shard urls drawn with replacement from this rank's shards (in proportion
-    to ``weights`` if given), seeded by (seed, rank, worker): every worker of a rank draws from all
-    of the rank's shards in its own order, so no worker is left with only unreadable ones.
+def resampled_shards(urls: list[str], seed: int, rank: int = 0, stages: "_Samples | None" = None) -> Iterator[dict]:
+    """An endless stream of shard urls drawn uniformly with replacement from this rank's shards, seeded
+    by (seed, rank, worker): every worker of a rank draws from all of the rank's shards in its own order,
+    so no worker is left with only unreadable ones. A drawn shard is read whole, so uniform draws use
+    every sample equally often whatever the shards' sizes (drawing a shard in proportion to its size
+    would use its samples in proportion to it: a short last shard's 5 times less than the others').
 
     Every call starts the same stream again (unlike wds.ResampledShards, whose seed also counts
     how often it was iterated), so a stream depends on nothing but its seed."""
@@ -280,7 +279,7 @@ def resampled_shards(urls: list[str], seed: int, rank: int = 0, weights: list[in
     while True:
         if stages is not None:
             stages.drawn()
-        yield {"url": rng.choices(urls, weights)[0] if weights else rng.choice(urls)}
+        yield {"url": rng.choice(urls)}
 
 
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
@@ -296,7 +295,7 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank, user_keep)
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
-        functools.partial(resampled_shards, mine, seed, rank, shard_weights(mine), stages),
+        functools.partial(resampled_shards, mine, seed, rank, stages),
         # at this point each sample is {"url": ...}
         wds.tarfile_to_samples(handler=stages.read_error),
         stages.seen,
@@ -327,7 +326,7 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
     if not mine:
         return []  # fewer shards than ranks: nothing for this one
     stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
-    sizes = shard_weights(shards) if max_images else None
+    sizes = shard_sizes(shards) if max_images else None
     # a margin over max_images / total, so that samples skipped later (no tag, bad image) and the hash's
     # chance do not leave fewer than max_images: exact unless more than about half the samples are skipped
     keep = min(1.0, (2 * max_images + 1000) / sum(sizes)) if sizes else 1.0

@@ -256,23 +256,26 @@ def test_a_rank_whose_shards_are_all_unreadable_stops_with_a_clear_error(tmp_pat
         signal.alarm(0)
 
 
-def test_every_worker_draws_from_all_of_its_ranks_shards_in_proportion_to_their_size(tmp_path):
+def test_every_sample_is_used_equally_often_whatever_the_shard_sizes(tmp_path):
+    """A drawn shard is read whole: shards must be drawn uniformly (not in proportion to their size, which
+    would use a 30-sample shard's samples 5 times as often as a 6-sample shard's)."""
     import json as _json
 
-    from im2vec.data import resampled_shards, shard_weights
+    from im2vec.data import resampled_shards, shard_sizes
 
-    shards = [_write(tmp_path / f"shard-{j:06d}.tar", [_sample(10 * j + i, ["sea"]) for i in range(3)])
-              for j in range(3)]
-    assert shard_weights(shards) is None  # no ingest stats: uniform
-    for j, n in enumerate((5000, 5000, 1900)):
+    big = _write(tmp_path / "shard-000000.tar", [_sample(i, ["sea"]) for i in range(30)])
+    small = _write(tmp_path / "shard-000001.tar", [_sample(100 + i, ["sea"]) for i in range(6)])
+    assert shard_sizes([big, small]) is None  # no ingest stats
+    for j, n in enumerate((30, 6)):
         (tmp_path / f"shard-{j:06d}.stats.json").write_text(_json.dumps({"written": n}))
-    weights = shard_weights(shards)
-    assert weights == [5000, 5000, 1900]
-    stream = resampled_shards(shards, seed=0, weights=weights)
-    draws = Counter(next(stream)["url"] for _ in range(60000))
-    for url, n in zip(shards, weights):  # binomial: 60000·p ± 5σ
-        p = n / sum(weights)
-        assert abs(draws[url] - 60000 * p) < 5 * (60000 * p * (1 - p)) ** 0.5
+    assert shard_sizes([big, small]) == [30, 6]
+    stream = resampled_shards([big, small], seed=0)
+    draws = Counter(next(stream)["url"] for _ in range(20000))
+    assert abs(draws[big] - 10000) < 5 * 20000**0.5 / 2  # uniform: binomial(20000, 1/2) ± 5σ
+    loader = train_loader([big, small], VOCAB, image_size=8, batch_size=36, batches_per_epoch=100, num_workers=0,
+                          seed=1, shuffle_buffer=40, rank=0, world_size=1)
+    used = Counter("big" if int(k) < 100 else "small" for b in loader for k in b["keys"])
+    assert used["big"] / 30 == pytest.approx(used["small"] / 6, rel=0.15)  # per sample, equally often
 
 
 def test_one_validation_shard_for_two_ranks():
