@@ -179,6 +179,32 @@ class _Samples:
                 "skipped": skipped, "keys": list(keys)}
 
 
+def interleaved(streams: int, handler, seed: int, urls: Iterator[dict]) -> Iterator[dict]:
+    """The samples of ``streams`` shards read at once, each next sample from one of them at random.
+
+    A shard is often one slice of a sorted list (a folder of one category, one uploader's photos): read
+    one shard at a time, a shuffle buffer smaller than a shard would still give batches of one slice.
+    A shard that ends is replaced by the next url; every shard gives its samples at the same rate, so
+    (with uniform shard draws) every sample is still used equally often."""
+    rng = random.Random(wds.utils.make_seed(seed, 7 + _worker_id()))
+    urls, open_ = iter(urls), []
+    read = wds.tarfile_to_samples(handler=handler)
+    while True:
+        while len(open_) < max(1, streams):
+            url = next(urls, None)
+            if url is None:
+                break
+            open_.append(iter(read(iter([url]))))
+        if not open_:
+            return
+        i = rng.randrange(len(open_))
+        sample = next(open_[i], None)
+        if sample is None:
+            open_.pop(i)  # this shard is done (or unreadable: the handler counted it)
+        else:
+            yield sample
+
+
 def _worker_shuffle(bufsize: int, seed: int, samples: Iterator[dict]) -> Iterator[dict]:
     """webdataset's shuffle buffer, seeded inside the worker so that every worker draws its own order."""
     yield from wds.shuffle(bufsize, initial=min(bufsize, 200), seed=seed + 104729 * _worker_id())(samples)
@@ -285,10 +311,12 @@ def resampled_shards(urls: list[str], seed: int, rank: int = 0, stages: "_Sample
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
                  num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True, user_keep: dict[str, float] | None = None) -> wds.WebLoader:
+                 draft: bool = True, user_keep: dict[str, float] | None = None, interleave: int = 4
+                 ) -> wds.WebLoader:
     """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
     shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang). ``user_keep``
-    (``balance_users``) passes over each prolific uploader's samples with the given chance."""
+    (``balance_users``) passes over each prolific uploader's samples with the given chance. Each
+    worker reads ``interleave`` shards at once (``interleaved``)."""
     rank, world_size = rank_info(rank, world_size)
     mine = rank_shards(shards, rank, world_size)
     crop = functools.partial(train_view, min_scale=min_scale)
@@ -296,8 +324,8 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
         functools.partial(resampled_shards, mine, seed, rank, stages),
-        # at this point each sample is {"url": ...}
-        wds.tarfile_to_samples(handler=stages.read_error),
+        # at this point each sample is {"url": ...}: read `interleave` of them at once, a sample from each in turn
+        functools.partial(interleaved, interleave, stages.read_error, seed + 7919 * rank),
         stages.seen,
         # at this point each sample is {"__key__", "jpg", "json"}
         functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),

@@ -34,6 +34,7 @@ class ShardDataModule(pl.LightningDataModule):
         min_scale: float = 0.35,  # RandomResizedCrop's smallest area fraction
         max_pixels: int = MAX_PIXELS,  # larger images (decompression bombs) are skipped and counted
         max_per_user: int | None = None,  # at most about this many samples of one uploader per pass (balance_users)
+        interleave: int = 4,  # shards each loader worker reads at once (data.interleaved)
         seed: int = 0,
     ):
         super().__init__()
@@ -60,7 +61,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.image_size, self.batch_size, self.batches_per_epoch = image_size, batch_size, batches_per_epoch
         self.val_batch_size, self.val_max_images = val_batch_size, val_max_images
         self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed
-        self.max_pixels = max_pixels
+        self.max_pixels, self.interleave = max_pixels, interleave
         self.user_keep = balance_users(user_counts(self.train_shards), max_per_user) if max_per_user else {}
         if self.user_keep:
             print(f"data: {len(self.user_keep):,} uploaders with more than {max_per_user:,} training samples: "
@@ -79,6 +80,7 @@ class ShardDataModule(pl.LightningDataModule):
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=self.seed * 100003 + epoch, shuffle_buffer=self.shuffle_buffer,
                             min_scale=self.min_scale, max_pixels=self.max_pixels, user_keep=self.user_keep,
+                            interleave=self.interleave,
                             **self._rank())
 
     def val_dataloader(self):

@@ -293,7 +293,7 @@ def test_training_skip_counts_match_a_replay_of_the_stream(tmp_path):
                                             for i in range(6)])
     shards, batch, n_batches = [corrupt, good, mixed], 4, 15
     loader = train_loader(shards, VOCAB, image_size=16, batch_size=batch, batches_per_epoch=n_batches,
-                          num_workers=0, seed=11, shuffle_buffer=1)
+                          num_workers=0, seed=11, shuffle_buffer=1, interleave=1)  # one shard at a time: replayable
     got = [int(b["skipped"][SKIP_IMAGE]) for b in loader]
     bad = {corrupt: [True] * 7, good: [False] * 5, mixed: [i % 2 == 1 for i in range(6)]}
     want, since, filled, draws = [], 0, 0, resampled_shards(shards, seed=11)
@@ -309,3 +309,25 @@ def test_training_skip_counts_match_a_replay_of_the_stream(tmp_path):
                     break
             filled += 1
     assert got == want and sum(got) > 7
+
+
+def test_interleaved_shards_mix_in_every_batch(tmp_path):
+    """Shards cut from a sorted list hold one category each: read one at a time (and a shuffle buffer of 1)
+    a batch is one shard's; read four at a time, batches mix them. A truncated shard is counted, not fatal."""
+    shards = [_write(tmp_path / f"cat{c}.tar", [_sample(100 * c + i, ["sea"]) for i in range(40)]) for c in range(6)]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(shards[0], "rb").read()[:3000])
+    shards.append(str(cut))
+
+    def categories(interleave):
+        loader = train_loader(shards, VOCAB, image_size=8, batch_size=16, batches_per_epoch=12, num_workers=0,
+                              seed=2, shuffle_buffer=1, rank=0, world_size=1, interleave=interleave)
+        batches = list(loader)
+        read_errors = sum(int(b["skipped"][0]) for b in batches)
+        return [len({int(k) // 100 for k in b["keys"]}) for b in batches], read_errors
+
+    one, _ = categories(1)
+    four, errors = categories(4)
+    assert sum(one) / len(one) < 1.5  # mostly one category a batch (two where a shard ends)
+    assert min(four) >= 2 and sum(four) / len(four) > 3
+    assert errors >= 1  # the cut shard was drawn, counted, and the stream went on

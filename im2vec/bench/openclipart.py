@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import hashlib
 import html
 import json
 import os
@@ -106,6 +107,9 @@ def read_records(source: Path, heavy: int = 100, val: float = 0.25, test: float 
     drawings = Counter(r["user"] for r in records)
     for r in records:  # a held-out uploader is never seen in training
         r["split"] = "train" if drawings[r["user"]] > heavy else split_of(r["user"], val, test, salt="openclipart")
+    # in a fixed random order: the folders are categories, and shards cut from a sorted list would each hold
+    # a few categories (a shuffle buffer smaller than a shard cannot mix those back)
+    records.sort(key=lambda r: hashlib.blake2b(r["image"].encode(), digest_size=8).digest())
     return records, skipped
 
 
