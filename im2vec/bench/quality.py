@@ -9,7 +9,8 @@ validation split (uploaders not seen in training), then score the test split (up
 neither) at that γ. Every head trains the same trunk for the same batches; the prior needs no
 training (every image gets s = log count(t)). Figures: precision@1, precision@5, recall@10 and mAP
 per image, macro precision@5 (per tag, then averaged over the tags present in the test split) and
-the same over the rarer half of the vocabulary, as mean ± sd over seeds.
+the same over the rarer half of the vocabulary, as mean ± sd over seeds; on the generated corpus also
+precision@5 against the clean tags and the noise share of the top 5.
 
 Data sets:
 - ``openclipart``: the real development set (``python -m im2vec.bench.openclipart``), under
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ sits besi
 COLUMNS = [("P@1", "tagging/precision@1"), ("P@5", "tagging/precision@5"), ("R@10", "tagging/recall@10"),
            ("mAP", "tagging/map"), ("macro P@5", "tagging/tag_precision@5"),
            ("rare-half P@5", "tagging/tag_precision@5/rare")]
+CORPUS_COLUMNS = [("clean P@5", "tagging/clean/precision@5"), ("noise@5", "tagging/noise_share@5")]  # where known
 HEADS = {"sampled (defaults)": [], "full BCE head": ["sampler.head=full"]}
 
 
@@ -103,17 +105,18 @@ def table(records: list[dict], prior: bool = True) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["data"], r["variant"], tuple(r["overrides"])), []).append(r)
-    head = f"| data | head / setting | seeds | {' | '.join(c for c, _ in COLUMNS)} | γ | minutes |"
+    columns = COLUMNS + [c for c in CORPUS_COLUMNS if any(f"test/{c[1]}" in r["metrics"] for r in records)]
+    head = f"| data | head / setting | seeds | {' | '.join(c for c, _ in columns)} | γ | minutes |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     shown_prior = set()
     for (data, variant, overrides), rs in groups.items():
         ms = [r["metrics"] for r in rs]
         if prior and data not in shown_prior:
             shown_prior.add(data)
-            vals = [mean_sd([m.get(f"test/prior/{k}", math.nan) for m in ms][:1]) for _, k in COLUMNS]
+            vals = [mean_sd([m.get(f"test/prior/{k}", math.nan) for m in ms][:1]) for _, k in columns]
             lines.append(f"| {data} | frequency prior | – | {' | '.join(vals)} | – | – |")
         label = variant + (f" ({' '.join(overrides)})" if overrides and variant not in HEADS else "")
-        vals = [mean_sd([m.get(f"test/{k}", math.nan) for m in ms]) for _, k in COLUMNS]
+        vals = [mean_sd([m.get(f"test/{k}", math.nan) for m in ms]) for _, k in columns]
         gammas = ", ".join(f"{g:g}" for g in sorted({m["test/gamma"] for m in ms}))
         minutes = statistics.fmean(m.get("info/seconds", math.nan) for m in ms) / 60
         lines.append(f"| {data} | {label} | {len(ms)} | {' | '.join(vals)} | {gammas} | {minutes:.1f} |")
