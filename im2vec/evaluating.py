@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -101,12 +102,14 @@ def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float
 def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor, tags: list[str], gamma: float,
                     shards: list[str], image_size: int, noise_ids: Tensor | None = None, gammas: list[float] = (),
                     batch_size: int = 256, num_workers: int = 0, max_images: int | None = None,
-                    prefix: str = "test/") -> dict[str, float]:
+                    prefix: str = "test/", device: str | torch.device | None = None) -> dict[str, float]:
     """A trained encoder and table on held-out shards at ``gamma``, beside the frequency prior:
     training's closing test figures (``test/tagging/precision@5``, ``test/prior/tagging/map``, …) and
     the test γ sweep (``test/gamma_sweep/…``: a diagnostic, not a choice). At most ``max_images``
-    images, chosen by key hash (YFCC's 1 % test split is a million photos: evaluate.py scores more)."""
-    device = next(encoder.parameters()).device
+    images, chosen by key hash (YFCC's 1 % test split is a million photos: evaluate.py scores more).
+    ``device``: where to embed (default: where the encoder is; Lightning moves the module to the CPU
+    when ``fit`` ends, so training passes its root device)."""
+    device = device or next(encoder.parameters()).device
     was_training = encoder.training
     model = TrainedModel(encoder.eval(), table.detach().float().cpu(), log_counts.float().cpu(), tags, gamma,
                          image_size, "", "")
@@ -147,6 +150,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise (e.__cause__ or e) from None
     # the test split (uploaders seen neither in training nor where γ was chosen), else validation's
     shards = expand_shards(cfg.shards) if cfg.shards else datamodule.test_shards or datamodule.val_shards
+    if not cfg.shards and not datamodule.test_shards and datamodule.val_shards:
+        asked = cfg.data.get("test_shards")
+        print(f"evaluate: {'data.test_shards matches no shard (' + repr(asked) + ')' if asked else 'no test split'}: "
+              "scoring the validation split, where γ was chosen (its figures flatter the model)", file=sys.stderr)
     if not shards:
         raise ValueError("evaluate: no held-out shards (set shards=…, data.test_shards=… or data.val_shards=…)")
     noise_ids = noise_ids_for(model.tags, getattr(datamodule, "content_tags", None))

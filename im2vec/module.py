@@ -127,7 +127,7 @@ class Im2VecModule(pl.LightningModule):
     # ---- validation: held-out precision@5 beside the frequency prior, γ sweep, pictures
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         u = self.encoder(batch["image"]).float().cpu()  # (B, d)
-        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch["image"] if batch_idx == 0 else None)
+        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch["image"])
         self.val_skipped += batch["skipped"]
 
     def on_validation_epoch_start(self) -> None:

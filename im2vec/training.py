@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         test = heldout_figures(module.encoder, module.table.weight, module.table.log_counts, module.tags, module.gamma,
                                datamodule.test_shards, datamodule.image_size, datamodule.noise_ids,
                                list(cfg.validation.val_gammas), datamodule.val_batch_size, datamodule.num_workers,
-                               datamodule.val_max_images)
+                               datamodule.val_max_images, device=trainer.strategy.root_device)
         metrics.update(test)
         if trainer.logger is not None:
             trainer.logger.log_metrics({k: v for k, v in test.items() if not math.isnan(v)},

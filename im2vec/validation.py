@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from im2vec.data import MEAN, STD, first_by_key
+from im2vec.data import MEAN, STD, first_by_key, key_rank
 from im2vec.metrics import noise_share, precision_at_k, recall_at_k
 from im2vec.sampler import PAD
 from im2vec.scoring import prior_topk, topk_tags
@@ -56,7 +56,8 @@ class ValidationReport:
         self.reset()
 
     def reset(self) -> None:
-        self.u, self.obs, self.clean, self.keys, self.images = [], [], [], [], None
+        self.u, self.obs, self.clean, self.keys = [], [], [], []
+        self.images, self.image_keys = None, []  # the grid: the held-out images of smallest key rank so far
 
     @property
     def size(self) -> int:
@@ -67,8 +68,15 @@ class ValidationReport:
         self.obs.append(tags)
         self.clean.append(clean)
         self.keys += keys
-        if images is not None and self.images is None:
-            self.images = images[: self.grid_images].float().cpu()
+        if images is not None and self.grid_images > 0:  # keep the grid_images smallest key ranks: inside any subset
+            pool = self.image_keys + list(keys)
+            best = sorted(range(len(pool)), key=lambda i: key_rank(pool[i]))[: self.grid_images]
+            new = [i - len(self.image_keys) for i in best if i >= len(self.image_keys)]
+            if new:
+                fresh = images[torch.tensor(new, device=images.device)].float().cpu()
+                old = [i for i in best if i < len(self.image_keys)]
+                self.images = torch.cat([self.images[old], fresh]) if old else fresh
+                self.image_keys = [self.image_keys[i] for i in old] + [keys[i] for i in new]
 
     def compute(self, table: Tensor, log_counts: Tensor, step: int, max_images: int | None = None) -> dict[str, float]:
         """The figures on the ``max_images`` images with the smallest key hashes (all when None)."""
@@ -101,6 +109,7 @@ class ValidationReport:
         self.metrics, self.step = m, step
         self._top = top[g0]
         self._obs = obs
+        self._row = {self.keys[i]: r for r, i in enumerate(keep.tolist())}  # key -> row of _top (the kept subset)
         return m
 
     def log_pictures(self, tb, table: Tensor, log_counts: Tensor, step: int) -> None:
@@ -108,7 +117,10 @@ class ValidationReport:
         n = self.projector_tags
         tb.add_embedding(table[:n].clone(), metadata=self.tags[:n], tag="tag_vectors", global_step=step)
         if self.images is not None:
-            tiles = [self._tile(img, self._top[i, :K].tolist(), set(self._obs[i].tolist())) for i, img in enumerate(self.images)]
+            rows = [(img, self._row[k]) for img, k in zip(self.images, self.image_keys) if k in self._row]
+            tiles = [self._tile(img, self._top[i, :K].tolist(), set(self._obs[i].tolist())) for img, i in rows]
+            if not tiles:  # the first batch's images all fell outside the key-hash subset
+                return
             tb.add_image("val/top5_tags", make_grid(torch.stack(tiles), nrow=8, padding=2), step)
 
     def _tile(self, image: Tensor, top: list[int], observed: set[int], side: int = 128) -> Tensor:

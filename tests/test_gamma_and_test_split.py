@@ -476,6 +476,24 @@ def test_evaluate_scores_the_test_split_by_default_and_val_with_shards(trained, 
     assert v["tagging/precision@5"] == pytest.approx(m["val/precision@5"], abs=1e-6)
 
 
+def test_evaluate_says_so_when_the_test_pattern_matches_nothing(trained, cache_dir, tmp_path, capsys):
+    from im2vec.evaluating import evaluate
+
+    out, m, objs = trained
+    dm = objs["datamodule"]
+    root = Path(dm.val_shards[0]).parent
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "data=shards", f"data.train_shards='{root}/train-*.tar'",
+            f"data.val_shards='{root}/val-*.tar'", f"data.test_shards='{root}/nothing-*.tar'",
+            f"data.vocab_path={root / 'vocab.tsv'}", f"paths.output_dir={tmp_path}", "num_workers=0",
+            "grid_images=4", "query_pictures=2"])
+    v = evaluate(cfg)
+    err = capsys.readouterr().err
+    assert "data.test_shards matches no shard" in err and "scoring the validation split" in err
+    assert v["info/images"] == len(_in_vocab(_read_shards(dm.val_shards), objs["module"].tags))
+
+
 def test_gamma_fixed_when_not_chosen_and_set_gamma_rewrites_it(cache_dir, tmp_path):
     from im2vec.checkpoint import load_model, set_gamma
     from im2vec.training import train
@@ -656,3 +674,46 @@ def test_run_one_trains_and_returns_test_figures(cache_dir, tmp_path):
     assert r["test/gamma"] == r["val/gamma"] and r["info/seconds"] > 0
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert not any(k.startswith(("train/", "val_gamma/")) for k in r)
+
+
+class _Board:
+    """Stands in for TensorBoard's SummaryWriter: records what the report draws."""
+
+    def __init__(self):
+        self.images = {}
+
+    def add_embedding(self, *a, **k):
+        pass
+
+    def add_image(self, tag, img, step):
+        self.images[tag] = img
+
+
+def test_the_grid_shows_kept_images_with_their_own_top_tags(monkeypatch):
+    """With more held-out images than val_max_images, the grid's images are the smallest key ranks seen
+    (so always inside the key-hash subset), and each is drawn with the top tags of its own row."""
+    u, table, counts, lc, obs, clean, noise = _problem(0)
+    keys = [f"img{i:03d}" for i in range(N_IMG)]
+    report = ValidationReport([f"t{i}" for i in range(N_TAGS)], torch.tensor(counts, dtype=torch.long),
+                              torch.tensor(noise, dtype=torch.long), START_GAMMA, list(SWEEP), projector_tags=10,
+                              grid_images=4, choose_gamma=True, gamma_by="precision@5")
+    images = torch.arange(N_IMG, dtype=torch.float).view(N_IMG, 1, 1, 1).expand(N_IMG, 3, 2, 2)  # image i is all i
+    for a in range(0, N_IMG, 7):
+        part = list(range(a, min(a + 7, N_IMG)))
+        report.add(torch.from_numpy(u[part]), _padded([obs[i] for i in part]), _padded([clean[i] for i in part]),
+                   [keys[i] for i in part], images[part])
+    n = N_IMG // 3
+    report.compute(torch.from_numpy(table), torch.from_numpy(lc), step=1, max_images=n)
+    want = sorted(keys, key=key_rank)[:4]
+    assert sorted(report.image_keys) == sorted(want)
+    assert [int(img[0, 0, 0]) for img in report.images] == [keys.index(k) for k in report.image_keys]
+    kept = first_by_key(keys, n).tolist()
+    drawn = []
+    monkeypatch.setattr(report, "_tile", lambda img, top, observed: drawn.append((int(img[0, 0, 0]), top))
+                        or torch.zeros(3, 8, 8))
+    report.log_pictures(_Board(), torch.from_numpy(table), torch.from_numpy(lc), step=1)
+    assert len(drawn) == 4
+    for i, top in drawn:  # the top tags drawn under image i are row i's own, at the chosen γ
+        s = u[i] @ table.T + report.gamma * lc
+        assert i in kept
+        assert set(top) == set(np.argsort(-s, kind="stable")[:5].tolist())

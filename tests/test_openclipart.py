@@ -293,6 +293,24 @@ def test_build_resumes_on_the_same_folder(tmp_path):
     assert len(_manifest(out)) == len(KEPT)
 
 
+def test_build_with_another_side_redraws_the_images_and_rebuilds_the_shards(tmp_path):
+    src, out = _source(tmp_path), tmp_path / "out"
+    build(out, source=src, side=SIDE, heavy=HEAVY, workers=1)
+    shards = {p: p.stat().st_mtime_ns for p in out.glob("*/shard-*.tar")}
+    info = build(out, source=src, side=SIDE // 2, heavy=HEAVY, workers=1)
+    assert info["side"] == SIDE // 2
+    for k in KEPT:
+        with Image.open(out / "images" / f"{k}.jpg") as im:
+            assert max(im.size) <= SIDE // 2
+    assert shards and all(p.stat().st_mtime_ns != t for p, t in shards.items())  # written again
+    for shard in out.glob("*/shard-*.tar"):
+        with tarfile.open(shard) as tar:
+            for name in tar.getnames():
+                if name.endswith(".jpg"):
+                    with Image.open(tar.extractfile(name)) as im:
+                        assert max(im.size) <= SIDE // 2
+
+
 def test_build_refuses_a_source_without_svg_and_png(tmp_path):
     src = tmp_path / "half"
     (src / "svg").mkdir(parents=True)

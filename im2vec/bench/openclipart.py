@@ -134,6 +134,14 @@ def _convert(job: tuple[str, str, int]) -> tuple[str, str | None]:
         return job[0], f"{type(e).__name__}: {e}"
 
 
+def _drop_shards(out: Path) -> None:
+    """Shards of other images or another manifest: a resumed ingest would keep them."""
+    for split in ("train", "val", "test"):
+        shutil.rmtree(out / split, ignore_errors=True)
+    for name in ("ingest.json", "summary.json", "manifest.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
 def build(out: Path, source: Path | None = None, side: int = 256, min_count: int = 2, heavy: int = 100,
           workers: int = 0) -> dict:
     out = Path(out)
@@ -141,6 +149,12 @@ def build(out: Path, source: Path | None = None, side: int = 256, min_count: int
     if not (source / "svg").is_dir() or not (source / "png").is_dir():
         raise SystemExit(f"openclipart: {source} has no svg/ and png/ folders (an unpacked openclipart-svg and -png)")
     records, skipped = read_records(source, heavy)
+    marker = out / "images.side"  # the images' size: another --side redraws them and rebuilds the shards
+    if (out / "images").is_dir() and (not marker.is_file() or marker.read_text().strip() != str(side)):
+        shutil.rmtree(out / "images")
+        _drop_shards(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{side}\n")
     jobs = [(r["png"], str(out / "images" / r["image"]), side) for r in records
             if not (out / "images" / r["image"]).is_file()]
     with cf.ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
@@ -150,10 +164,7 @@ def build(out: Path, source: Path | None = None, side: int = 256, min_count: int
     manifest = "".join(json.dumps({k: v for k, v in r.items() if k != "png"}, ensure_ascii=False) + "\n"
                        for r in records)
     if not (out / "manifest.jsonl").is_file() or (out / "manifest.jsonl").read_text(encoding="utf-8") != manifest:
-        for split in ("train", "val", "test"):  # shards of another manifest: a resumed ingest would keep them
-            shutil.rmtree(out / split, ignore_errors=True)
-        for name in ("ingest.json", "summary.json"):
-            (out / name).unlink(missing_ok=True)
+        _drop_shards(out)
         (out / "manifest.jsonl").write_text(manifest, encoding="utf-8")
     s = Settings(source="collection", inputs=[str((out / "manifest.jsonl").resolve())], root=str((out / "images").resolve()),
                  split_by="manifest", shard_size=2000)

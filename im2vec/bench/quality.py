@@ -117,7 +117,7 @@ def table(records: list[dict], prior: bool = True) -> str:
             lines.append(f"| {data} | frequency prior | – | {' | '.join(vals)} | – | – |")
         label = variant + (f" ({' '.join(overrides)})" if overrides and variant not in HEADS else "")
         vals = [mean_sd([m.get(f"test/{k}", math.nan) for m in ms]) for _, k in columns]
-        gammas = ", ".join(f"{g:g}" for g in sorted({m["test/gamma"] for m in ms}))
+        gammas = ", ".join(f"{g:g}" for g in sorted({m["test/gamma"] for m in ms if "test/gamma" in m})) or "–"
         minutes = statistics.fmean(m.get("info/seconds", math.nan) for m in ms) / 60
         lines.append(f"| {data} | {label} | {len(ms)} | {' | '.join(vals)} | {gammas} | {minutes:.1f} |")
     return "\n".join(lines)
