@@ -53,7 +53,7 @@ class Im2VecModule(pl.LightningModule):
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
                  projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224,
-                 choose_gamma: bool = True, gamma_by: str = "recall@10"):
+                 choose_gamma: bool = True, gamma_by: str = "auto"):
         super().__init__()
         self.encoder = encoder
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()

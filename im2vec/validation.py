@@ -30,7 +30,9 @@ def _cat_padded(rows: list[Tensor]) -> Tensor:
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=PAD) for r in rows])
 
 
-GAMMA_CRITERIA = ("precision@1", "precision@5", "recall@10")  # what the γ on validation is chosen by
+# what the γ on validation is chosen by; auto: clean_precision@5 where the images have clean tags (the
+# generated corpus, a hand-checked validation set), else recall@10 against the observed tags
+GAMMA_CRITERIA = ("auto", "precision@1", "precision@5", "recall@10", "clean_precision@5")
 
 
 class ValidationReport:
@@ -44,7 +46,7 @@ class ValidationReport:
 
     def __init__(self, tags: list[str], counts: Tensor, noise_ids: Tensor | None, gamma: float,
                  gammas: list[float], projector_tags: int, grid_images: int, choose_gamma: bool = True,
-                 gamma_by: str = "recall@10"):
+                 gamma_by: str = "auto"):
         if gamma_by not in GAMMA_CRITERIA:
             raise ValueError(f"validation.gamma_by={gamma_by!r}: use one of {', '.join(GAMMA_CRITERIA)}")
         self.tags, self.counts, self.noise_ids = tags, counts, noise_ids
@@ -85,25 +87,31 @@ class ValidationReport:
         top = {g: ids for g, (_, ids) in topk_tags(u, table, log_counts, self.gammas, K_MAX).items()}  # γ -> (N, 10)
         prior = prior_topk(self.counts, len(u), K_MAX)
         has_clean = bool((clean >= 0).any())
+        crit = self.gamma_by if self.gamma_by != "auto" else "clean_precision@5" if has_clean else "recall@10"
+        if crit == "clean_precision@5" and not has_clean and self.choose_gamma:
+            raise ValueError("validation.gamma_by=clean_precision@5: the validation images have no clean tags "
+                             "(a clean_tags field in their JSON) — use recall@10 or auto")
         by = {g: _observed(ids, obs) for g, ids in top.items()}  # γ -> {precision@1, precision@5, recall@10}
+        if has_clean:
+            for g, ids in top.items():
+                by[g]["clean_precision@5"] = precision_at_k(ids, clean, K)
         if self.choose_gamma:  # the best γ on these images; the smallest of equals (rounding: equal hits, one value)
-            self.gamma = max(self.gammas, key=lambda g: (round(by[g][self.gamma_by], 9), -g))
+            self.gamma = max(self.gammas, key=lambda g: (round(by[g][crit], 9), -g))
         g0 = self.gamma
         m = {f"val/{name}": v for name, v in by[g0].items()}
         m.update({f"val/{name}_prior": v for name, v in _observed(prior, obs).items()})
         m["val/gamma"] = g0
         if has_clean:
-            m["val/clean_precision@5"] = precision_at_k(top[g0], clean, K)
             m["val/clean_precision@5_prior"] = precision_at_k(prior, clean, K)
         if self.noise_ids is not None:
             m["val/noise_share@5"] = noise_share(top[g0], self.noise_ids, K)
             m["val/noise_share@5_prior"] = noise_share(prior, self.noise_ids, K)
         for g in self.gammas:  # the sweep: what γ would have given, a diagnostic
             m[f"val_gamma/precision@5/{g:g}"] = by[g]["precision@5"]
-            if self.gamma_by != "precision@5":
-                m[f"val_gamma/{self.gamma_by}/{g:g}"] = by[g][self.gamma_by]
+            if crit not in ("precision@5", "clean_precision@5"):
+                m[f"val_gamma/{crit}/{g:g}"] = by[g][crit]
             if has_clean:
-                m[f"val_gamma/clean_precision@5/{g:g}"] = precision_at_k(top[g], clean, K)
+                m[f"val_gamma/clean_precision@5/{g:g}"] = by[g]["clean_precision@5"]
             if self.noise_ids is not None:
                 m[f"val_gamma/noise_share@5/{g:g}"] = noise_share(top[g], self.noise_ids, K)
         self.metrics, self.step = m, step

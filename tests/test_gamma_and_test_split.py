@@ -35,7 +35,8 @@ from im2vec.vocab import Vocabulary
 # =====================================================================================================
 SWEEP = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 START_GAMMA = 0.3  # not in SWEEP: the report adds it to its sweep
-CRITERIA = ("precision@1", "precision@5", "recall@10")
+OBSERVED = ("precision@1", "precision@5", "recall@10")  # against the observed tags
+CRITERIA = OBSERVED + ("clean_precision@5", "auto")
 N_IMG, N_TAGS, DIM = 24, 30, 4
 SEEDS = (10, 22, 24, 39)
 
@@ -78,7 +79,7 @@ def _exact(top: np.ndarray, truth: list[list[int]]) -> dict[str, Fraction]:
     """precision@1, precision@5, recall@10 as exact fractions, over the images with a true tag."""
     has = [i for i, t in enumerate(truth) if t]
     if not has:
-        return {c: None for c in CRITERIA}
+        return {c: None for c in OBSERVED}
     h = lambda i, k: len(set(top[i, :k].tolist()) & set(truth[i]))  # noqa: E731
     return {"precision@1": Fraction(sum(h(i, 1) for i in has), len(has)),
             "precision@5": Fraction(sum(h(i, 5) for i in has), 5 * len(has)),
@@ -90,12 +91,17 @@ def _brute(u, table, counts, lc, obs, clean, noise_ids, gamma, choose, by) -> tu
     gammas = sorted(set(SWEEP) | {gamma})
     tops = {g: _top10(u, table, lc, g) for g in gammas}
     crit = {g: _exact(tops[g], obs) for g in gammas}
+    if by == "auto":  # the clean tags where the images have them, else recall@10 of the observed ones
+        by = "clean_precision@5" if any(clean) else "recall@10"
+    if any(clean):
+        for g in gammas:
+            crit[g]["clean_precision@5"] = _exact(tops[g], clean)["precision@5"]
     if choose:
         best = max(crit[g][by] for g in gammas)
         gamma = min(g for g in gammas if crit[g][by] == best)  # ties: the smaller γ
     top = tops[gamma]
     prior = np.tile(np.argsort(-counts, kind="stable")[:10], (len(obs), 1))
-    m = {f"val/{c}": float(v) for c, v in crit[gamma].items()}
+    m = {f"val/{c}": float(v) for c, v in crit[gamma].items() if c != "clean_precision@5"}
     m.update({f"val/{c}_prior": float(v) for c, v in _exact(prior, obs).items()})
     m["val/gamma"] = gamma
     has_clean = any(clean)  # no image with a clean tag: no clean figures
@@ -106,7 +112,7 @@ def _brute(u, table, counts, lc, obs, clean, noise_ids, gamma, choose, by) -> tu
     m["val/noise_share@5_prior"] = float(np.isin(prior[:, :5], noise_ids).mean())
     for g in gammas:
         m[f"val_gamma/precision@5/{g:g}"] = float(crit[g]["precision@5"])
-        if by != "precision@5":
+        if by not in ("precision@5", "clean_precision@5"):
             m[f"val_gamma/{by}/{g:g}"] = float(crit[g][by])
         if has_clean:
             m[f"val_gamma/clean_precision@5/{g:g}"] = float(_exact(tops[g], clean)["precision@5"])
@@ -160,12 +166,12 @@ def test_the_criterion_and_the_tie_rule_decide_the_choice():
         u, table, counts, lc, obs, clean, noise = _problem(seed)
         gammas = sorted(set(SWEEP) | {START_GAMMA})
         crit = {g: _exact(_top10(u, table, lc, g), obs) for g in gammas}
-        for by in CRITERIA:
+        for by in OBSERVED:
             best = max(crit[g][by] for g in gammas)
             tied = [g for g in gammas if crit[g][by] == best]
             choices[seed, by] = tied[0]
             tie_cases += len(tied) > 1 and tied[0] != gammas[0]
-    assert len({choices[10, by] for by in CRITERIA}) == 3  # seed 10: P@1, P@5 and R@10 each choose another γ
+    assert len({choices[10, by] for by in OBSERVED}) == 3  # seed 10: P@1, P@5 and R@10 each choose another γ
     assert tie_cases >= 3
     assert choices[39, "precision@1"] == START_GAMMA  # the starting γ is one of the sweep's
 
@@ -404,8 +410,9 @@ def test_training_reports_the_chosen_gamma_and_the_test_split(trained, cache_dir
         assert key in m, key
     assert m["test/gamma"] == m["val/gamma"] == module.gamma
     assert 0 <= m["test/tagging/precision@5"] <= 1 and 0 <= m["test/prior/tagging/precision@5"] <= 1
-    # γ is the sweep's best validation recall@10 (the default criterion), the smallest of equals
-    sweep = {float(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("val_gamma/recall@10/")}
+    # γ is the sweep's best validation clean precision@5 (the default criterion, auto, where the images have
+    # clean tags, as the corpus's do), the smallest of equals
+    sweep = {float(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("val_gamma/clean_precision@5/")}
     assert len(sweep) >= 10
     best = max(round(v, 9) for v in sweep.values())
     sweep = {g: round(v, 9) for g, v in sweep.items()}
@@ -717,3 +724,21 @@ def test_the_grid_shows_kept_images_with_their_own_top_tags(monkeypatch):
         s = u[i] @ table.T + report.gamma * lc
         assert i in kept
         assert set(top) == set(np.argsort(-s, kind="stable")[:5].tolist())
+
+
+def test_auto_chooses_by_recall_at_10_without_clean_tags_and_clean_needs_them():
+    u, table, counts, lc, obs, clean, noise = _problem(10)
+    none = [[] for _ in obs]  # real data: no image has clean tags
+    keys = [f"k{i}" for i in range(N_IMG)]
+    got = {}
+    for by in ("auto", "recall@10"):
+        r = _report(counts, noise, by=by)
+        _add(r, u, obs, none, keys, list(range(N_IMG)))
+        got[by] = r.compute(torch.from_numpy(table), torch.from_numpy(lc), step=0)
+    assert got["auto"] == got["recall@10"]
+    _, want = _brute(u, table, counts, lc, obs, none, noise, START_GAMMA, True, "recall@10")
+    _assert_same(got["auto"], want)
+    r = _report(counts, noise, by="clean_precision@5")
+    _add(r, u, obs, none, keys, list(range(N_IMG)))
+    with pytest.raises(ValueError, match="no clean tags"):
+        r.compute(torch.from_numpy(table), torch.from_numpy(lc), step=0)
