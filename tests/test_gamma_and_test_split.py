@@ -36,7 +36,7 @@ from im2vec.vocab import Vocabulary
 SWEEP = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 START_GAMMA = 0.3  # not in SWEEP: the report adds it to its sweep
 OBSERVED = ("precision@1", "precision@5", "recall@10")  # against the observed tags
-CRITERIA = OBSERVED + ("clean_precision@5", "auto")
+CRITERIA = OBSERVED + ("clean_precision@5", "clean_minus_noise@5", "auto")
 N_IMG, N_TAGS, DIM = 24, 30, 4
 SEEDS = (10, 22, 24, 39)
 
@@ -91,17 +91,19 @@ def _brute(u, table, counts, lc, obs, clean, noise_ids, gamma, choose, by) -> tu
     gammas = sorted(set(SWEEP) | {gamma})
     tops = {g: _top10(u, table, lc, g) for g in gammas}
     crit = {g: _exact(tops[g], obs) for g in gammas}
-    if by == "auto":  # the clean tags where the images have them, else recall@10 of the observed ones
-        by = "clean_precision@5" if any(clean) else "recall@10"
+    if by == "auto":  # clean precision@5 minus the noise share where the images have clean tags, else recall@10
+        by = "clean_minus_noise@5" if any(clean) else "recall@10"
     if any(clean):
         for g in gammas:
             crit[g]["clean_precision@5"] = _exact(tops[g], clean)["precision@5"]
+            noise = Fraction(int(np.isin(tops[g][:, :5], noise_ids).sum()), tops[g][:, :5].size)
+            crit[g]["clean_minus_noise@5"] = crit[g]["clean_precision@5"] - noise
     if choose:
         best = max(crit[g][by] for g in gammas)
         gamma = min(g for g in gammas if crit[g][by] == best)  # ties: the smaller γ
     top = tops[gamma]
     prior = np.tile(np.argsort(-counts, kind="stable")[:10], (len(obs), 1))
-    m = {f"val/{c}": float(v) for c, v in crit[gamma].items() if c != "clean_precision@5"}
+    m = {f"val/{c}": float(v) for c, v in crit[gamma].items() if c not in ("clean_precision@5", "clean_minus_noise@5")}
     m.update({f"val/{c}_prior": float(v) for c, v in _exact(prior, obs).items()})
     m["val/gamma"] = gamma
     has_clean = any(clean)  # no image with a clean tag: no clean figures
@@ -410,9 +412,11 @@ def test_training_reports_the_chosen_gamma_and_the_test_split(trained, cache_dir
         assert key in m, key
     assert m["test/gamma"] == m["val/gamma"] == module.gamma
     assert 0 <= m["test/tagging/precision@5"] <= 1 and 0 <= m["test/prior/tagging/precision@5"] <= 1
-    # γ is the sweep's best validation clean precision@5 (the default criterion, auto, where the images have
-    # clean tags, as the corpus's do), the smallest of equals
-    sweep = {float(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("val_gamma/clean_precision@5/")}
+    # γ is the sweep's best validation clean precision@5 minus noise share@5 (the default criterion, auto, where
+    # the images have clean tags and the noise tags are known, as the corpus's are), the smallest of equals
+    sweep = {float(k.rsplit("/", 1)[1]): v for k, v in m.items() if k.startswith("val_gamma/clean_minus_noise@5/")}
+    for g, v in sweep.items():
+        assert v == pytest.approx(m[f"val_gamma/clean_precision@5/{g:g}"] - m[f"val_gamma/noise_share@5/{g:g}"])
     assert len(sweep) >= 10
     best = max(round(v, 9) for v in sweep.values())
     sweep = {g: round(v, 9) for g, v in sweep.items()}
@@ -742,3 +746,18 @@ def test_auto_chooses_by_recall_at_10_without_clean_tags_and_clean_needs_them():
     _add(r, u, obs, none, keys, list(range(N_IMG)))
     with pytest.raises(ValueError, match="no clean tags"):
         r.compute(torch.from_numpy(table), torch.from_numpy(lc), step=0)
+
+
+def test_auto_without_known_noise_tags_chooses_by_clean_precision_at_5():
+    u, table, counts, lc, obs, clean, noise = _problem(22)
+    keys = [f"k{i}" for i in range(N_IMG)]
+    got = {}
+    for by in ("auto", "clean_precision@5"):
+        r = ValidationReport([f"t{i}" for i in range(N_TAGS)], torch.tensor(counts, dtype=torch.long), None,
+                             START_GAMMA, list(SWEEP), projector_tags=10, grid_images=0, gamma_by=by)
+        _add(r, u, obs, clean, keys, list(range(N_IMG)))
+        got[by] = (r.compute(torch.from_numpy(table), torch.from_numpy(lc), step=0), r.gamma)
+    assert got["auto"] == got["clean_precision@5"]
+    gammas = sorted(set(SWEEP) | {START_GAMMA})
+    want = {g: _exact(_top10(u, table, lc, g), clean)["precision@5"] for g in gammas}
+    assert got["auto"][1] == min(g for g in gammas if want[g] == max(want.values()))
