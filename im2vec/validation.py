@@ -122,7 +122,7 @@ class ValidationReport:
             if has_clean:
                 m[f"val_gamma/clean_precision@5/{g:g}"] = by[g]["clean_precision@5"]
             if self.noise_ids is not None:
-                m[f"val_gamma/noise_share@5/{g:g}"] = noise_share(top[g], self.noise_ids, K)
+                m[f"val_gamma/noise_share@5/{g:g}"] = by[g]["noise_share@5"] if has_clean else noise_share(top[g], self.noise_ids, K)
         self.metrics, self.step = m, step
         self._top = top[g0]
         self._obs = obs
