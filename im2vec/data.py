@@ -44,6 +44,7 @@ SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG, SKIP_TOO_LARGE, SKIP_BAD_META = 0, 1, 2, 3, 
 # truncated/unreadable tar; corrupt image; no in-vocabulary tag; decompression bomb; no/bad json or tag list
 SKIP_REASONS = ("read_error", "bad_image", "no_tag", "too_large", "bad_meta")
 MAX_BAD_DRAWS = 200  # this many shards in a row without one readable sample: stop with an error, not a hang
+MAX_UNUSABLE = 20_000  # this many samples read past the shuffle buffer without one usable: stop and say why
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -111,12 +112,16 @@ class _Samples:
     """The stages after tar reading, sharing one skip counter per process."""
 
     def __init__(self, vocab: Vocabulary, transform, size: int, seed: int, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True, rank: int = 0, user_keep: dict[str, float] | None = None):
+                 draft: bool = True, rank: int = 0, user_keep: dict[str, float] | None = None,
+                 max_unusable: int | None = None):
         self.vocab, self.transform, self.size, self.seed, self.rank = vocab, transform, size, seed, rank
         self.max_pixels, self.draft = max_pixels, draft
         self.user_keep = user_keep or {}  # uploader -> chance a drawn sample of theirs is used (balance_users)
         self.skipped = [0] * len(SKIP_REASONS)
         self.draws_without_sample = 0
+        # samples read since the last usable one: past max_unusable (the shuffle buffer's lag + MAX_UNUSABLE)
+        # the stream is all skips (a vocabulary of other shards, every image corrupt): stop and say why
+        self.read_since_usable, self.max_unusable = 0, max_unusable
 
     def read_error(self, exn: Exception) -> bool:
         """Count a tar that cannot be read (on) once, and go on with the next: never fatal.
@@ -138,6 +143,12 @@ class _Samples:
     def seen(self, samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
             self.draws_without_sample = 0
+            self.read_since_usable += 1
+            if self.max_unusable is not None and self.read_since_usable > self.max_unusable:
+                counts = ", ".join(f"{r} {n:,}" for r, n in zip(SKIP_REASONS, self.skipped) if n)
+                raise RuntimeError(f"data: {self.read_since_usable:,} samples read (rank {self.rank}), none usable: "
+                                   f"{counts or 'nothing skipped yet'} — does data.vocab_path belong to these shards, "
+                                   "and are their images readable?")
             yield s
 
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
@@ -151,7 +162,7 @@ class _Samples:
                 clean = meta.get("clean_tags") or []
                 if not isinstance(meta["tags"], list) or not isinstance(clean, list):
                     raise TypeError("tags and clean_tags must be lists")
-                tags = self.vocab.ids(meta["tags"])
+                tags, clean_ids = self.vocab.ids(meta["tags"]), self.vocab.ids(clean)
             except (KeyError, ValueError, TypeError, RecursionError):  # no json, bad json, no tag list
                 self.skipped[SKIP_BAD_META] += 1
                 continue
@@ -170,7 +181,8 @@ class _Samples:
                 self.skipped[SKIP_IMAGE] += 1
                 continue
             # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids, key)
-            yield x, tags, self.vocab.ids(clean), s["__key__"]
+            self.read_since_usable = 0
+            yield x, tags, clean_ids, s["__key__"]
 
     def collate(self, items: list[tuple]) -> dict:
         skipped, self.skipped = torch.tensor(self.skipped), [0] * len(SKIP_REASONS)
@@ -320,7 +332,8 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     rank, world_size = rank_info(rank, world_size)
     mine = rank_shards(shards, rank, world_size)
     crop = functools.partial(train_view, min_scale=min_scale)
-    stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank, user_keep)
+    stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank, user_keep,
+                      max_unusable=shuffle_buffer + MAX_UNUSABLE)
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
         functools.partial(resampled_shards, mine, seed, rank, stages),

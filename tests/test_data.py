@@ -331,3 +331,57 @@ def test_interleaved_shards_mix_in_every_batch(tmp_path):
     assert sum(one) / len(one) < 1.5  # mostly one category a batch (two where a shard ends)
     assert min(four) >= 2 and sum(four) / len(four) > 3
     assert errors >= 1  # the cut shard was drawn, counted, and the stream went on
+
+
+@pytest.mark.parametrize("case", ["vocabulary of other shards", "every image corrupt", "every json bad"])
+def test_a_stream_without_one_usable_sample_stops_and_says_why(tmp_path, monkeypatch, case):
+    """Readable shards whose every sample is skipped (tags outside the vocabulary, corrupt images, bad JSON)
+    used to loop forever: the loader now stops after the shuffle buffer + MAX_UNUSABLE samples, naming the
+    skip reasons it counted."""
+    import signal
+
+    import im2vec.data as data
+
+    monkeypatch.setattr(data, "MAX_UNUSABLE", 300)
+    if case == "vocabulary of other shards":
+        samples, reason = [_sample(i, ["elsewhere"]) for i in range(20)], "no_tag"
+    elif case == "every image corrupt":
+        samples, reason = [_sample(i, ["sea"], jpg=b"\xff\xd8 not a jpeg") for i in range(20)], "bad_image"
+    else:
+        samples = [{"__key__": f"{i:05d}", "jpg": _jpeg(i), "json": b"{not json"} for i in range(20)]
+        reason = "bad_meta"
+    shard = _write(tmp_path / "a.tar", samples)
+    loader = train_loader([shard], VOCAB, image_size=16, batch_size=4, batches_per_epoch=3, num_workers=0, seed=0,
+                          shuffle_buffer=10)
+    signal.alarm(120)  # a hang fails the test instead of the whole run
+    try:
+        with pytest.raises(RuntimeError, match=rf"data: 311 samples read \(rank 0\), none usable: {reason} 3\d\d "
+                                               r".*does data.vocab_path belong to these shards"):
+            list(loader)
+    finally:
+        signal.alarm(0)
+
+
+def test_a_healthy_but_noisy_stream_does_not_trip_the_guard(tmp_path, monkeypatch):
+    """One usable sample among many skipped ones resets the count: training goes on."""
+    import im2vec.data as data
+
+    monkeypatch.setattr(data, "MAX_UNUSABLE", 200)  # 4 interleaved streams: gaps of up to ~80 skipped samples
+    samples = [_sample(i, ["sea"] if i % 20 == 0 else ["elsewhere"]) for i in range(200)]  # 1 in 20 usable
+    shard = _write(tmp_path / "a.tar", samples)
+    loader = train_loader([shard], VOCAB, image_size=16, batch_size=4, batches_per_epoch=5, num_workers=0, seed=0,
+                          shuffle_buffer=10)
+    assert len(list(loader)) == 5
+
+
+def test_malformed_clean_tags_are_a_skipped_sample_not_a_crash(tmp_path):
+    shard = _write(tmp_path / "a.tar", [
+        {"__key__": "00000", "jpg": _jpeg(0), "json": json.dumps({"tags": ["sea"], "clean_tags": [["x"]]}).encode()},
+        {"__key__": "00001", "jpg": _jpeg(1), "json": json.dumps({"tags": [["sea"]]}).encode()},
+        _sample(2, ["sea"], clean=["sea"]),
+    ])
+    from im2vec.data import SKIP_BAD_META
+
+    batches = list(eval_loader([shard], VOCAB, image_size=16, batch_size=8, num_workers=0))
+    assert [b["keys"] for b in batches] == [["00002"]]
+    assert int(sum(b["skipped"][SKIP_BAD_META] for b in batches)) == 2
