@@ -43,16 +43,21 @@ class Vocabulary:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocabulary file not found: {path}")
-        tags, counts = [], []
+        tags, counts, last, cut = [], [], None, False
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 2 or not parts[1].isdigit():
                     raise ValueError(f"{path}:{n}: expected 'tag<TAB>count', got {line.rstrip()!r}")
-                if int(parts[1]) < min_count or (max_size and len(tags) >= max_size):
-                    break  # sorted by count: nothing after this line survives the cut
-                tags.append(parts[0])
-                counts.append(int(parts[1]))
+                count = int(parts[1])
+                if last is not None and count > last:  # the cut below assumes it: an unsorted file would be cut short
+                    raise ValueError(f"{path}:{n}: count {count} after {last}: a vocabulary is sorted by count, most "
+                                     "frequent first (python -m im2vec.vocab writes it so)")
+                last = count
+                cut = cut or count < min_count or bool(max_size and len(tags) >= max_size)
+                if not cut:  # sorted by count: nothing after the first line cut survives the cut
+                    tags.append(parts[0])
+                    counts.append(count)
         return cls(tags, counts)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -345,3 +345,17 @@ def test_a_truncated_bz2_keeps_the_lines_before_the_damage(tmp_path):
                     "--workers", "0", "--shard-size", "1000", "--quiet"])
     assert summary["skipped"] == {"truncated_input": 1}
     assert 0 < sum(summary["written"].values()) < 3000
+
+
+def test_vocabulary_load_refuses_an_unsorted_file_instead_of_cutting_it_short(tmp_path):
+    from im2vec.vocab import Vocabulary
+
+    ok = tmp_path / "ok.tsv"
+    ok.write_text("sea\t9\nsky\t9\nred\t4\ncanon\t1\n", encoding="utf-8")
+    v = Vocabulary.load(ok, min_count=2)
+    assert v.tags == ["sea", "sky", "red"]  # the cut at min_count, ties kept in file order
+    assert Vocabulary.load(ok, max_size=2).tags == ["sea", "sky"]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sea\t9\ncanon\t1\nred\t4\n", encoding="utf-8")  # unsorted: red would be lost after the cut
+    with pytest.raises(ValueError, match=r"bad.tsv:3: count 4 after 1: a vocabulary is sorted by count"):
+        Vocabulary.load(bad, min_count=2)
