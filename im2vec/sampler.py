@@ -23,6 +23,9 @@ class NegativeSampler:
     """Draws tag ids ∝ count^alpha with a precomputed CDF (O(log V) per draw, O(V) once)."""
 
     def __init__(self, counts: torch.Tensor, alpha: float = 0.75):
+        if (counts < 0).any():
+            raise ValueError(f"negative sampler: counts must be non-negative (tag {int((counts < 0).nonzero()[0])} "
+                             f"has {int(counts[counts < 0][0])})")
         weights = torch.where(counts > 0, counts.double().pow(alpha), 0.0)  # (V,); unseen tags never
         if not torch.isfinite(weights).all() or weights.sum() <= 0:
             raise ValueError("negative sampler: counts must be non-negative with a positive sum")
@@ -69,15 +72,20 @@ class PositiveSampler:
     """Draws P of an image's own in-vocabulary tags with probability ∝ count^(−beta)."""
 
     def __init__(self, counts: torch.Tensor, beta: float = 0.0):
+        if (counts < 0).any():
+            raise ValueError(f"positive sampler: counts must be non-negative (tag {int((counts < 0).nonzero()[0])} "
+                             f"has {int(counts[counts < 0][0])})")
         self.beta = beta
-        # (V,) per-tag weight; the +1 slot at the end is the weight of PAD (0).
-        w = counts.double().clamp_min(1).pow(-beta).float()
-        self.weights = torch.cat([w, torch.zeros(1)])
+        # (V,) per-tag log weight −β·log count, kept as a log: count^(−β) itself underflows float32 to 0 for
+        # large β and million-count tags (then every weight of an image can be 0); the +1 slot is PAD's (−inf)
+        lw = (-beta * counts.double().clamp_min(1).log()).float()
+        self.log_weights = torch.cat([lw, torch.tensor([-float("inf")])])
 
     def sample(self, tags: torch.Tensor, p: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """tags (B, T) PAD-padded -> (B, P) tag ids, drawn with replacement."""
         if tags.numel() == 0 or (tags[:, 0] == PAD).any():
             raise ValueError("positive sampler: every image needs at least one in-vocabulary tag")
-        w = self.weights[tags]  # (B, T); PAD maps to the last slot (weight 0)
+        lw = self.log_weights[tags]  # (B, T); PAD maps to the last slot (−inf: weight 0)
+        w = (lw - lw.max(dim=1, keepdim=True).values).exp()  # each row's largest weight is 1: never all zero
         slot = torch.multinomial(w, p, replacement=True, generator=generator)  # (B, P)
         return tags.gather(1, slot)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,3 +239,27 @@ def test_same_seed_same_draws_and_state_restore():
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1][0], second[1][0]) and torch.equal(first[1][1], second[1][1])
     assert torch.equal(first[2], second[2])
+
+
+def test_samplers_refuse_negative_counts():
+    from im2vec.sampler import NegativeSampler, PositiveSampler
+
+    counts = torch.tensor([5, -2, 3])
+    with pytest.raises(ValueError, match=r"counts must be non-negative \(tag 1 has -2\)"):
+        NegativeSampler(counts)
+    with pytest.raises(ValueError, match=r"counts must be non-negative \(tag 1 has -2\)"):
+        PositiveSampler(counts, beta=1.0)
+
+
+def test_positive_sampler_does_not_underflow_at_large_beta_and_counts():
+    """count^(-beta) in float32 is 0 for count 1e6 and beta 8: the draws must still follow the brute force."""
+    from im2vec.sampler import PositiveSampler
+
+    counts = torch.tensor([1_000_000, 2_000_000, 3_000_000, 10])
+    s = PositiveSampler(counts, beta=8.0)
+    tags = torch.tensor([[0, 1, 2, -1]] * 4000)  # an image with three huge-count tags only
+    got = torch.bincount(s.sample(tags, 1, generator=torch.Generator().manual_seed(0)).flatten(), minlength=4)
+    w = np.array([1.0, 2.0 ** -8, 3.0 ** -8])  # brute force, float64, relative to tag 0's weight
+    want = w / w.sum() * 4000
+    assert got[3] == 0 and abs(int(got[0]) - want[0]) <= 4 * np.sqrt(want[0] * (1 - w[0] / w.sum())) + 1
+    assert int(got[1]) + int(got[2]) == 4000 - int(got[0])
