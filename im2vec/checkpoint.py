@@ -1,18 +1,23 @@
 """A trained model back from a training checkpoint, for evaluation and prediction.
 
 Loading is weights-only (``torch.load(..., weights_only=True)``): a checkpoint is read as tensors
-and plain containers, never by unpickling arbitrary objects.
+and plain containers, never by unpickling arbitrary objects. A file that is missing, cut short (a
+copy or a save that stopped midway: a checkpoint's zip directory is written last) or not an im2vec
+checkpoint is refused with one line (``UserError``), never loaded half.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from im2vec.errors import BadValue, NotFound
 from im2vec.model import ImageEncoder
 
 
@@ -32,29 +37,78 @@ class TrainedModel:
         return {t: i for i, t in enumerate(self.tags)}
 
 
-def load_model(path: str | os.PathLike) -> TrainedModel:
+WRITTEN_BY = "a checkpoint written by train.py (outputs/train/<time>/checkpoints/last.ckpt)"
+
+
+def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """Refuse, with one line, a checkpoint file that is missing, cut short or not a torch checkpoint:
+    reads only the zip directory at the file's end (cheap whatever the file's size)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt.get("im2vec") if isinstance(ckpt, dict) else None
-    if meta is None:
-        raise ValueError(f"{path}: not an im2vec training checkpoint (no 'im2vec' entry)")
-    state = ckpt["state_dict"]
-    encoder = ImageEncoder(meta["encoder"]["trunk"], meta["encoder"]["dim"], weights=None)
-    encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        raise NotFound(f"{what}: no checkpoint at {path}", f"give {WRITTEN_BY}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise BadValue(f"{what}: {path} is cut short or not a checkpoint ({e}; {path.stat().st_size:,} bytes)",
+                       f"copy it again, or give {WRITTEN_BY}") from None
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        raise BadValue(f"{what}: {path} is a zip file but not a torch checkpoint", f"give {WRITTEN_BY}")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """A training checkpoint's contents, weights-only; refused with one line when it cannot be."""
+    path = check_checkpoint_file(path, what)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BadValue(f"{what}: {path} refused by weights-only loading: {unpickling_reason(e)}",
+                       f"give {WRITTEN_BY}; im2vec never unpickles arbitrary objects") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:  # a damaged record inside the zip
+        raise BadValue(f"{what}: {path} cannot be read ({_first_line(e)})", f"copy it again, or give {WRITTEN_BY}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("im2vec"), dict) or "state_dict" not in ckpt:
+        raise BadValue(f"{what}: {path} is not an im2vec training checkpoint (no 'im2vec' entry)", f"give {WRITTEN_BY}")
+    return ckpt
+
+
+def unpickling_reason(e: Exception) -> str:
+    """The one line of torch's weights-only error that names what was refused."""
+    for line in str(e).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def load_model(path: str | os.PathLike) -> TrainedModel:
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    meta, state = ckpt["im2vec"], ckpt["state_dict"]
+    try:
+        encoder = ImageEncoder(meta["encoder"]["trunk"], meta["encoder"]["dim"], weights=None)
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        table, log_counts = state["table.embedding.weight"].float(), state["table.log_counts"].float()
+        tags, fingerprint = list(meta["tags"]), meta["fingerprint"]
+        gamma = float(meta.get("gamma", meta["sampler"]["gamma"]))
+    except (KeyError, TypeError, RuntimeError) as e:  # an entry missing, or weights of another shape
+        raise BadValue(f"checkpoint: {path} is incomplete or inconsistent ({type(e).__name__}: {_first_line(e)})",
+                       f"give {WRITTEN_BY}") from None
+    if table.shape[0] != len(tags):
+        raise BadValue(f"checkpoint: {path} has {table.shape[0]:,} tag vectors for {len(tags):,} tags",
+                       f"give {WRITTEN_BY}")
     encoder.eval()
-    return TrainedModel(
-        encoder=encoder, table=state["table.embedding.weight"].float(), log_counts=state["table.log_counts"].float(),
-        tags=list(meta["tags"]), gamma=float(meta.get("gamma", meta["sampler"]["gamma"])), image_size=meta.get("image_size"),
-        fingerprint=meta["fingerprint"], path=str(path),
-    )
+    return TrainedModel(encoder=encoder, table=table, log_counts=log_counts, tags=tags, gamma=gamma,
+                        image_size=meta.get("image_size"), fingerprint=fingerprint, path=str(path))
 
 
 def set_gamma(path: str | os.PathLike, gamma: float) -> None:
     """Record ``gamma`` as a training checkpoint's tagging γ (written to a temporary file, then renamed)."""
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     ckpt["im2vec"]["gamma"] = float(gamma)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)

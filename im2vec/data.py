@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from im2vec.errors import BadValue, UserError
 from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
 from im2vec.sampler import PAD
 from im2vec.vocab import Vocabulary
@@ -137,8 +138,8 @@ class _Samples:
         """One more shard drawn: a stream whose shards are all unreadable stops here instead of hanging."""
         self.draws_without_sample += 1
         if self.draws_without_sample > MAX_BAD_DRAWS:
-            raise RuntimeError(f"data: {MAX_BAD_DRAWS} shards drawn in a row without one readable sample "
-                               f"(rank {self.rank}): are this rank's shards all truncated or empty?")
+            raise UserError(f"data: {MAX_BAD_DRAWS} shards drawn in a row without one readable sample (rank {self.rank})",
+                            "are this rank's shards all truncated or empty? (python -m im2vec.bench.loader reads them)")
 
     def seen(self, samples: Iterator[dict]) -> Iterator[dict]:
         for s in samples:
@@ -146,9 +147,9 @@ class _Samples:
             self.read_since_usable += 1
             if self.max_unusable is not None and self.read_since_usable > self.max_unusable:
                 counts = ", ".join(f"{r} {n:,}" for r, n in zip(SKIP_REASONS, self.skipped) if n)
-                raise RuntimeError(f"data: {self.read_since_usable:,} samples read (rank {self.rank}), none usable: "
-                                   f"{counts or 'nothing skipped yet'} — does data.vocab_path belong to these shards, "
-                                   "and are their images readable?")
+                raise UserError(f"data: {self.read_since_usable:,} samples read (rank {self.rank}), none usable: "
+                                f"{counts or 'nothing skipped yet'}", "does data.vocab_path belong to these shards, "
+                                "and are their images readable?")
             yield s
 
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
@@ -233,15 +234,15 @@ def rank_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     if rank is None or world_size is None:
         rank, world_size, _, _ = wds.utils.pytorch_worker_info()
     if not 0 <= rank < world_size:
-        raise ValueError(f"data: rank {rank} is not in [0, {world_size})")
+        raise BadValue(f"data: rank {rank} is not in [0, {world_size})", "check RANK and WORLD_SIZE")
     return rank, world_size
 
 
 def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
     """This rank's shards: every world_size-th one, so ranks never share a sample."""
     if len(urls) < world_size:
-        raise ValueError(f"data: {len(urls)} shard(s) for {world_size} ranks: every rank needs its own; "
-                         "write smaller shards (ingest --shard-size)")
+        raise BadValue(f"data: {len(urls)} shard(s) for {world_size} ranks: every rank needs its own",
+                       "write smaller shards (ingest --shard-size)")
     return urls[rank::world_size]
 
 
@@ -300,7 +301,7 @@ def balance_users(counts: Counter, max_per_user: int | None) -> dict[str, float]
     if not max_per_user:
         return {}
     if max_per_user < 1:
-        raise ValueError(f"data.max_per_user={max_per_user}: use a positive number of samples, or null (off)")
+        raise BadValue(f"data.max_per_user={max_per_user}", "use a positive number of samples, or null (off)")
     return {u: max_per_user / n for u, n in counts.items() if n > max_per_user}
 
 

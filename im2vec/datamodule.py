@@ -11,6 +11,7 @@ import torch
 
 from im2vec.corpus import CorpusSpec, ensure_corpus
 from im2vec.data import MAX_PIXELS, balance_users, eval_loader, expand_shards, train_loader, user_counts
+from im2vec.errors import BadValue, NotFound
 from im2vec.vocab import Vocabulary
 
 
@@ -40,21 +41,26 @@ class ShardDataModule(pl.LightningDataModule):
         super().__init__()
         missing = [name for name, v in (("train_shards", train_shards), ("vocab_path", vocab_path)) if not v]
         if missing:
-            raise ValueError(f"data: set {' and '.join(missing)} (e.g. data.train_shards='/data/yfcc/train-{{000000..000999}}.tar')")
+            raise BadValue(f"data: {' and '.join(missing)} not set",
+                           f"set {' and '.join('data.' + m for m in missing)} (e.g. data.train_shards='/data/yfcc/train-{{000000..000999}}.tar')")
         self.train_shards = expand_shards(train_shards)
         self.val_shards = expand_shards(val_shards) if val_shards else []
         self.test_shards = expand_shards(test_shards) if test_shards else []  # may match nothing: evaluate says so
         if not self.train_shards:
-            raise FileNotFoundError(f"data: no shards match {train_shards!r}")
+            raise NotFound(f"data: no shards match {train_shards!r}", "ingest them first (python -m im2vec.ingest), or set "
+                           "paths.data_dir=… / data.train_shards=… to where they are")
         if val_shards and not self.val_shards:
-            raise FileNotFoundError(f"data: no shards match {val_shards!r} (an empty validation split? ingest with a "
-                                    "larger --val-fraction, or train without validation: data.val_shards=null)")
+            raise NotFound(f"data: no shards match {val_shards!r} (an empty validation split?)",
+                           "ingest with a larger --val-fraction, or train without validation: data.val_shards=null")
         for s in self.train_shards[:1] + self.val_shards[:1]:
             if not re.match(r"^[a-z][a-z0-9+.-]+:", s) and not Path(s).exists():  # pipe:, s3:, http:// pass
-                raise FileNotFoundError(f"data: shard not found: {s}")
+                raise NotFound(f"data: shard not found: {s}", "check data.train_shards / data.val_shards")
         self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count)
         self.noise_ids, self.content_tags = None, None
         if content_tags_path:
+            if not Path(content_tags_path).is_file():
+                raise NotFound(f"data: content tags file not found: {content_tags_path}",
+                               "check data.content_tags_path, or set it to null")
             self.content_tags = set(Path(content_tags_path).read_text(encoding="utf-8").split())
             self.noise_ids = torch.tensor([i for i, t in enumerate(self.vocab.tags) if t not in self.content_tags],
                                           dtype=torch.long)

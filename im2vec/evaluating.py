@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from im2vec.checkpoint import TrainedModel, load_model
 from im2vec.data import eval_loader, expand_shards, first_by_key, normalize
+from im2vec.errors import BadValue, NotFound, make
 from im2vec.metrics import noise_share, precision_at_k
 from im2vec.ranking import KS, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
 from im2vec.sampler import PAD
@@ -52,7 +51,8 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
                       .round().to(torch.uint8))
         skipped += int(batch["skipped"].sum())
     if not keys:
-        raise ValueError(f"evaluate: no readable held-out image in {len(shards)} shard(s)")
+        raise BadValue(f"evaluate: no usable held-out image in {len(shards)} shard(s)",
+                       "check that the shards are readable and belong to the checkpoint's vocabulary")
     keep = first_by_key(keys, max_images)  # the max_images smallest key hashes: the same for any loader settings
     return {"u": [torch.cat(u)[keep] for u in us], "obs": _cat_padded(obs)[keep], "clean": _cat_padded(clean)[keep],
             "keys": [keys[i] for i in keep.tolist()], "thumbs": torch.cat(thumbs)[keep], "skipped": skipped}
@@ -136,18 +136,15 @@ def noise_ids_for(tags: list[str], content: set[str] | None) -> Tensor | None:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     if not cfg.ckpt_path:
-        raise ValueError("evaluate: set ckpt_path=… (a checkpoint written by train.py)")
+        raise BadValue("evaluate: no checkpoint given", "set ckpt_path=outputs/train/<time>/checkpoints/last.ckpt")
     model = load_model(cfg.ckpt_path)
     models = [model]
     if cfg.baseline_ckpt:
         base = load_model(cfg.baseline_ckpt)
         if base.tags != model.tags:
-            raise ValueError("evaluate: baseline_ckpt was trained on another vocabulary; compare models of one vocabulary")
+            raise BadValue("evaluate: baseline_ckpt was trained on another vocabulary", "compare models of one vocabulary")
         models.append(base)
-    try:
-        datamodule = instantiate(cfg.data)
-    except InstantiationException as e:
-        raise (e.__cause__ or e) from None
+    datamodule = make(cfg.data)
     # the test split (uploaders seen neither in training nor where γ was chosen), else validation's
     shards = expand_shards(cfg.shards) if cfg.shards else datamodule.test_shards or datamodule.val_shards
     if not cfg.shards and not datamodule.test_shards and datamodule.val_shards:
@@ -155,12 +152,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"evaluate: {'data.test_shards matches no shard (' + repr(asked) + ')' if asked else 'no test split'}: "
               "scoring the validation split, where γ was chosen (its figures flatter the model)", file=sys.stderr)
     if not shards:
-        raise ValueError("evaluate: no held-out shards (set shards=…, data.test_shards=… or data.val_shards=…)")
+        raise NotFound("evaluate: no held-out shards", "set shards=…, data.test_shards=… or data.val_shards=…")
     noise_ids = noise_ids_for(model.tags, getattr(datamodule, "content_tags", None))
     image_size = cfg.image_size or model.image_size or datamodule.image_size
     if len(models) > 1 and (models[1].image_size or image_size) != image_size:
-        raise ValueError(f"evaluate: baseline_ckpt was trained at {models[1].image_size} px, the model at "
-                         f"{image_size} px: both are scored on the same images, so evaluate them separately")
+        raise BadValue(f"evaluate: baseline_ckpt was trained at {models[1].image_size} px, the model at "
+                       f"{image_size} px", "both are scored on the same images: evaluate them separately")
     data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images, cfg.device)
     has_clean = bool((data["clean"] != PAD).any())
     clean = data["clean"] if has_clean else None
@@ -169,7 +166,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         index, names = model.index, [str(q) for q in cfg.queries]  # Hydra reads `2015` as a number
         missing = [q for q in names if q not in index]
         if missing:
-            raise ValueError(f"evaluate: query tags not in the vocabulary: {missing[:5]}")
+            raise BadValue(f"evaluate: query tags not in the vocabulary: {missing[:5]}", "query tags of this checkpoint")
         queries = torch.tensor([index[q] for q in names])
     gamma = model.gamma if cfg.gamma is None else float(cfg.gamma)
     t_scoring = time.perf_counter()

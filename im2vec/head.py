@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from im2vec.errors import BadValue
 from im2vec.loss import in_batch_softmax_loss, negative_sampling_loss, sampled_softmax_loss, shared_negative_loss
 from im2vec.sampler import NegativeSampler, PositiveSampler, collides
 from im2vec.tag_table import CPUTagTable
-
 
 LOSSES = ("negative_sampling", "softmax", "in_batch")
 
@@ -37,13 +37,13 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.head not in ("sampled", "full"):
-            raise ValueError(f"sampler.head={self.head!r}: use 'sampled' or 'full'")
+            raise BadValue(f"sampler.head={self.head!r}", "use 'sampled' or 'full'")
         if self.loss not in LOSSES:
-            raise ValueError(f"sampler.loss={self.loss!r}: use one of {', '.join(LOSSES)}")
+            raise BadValue(f"sampler.loss={self.loss!r}", f"use one of {', '.join(LOSSES)}")
         if self.negatives not in ("per_example", "shared"):
-            raise ValueError(f"sampler.negatives={self.negatives!r}: use 'per_example' or 'shared'")
+            raise BadValue(f"sampler.negatives={self.negatives!r}", "use 'per_example' or 'shared'")
         if self.num_negatives < 1 or self.num_positives < 1:
-            raise ValueError("sampler.num_negatives and sampler.num_positives must be at least 1")
+            raise BadValue("sampler.num_negatives and sampler.num_positives must be at least 1", "set them to 1 or more")
 
 
 def draw_ids(s: SamplerConfig, pos_sampler: PositiveSampler, neg_sampler: NegativeSampler, tags: Tensor,

@@ -13,7 +13,6 @@ started again with the same settings skips it, so an interrupted ingest resumes 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import hashlib
 import io
@@ -28,6 +27,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
 from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
 from im2vec.yfcc import DEFAULT_TEMPLATE, Skip, image_path, normalize_tags, parse_line, read_lines
 
@@ -56,13 +56,14 @@ class Settings:
 
     def __post_init__(self):
         if self.split_by not in SPLIT_BY:
-            raise ValueError(f"ingest: split_by must be one of {', '.join(SPLIT_BY)}, not {self.split_by!r}")
+            raise BadValue(f"ingest: split_by must be one of {', '.join(SPLIT_BY)}, not {self.split_by!r}",
+                           "use --split-by id, user or (collections) manifest")
         if self.split_by == "manifest" and self.source != "collection":
-            raise ValueError("ingest: split_by 'manifest' needs a collection manifest with a 'split' field")
+            raise BadValue("ingest: split_by 'manifest' needs a collection manifest", "use it with `ingest collection`, whose manifest has a 'split' field")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
-            raise ValueError("ingest: val_fraction and test_fraction must be ≥ 0 and sum to less than 1")
+            raise BadValue("ingest: val_fraction and test_fraction must be ≥ 0 and sum to less than 1", "change --val-fraction / --test-fraction")
         if self.shard_size < 1:
-            raise ValueError("ingest: shard_size must be ≥ 1")
+            raise BadValue("ingest: shard_size must be ≥ 1", "change --shard-size")
 
 
 def split_of(value: str, val_fraction: float, test_fraction: float, salt: str = "im2vec") -> str:
@@ -336,8 +337,8 @@ def _check_settings(out: Path, s: Settings) -> None:
         theirs = json.loads(path.read_text(encoding="utf-8"))
         differ = sorted(k for k in mine if theirs.get(k) != mine[k])
         if differ:
-            raise SystemExit(f"ingest: {out} was written with other settings ({', '.join(differ)}); "
-                             "resume with the same ones or write to a fresh folder")
+            raise BadValue(f"ingest: {out} was written with other settings ({', '.join(differ)})",
+                           "resume with the same ones or write to a fresh folder")
     else:
         _write_json(path, mine)
 
@@ -360,7 +361,7 @@ def _progress_bar(paths: list[str], quiet: bool):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m im2vec.ingest", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m im2vec.ingest", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="source", required=True)
     y = sub.add_parser("yfcc", help="the YFCC100M metadata file(s) and a local image mirror")
     y.add_argument("metadata", nargs="+", help="yfcc100m_dataset (25 columns) or yfcc100m_dataset-N parts (23), plain or .bz2")
@@ -387,15 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = [os.path.abspath(p) for p in (a.metadata if a.source == "yfcc" else [a.manifest])]
     for p in inputs:
         if not Path(p).is_file():
-            ap.error(f"not found: {p}")
-    try:
-        s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
-                     val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
-                     max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
-                     template=getattr(a, "template", DEFAULT_TEMPLATE),
-                     root=os.path.abspath(a.images if a.source == "yfcc" else (a.root or os.path.dirname(inputs[0]))))
-    except ValueError as e:  # a bad combination of settings: one line, no traceback
-        raise SystemExit(str(e)) from None
+            raise NotFound(f"ingest: input not found: {p}", "check the path")
+    s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
+                 val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
+                 max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
+                 template=getattr(a, "template", DEFAULT_TEMPLATE),
+                 root=os.path.abspath(a.images if a.source == "yfcc" else (a.root or os.path.dirname(inputs[0]))))
     bar = _progress_bar(inputs, a.quiet)
     try:
         if a.source == "yfcc":
@@ -403,8 +401,6 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             items = collection_samples(s, bar.update)
         summary = run(s, items, a.out, a.workers, verbose=False, bar=bar)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
     finally:
         bar.close()
     print(format_summary(summary, a.out), file=sys.stderr)
@@ -412,4 +408,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

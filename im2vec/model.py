@@ -11,6 +11,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from im2vec.errors import BadValue, NotFound
+
 
 class SmallCNN(nn.Module):
     """A few strided conv blocks and global pooling: trains in minutes on a laptop CPU."""
@@ -60,13 +62,12 @@ def _load_pretrained(name: str, model: nn.Module, weights: str) -> None:
         try:
             url = enum[weights].url if weights != "DEFAULT" else enum.DEFAULT.url
         except KeyError:
-            raise ValueError(f"{name}: no local file {path} and no torchvision weights named {weights!r}") from None
+            raise BadValue(f"{name}: no local file {path} and no torchvision weights named {weights!r}",
+                           "pass model.weights=/path/to/file.pth or a weights name such as DEFAULT") from None
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained weights for {name} not found at {path} (im2vec never downloads: "
-                f"put the file there or pass model.weights=/path/to/file.pth)"
-            )
+            raise NotFound(f"pretrained weights for {name} not found at {path} (im2vec never downloads)",
+                           "put the file there or pass model.weights=/path/to/file.pth")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     own = model.state_dict()
@@ -79,11 +80,11 @@ def build_trunk(name: str, weights: str | None = None) -> tuple[nn.Module, int]:
     Returns (trunk, feature width)."""
     if name == "small_cnn":
         if weights:
-            raise ValueError("small_cnn has no pretrained weights")
+            raise BadValue("small_cnn has no pretrained weights", "set model.weights=null")
         trunk = SmallCNN()
         return trunk, trunk.num_features
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown trunk {name!r}: use 'small_cnn' or a torchvision classification model name")
+        raise BadValue(f"unknown trunk {name!r}", "use small_cnn or a torchvision classification model name (resnet50, …)")
     # googlenet and inception_v3 return (logits, aux) tuples while training unless built without aux heads
     extra = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, **extra)

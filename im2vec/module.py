@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from im2vec.allocator import advise_hugepages
 from im2vec.data import SKIP_REASONS, normalize
+from im2vec.errors import BadValue
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
 from im2vec.loss import full_bce_loss, multi_hot
 from im2vec.sampler import NegativeSampler, PositiveSampler
@@ -199,13 +200,13 @@ class Im2VecModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("im2vec")
         if meta is None:
-            raise ValueError("not an im2vec checkpoint (no 'im2vec' entry)")
+            raise BadValue("ckpt_path: not an im2vec checkpoint (no 'im2vec' entry)", "resume from a checkpoint written by train.py")
         if (meta["num_tags"], meta["dim"]) != (self.table.num_tags, self.table.dim):
-            raise ValueError(f"checkpoint has a {meta['num_tags']}×{meta['dim']} tag table, this run "
-                             f"{self.table.num_tags}×{self.table.dim}: resume with the same vocabulary and model.dim")
+            raise BadValue(f"ckpt_path: the checkpoint has a {meta['num_tags']}×{meta['dim']} tag table, this run "
+                           f"{self.table.num_tags}×{self.table.dim}", "resume with the vocabulary and model.dim it was trained with")
         if meta["fingerprint"] != self.fingerprint:
-            raise ValueError("checkpoint was trained with a different vocabulary (same size, other tags): "
-                             "resume with the vocabulary file it was trained on")
+            raise BadValue("ckpt_path: the checkpoint was trained with another vocabulary (same size, other tags)",
+                           "resume with the vocabulary file it was trained on")
         self.gen.set_state(meta["sampler_rng"])
         self.report.gamma = float(meta.get("gamma", self.report.gamma))
         torch.set_rng_state(meta["torch_rng"])

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from im2vec.checkpoint import TrainedModel, load_model
+from im2vec.checkpoint import TrainedModel, load_model, unpickling_reason
 from im2vec.data import eval_view, normalize, to_uint8_tensor
+from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, run_cli
 from im2vec.images import MAX_PIXELS, TooLarge, open_image
 from im2vec.scoring import topk_tags
 
@@ -54,7 +55,7 @@ class BadImage(ValueError):
         self.reason = reason
 
 
-class UnknownTag(KeyError):
+class UnknownTag(UserError, KeyError):
     """A tag that is not in the checkpoint's vocabulary."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
@@ -92,8 +93,8 @@ class Tagger:
         trained on (older checkpoints did not record it: then it must be given)."""
         image_size = image_size or model.image_size
         if not image_size:
-            raise ValueError(f"{model.path} does not record the image size it was trained on: give it "
-                             "(Tagger.from_checkpoint(..., image_size=S), or --image-size S)")
+            raise BadValue(f"{model.path} does not record the image size it was trained on",
+                           "give it: Tagger.from_checkpoint(..., image_size=S), or --image-size S")
         self.device = torch.device(device)
         self.encoder = model.encoder.to(self.device).eval()
         self.table, self.log_counts = model.table, model.log_counts  # (V, d), (V,) on the CPU
@@ -104,11 +105,7 @@ class Tagger:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         image_size: int | None = None) -> Tagger:
-        try:
-            model = load_model(path)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: refused by weights-only loading: {_unpickling_reason(e)}") from e
-        return cls(model, device, image_size)
+        return cls(load_model(path), device, image_size)
 
     def __repr__(self) -> str:
         return (f"Tagger({self.path}: {len(self.tags):,} tags, d={self.dim}, γ={self.gamma:g}, "
@@ -209,19 +206,11 @@ class Tagger:
         return h.hexdigest()[:16]
 
 
-def _unpickling_reason(e: Exception) -> str:
-    """The one line of torch's weights-only error that names what was refused."""
-    for line in str(e).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 # ---- a folder of images, as plain generator stages
 def find_images(folder: Path) -> tuple[list[Path], int]:
     """Every file under ``folder`` with an image suffix (sorted), and how many other files there are."""
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder}: not a folder")
+        raise NotFound(f"{folder}: not a folder", "give the folder of images to read")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     return images, len(files) - len(images)
@@ -303,16 +292,20 @@ def load_index(path: str | os.PathLike, tagger: Tagger) -> dict:
     try:
         index = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused by weights-only loading: {_unpickling_reason(e)}") from e
+        raise BadValue(f"{path}: refused by weights-only loading: {unpickling_reason(e)}",
+                       "give an index written by `python -m im2vec.predict index`") from None
+    except (RuntimeError, EOFError) as e:
+        raise BadValue(f"{path}: cannot be read as an index ({str(e).strip()[:200]})",
+                       "give an index written by `python -m im2vec.predict index`") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: not an im2vec index (write one with `python -m im2vec.predict index`)")
+        raise BadValue(f"{path}: not an im2vec index", "write one with `python -m im2vec.predict index`")
     rebuild = "rebuild it with `python -m im2vec.predict index` and this checkpoint"
     if index["fingerprint"] != tagger.fingerprint:
-        raise ValueError(f"{path} was built from a checkpoint with another vocabulary (fingerprint "
-                         f"{index['fingerprint']}, {tagger.path} has {tagger.fingerprint}): {rebuild}")
+        raise BadValue(f"{path} was built from a checkpoint with another vocabulary (fingerprint "
+                       f"{index['fingerprint']}, {tagger.path} has {tagger.fingerprint})", rebuild)
     if index["weights"] != tagger.weights_digest:
-        raise ValueError(f"{path} was built from other weights than {tagger.path} (same vocabulary, another "
-                         f"training state, e.g. an older last.ckpt; index built from {index['checkpoint']}): {rebuild}")
+        raise BadValue(f"{path} was built from other weights than {tagger.path} (same vocabulary, another "
+                       f"training state, e.g. an older last.ckpt; index built from {index['checkpoint']})", rebuild)
     return index
 
 
@@ -332,7 +325,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m im2vec.predict", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m im2vec.predict", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:
@@ -362,13 +355,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; 0, or 2 after one line `im2vec: error: …` (a missing file, a refused checkpoint or
+    index, an unknown tag); --debug shows the traceback instead."""
+    return run_cli(_run, argv, exit=False)
+
+
+def _run(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (OSError, ValueError, KeyError) as e:  # a bad input file or tag: one line, not a traceback
-        print(f"im2vec.predict {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    return 0
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from im2vec.errors import BadValue
+
 PAD = -1
 
 
@@ -24,11 +26,11 @@ class NegativeSampler:
 
     def __init__(self, counts: torch.Tensor, alpha: float = 0.75):
         if (counts < 0).any():
-            raise ValueError(f"negative sampler: counts must be non-negative (tag {int((counts < 0).nonzero()[0])} "
+            raise BadValue(f"negative sampler: counts must be non-negative (tag {int((counts < 0).nonzero()[0])} "
                              f"has {int(counts[counts < 0][0])})")
         weights = torch.where(counts > 0, counts.double().pow(alpha), 0.0)  # (V,); unseen tags never
         if not torch.isfinite(weights).all() or weights.sum() <= 0:
-            raise ValueError("negative sampler: counts must be non-negative with a positive sum")
+            raise BadValue("negative sampler: counts must be non-negative with a positive sum", "check the vocabulary file")
         self.alpha = alpha
         self.probs = (weights / weights.sum()).float()  # (V,) kept for tests and diagnostics
         cdf = torch.cumsum(weights, 0)
@@ -73,7 +75,7 @@ class PositiveSampler:
 
     def __init__(self, counts: torch.Tensor, beta: float = 0.0):
         if (counts < 0).any():
-            raise ValueError(f"positive sampler: counts must be non-negative (tag {int((counts < 0).nonzero()[0])} "
+            raise BadValue(f"positive sampler: counts must be non-negative (tag {int((counts < 0).nonzero()[0])} "
                              f"has {int(counts[counts < 0][0])})")
         self.beta = beta
         # (V,) per-tag log weight −β·log count, kept as a log: count^(−β) itself underflows float32 to 0 for

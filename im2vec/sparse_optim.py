@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from im2vec.allocator import empty_hugepages
+from im2vec.errors import BadValue
 
 try:  # numba compiles the fused kernels; without it the torch path below runs
     if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -373,4 +374,4 @@ def make_table_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
         return RowAdagrad(params, lr=lr)
     if name == "torch_sparse_adam":
         return torch.optim.SparseAdam(params, lr=lr)
-    raise ValueError(f"unknown table optimizer {name!r}: use one of {', '.join(TABLE_OPTIMIZERS)}")
+    raise BadValue(f"optim.table_optimizer={name!r} is not a table optimizer", f"use one of {', '.join(TABLE_OPTIMIZERS)}")

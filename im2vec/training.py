@@ -12,12 +12,11 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from im2vec.allocator import tune_malloc
-from im2vec.checkpoint import set_gamma
+from im2vec.checkpoint import check_checkpoint_file, set_gamma
+from im2vec.errors import BadValue, make
 from im2vec.evaluating import heldout_figures
 from im2vec.module import Im2VecModule
 
@@ -26,16 +25,41 @@ warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_devic
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+# (config key, kind, smallest value): checked before anything is built, so a typo is one line, not a traceback
+CHECKED = (("seed", int, None), ("data.batch_size", int, 1), ("data.batches_per_epoch", int, 1),
+           ("data.image_size", int, 8), ("data.val_batch_size", int, 1), ("data.val_max_images", int, 1),
+           ("data.num_workers", int, 0), ("data.shuffle_buffer", int, 0), ("data.interleave", int, 1),
+           ("data.vocab_min_count", int, 1), ("data.vocab_max_size", int, 1), ("data.min_scale", float, 0.0),
+           ("data.max_pixels", int, 1), ("model.dim", int, 1), ("optim.lr", float, 0.0), ("optim.table_lr", float, 0.0),
+           ("optim.weight_decay", float, 0.0), ("optim.warmup_batches", int, 0), ("optim.grad_clip", float, 0.0),
+           ("sampler.num_negatives", int, 1), ("sampler.num_positives", int, 1), ("sampler.alpha", float, None),
+           ("sampler.beta", float, None), ("sampler.gamma", float, None), ("trainer.max_epochs", int, -1),
+           ("trainer.max_steps", int, -1))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The numeric settings have numbers of the right kind and range (null where a key allows it)."""
+    for key, kind, low in CHECKED:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+        if ok and kind is float:
+            ok = math.isfinite(value)
+        if not ok or (low is not None and value < low):
+            want = "an integer" if kind is int else "a finite number"
+            raise BadValue(f"{key}={value!r} is not {want}" + (f" ≥ {low}" if low is not None else ""),
+                           f"set {key}=<{'integer' if kind is int else 'number'}>")
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Im2VecModule]:
-    try:
-        datamodule = instantiate(cfg.data)
-    except InstantiationException as e:  # show the data module's own one-line message, not Hydra's wrapper
-        raise (e.__cause__ or e) from None
+    check_config(cfg)
+    datamodule = make(cfg.data)
     vocab = datamodule.vocab
     total_batches = schedule_length(cfg)
     module = Im2VecModule(
-        encoder=instantiate(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=total_batches,
-        sampler=instantiate(cfg.sampler), optim=instantiate(cfg.optim), noise_ids=datamodule.noise_ids,
+        encoder=make(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=total_batches,
+        sampler=make(cfg.sampler), optim=make(cfg.optim), noise_ids=datamodule.noise_ids,
         fingerprint=vocab.fingerprint(), seed=cfg.seed, image_size=datamodule.image_size, **cfg.validation,
     )
     return datamodule, module
@@ -45,22 +69,23 @@ def schedule_length(cfg: DictConfig) -> int:
     """Batches the LR schedule spans: max_epochs × batches_per_epoch. max_steps (two optimizer steps
     per batch) only stops a run early, so a run stopped and resumed follows one schedule; it sets the
     length only when max_epochs is -1."""
+    check_config(cfg)
     if cfg.trainer.max_epochs and cfg.trainer.max_epochs > 0:
         return cfg.trainer.max_epochs * cfg.data.batches_per_epoch
     if cfg.trainer.get("max_steps", -1) > 0:
         return cfg.trainer.max_steps // 2
-    raise ValueError("set trainer.max_epochs (or trainer.max_steps with max_epochs=-1): the LR schedule needs a length")
+    raise BadValue("the LR schedule needs a length", "set trainer.max_epochs (or trainer.max_steps with max_epochs=-1)")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     t0 = time.perf_counter()
     tune_malloc()  # large per-step temporaries reuse freed memory (im2vec/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+    if cfg.ckpt_path:
+        check_checkpoint_file(cfg.ckpt_path, "ckpt_path")  # missing, cut short or not a checkpoint: one line
     datamodule, module = build(cfg)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=callbacks)
+    callbacks = [make(c) for c in cfg.get("callbacks", {}).values()]
+    trainer: pl.Trainer = make(cfg.trainer, logger=make(cfg.logger), callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if datamodule.val_shards and not trainer.fast_dev_run and module.report.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final held-out figures

@@ -11,6 +11,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from im2vec.data import MEAN, STD, first_by_key, key_rank
+from im2vec.errors import BadValue
 from im2vec.metrics import noise_share, precision_at_k, recall_at_k
 from im2vec.sampler import PAD
 from im2vec.scoring import prior_topk, topk_tags
@@ -49,7 +50,7 @@ class ValidationReport:
                  gammas: list[float], projector_tags: int, grid_images: int, choose_gamma: bool = True,
                  gamma_by: str = "auto"):
         if gamma_by not in GAMMA_CRITERIA:
-            raise ValueError(f"validation.gamma_by={gamma_by!r}: use one of {', '.join(GAMMA_CRITERIA)}")
+            raise BadValue(f"validation.gamma_by={gamma_by!r}", f"use one of {', '.join(GAMMA_CRITERIA)}")
         self.tags, self.counts, self.noise_ids = tags, counts, noise_ids
         self.gamma, self.gammas = gamma, sorted(set(gammas) | {gamma})
         self.choose_gamma, self.gamma_by = choose_gamma, gamma_by
@@ -92,11 +93,11 @@ class ValidationReport:
         if crit == "auto":
             crit = "recall@10" if not has_clean else "clean_precision@5" if self.noise_ids is None else "clean_minus_noise@5"
         if crit.startswith("clean_") and self.choose_gamma and not has_clean:
-            raise ValueError(f"validation.gamma_by={crit}: the validation images have no clean tags "
-                             "(a clean_tags field in their JSON) — use recall@10 or auto")
+            raise BadValue(f"validation.gamma_by={crit}: the validation images have no clean tags "
+                           "(a clean_tags field in their JSON)", "use recall@10 or auto")
         if crit == "clean_minus_noise@5" and self.choose_gamma and self.noise_ids is None:
-            raise ValueError("validation.gamma_by=clean_minus_noise@5: no noise tags are known "
-                             "(data.content_tags_path) — use clean_precision@5 or auto")
+            raise BadValue("validation.gamma_by=clean_minus_noise@5: no noise tags are known (data.content_tags_path)",
+                           "use clean_precision@5 or auto")
         by = {g: _observed(ids, obs) for g, ids in top.items()}  # γ -> {precision@1, precision@5, recall@10}
         if has_clean:
             for g, ids in top.items():

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from im2vec.errors import BadValue, NotFound, run_cli
+
 
 class Vocabulary:
     def __init__(self, tags: list[str], counts: list[int]):
         if len(tags) != len(counts):
             raise ValueError("vocabulary: tags and counts differ in length")
         if not tags:
-            raise ValueError("vocabulary is empty")
+            raise BadValue("vocabulary is empty", "build one with python -m im2vec.vocab")
         self.tags = tags
         self.counts = torch.tensor(counts, dtype=torch.long)  # (V,)
         self.index = {t: i for i, t in enumerate(tags)}
@@ -42,22 +44,27 @@ class Vocabulary:
     def load(cls, path: str | os.PathLike, max_size: int | None = None, min_count: int = 1) -> "Vocabulary":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"vocabulary file not found: {path}")
+            raise NotFound(f"vocabulary file not found: {path}", "check data.vocab_path, or build one: "
+                           "python -m im2vec.vocab OUT.tsv --shards 'DIR/train/*.tar'")
         tags, counts, last, cut = [], [], None, False
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 2 or not parts[1].isdigit():
-                    raise ValueError(f"{path}:{n}: expected 'tag<TAB>count', got {line.rstrip()!r}")
+                    raise BadValue(f"{path}:{n}: expected 'tag<TAB>count', got {line.rstrip()[:80]!r}",
+                                   "is this a vocabulary file? python -m im2vec.vocab writes one")
                 count = int(parts[1])
                 if last is not None and count > last:  # the cut below assumes it: an unsorted file would be cut short
-                    raise ValueError(f"{path}:{n}: count {count} after {last}: a vocabulary is sorted by count, most "
-                                     "frequent first (python -m im2vec.vocab writes it so)")
+                    raise BadValue(f"{path}:{n}: count {count} after {last}: a vocabulary is sorted by count, most "
+                                   "frequent first", "sort it (sort -t$'\\t' -k2,2nr) or rebuild it with python -m im2vec.vocab")
                 last = count
                 cut = cut or count < min_count or bool(max_size and len(tags) >= max_size)
                 if not cut:  # sorted by count: nothing after the first line cut survives the cut
                     tags.append(parts[0])
                     counts.append(count)
+        if not tags:
+            raise BadValue(f"{path}: no tag left (an empty file, or vocab_min_count={min_count} is above every count)",
+                           "lower data.vocab_min_count or rebuild the file with python -m im2vec.vocab")
         return cls(tags, counts)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -135,19 +142,19 @@ def from_counts(counts: Counter, min_count: int = 1, max_size: int | None = None
     items = sorted(((t, c) for t, c in counts.items() if c >= min_count), key=lambda tc: (-tc[1], tc[0]))
     items = items[:max_size] if max_size else items
     if not items:
-        raise ValueError(f"vocabulary: no tag is seen {min_count} times or more")
+        raise BadValue(f"vocabulary: no tag is seen {min_count} times or more", "lower --min-count")
     return Vocabulary([t for t, _ in items], [c for _, c in items])
 
 
 def main(argv: list[str] | None = None) -> Vocabulary:
-    import argparse
     import sys
 
     from tqdm import tqdm
 
+    from im2vec.errors import ArgumentParser
     from im2vec.ingest import Settings
 
-    ap = argparse.ArgumentParser(prog="python -m im2vec.vocab",
+    ap = ArgumentParser(prog="python -m im2vec.vocab",
                                  description="Count tags in one streaming pass and write tag<TAB>count, sorted by count.")
     ap.add_argument("out", help="the vocabulary file to write (.tsv)")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> Vocabulary:
 
         paths = [p for spec in a.shards for p in expand_shards(spec)]
         if not paths:
-            raise SystemExit(f"vocab: no shards match {a.shards}")
+            raise NotFound(f"vocab: no shards match {a.shards}", "check the pattern (quote it so the shell does not expand it)")
         with tqdm(total=len(paths), unit="shard", desc="vocab", disable=a.quiet) as bar:
             counts, stats = count_from_shards(paths, a.workers, bar.update)
     else:
@@ -185,14 +192,11 @@ def main(argv: list[str] | None = None) -> Vocabulary:
                       f"--test-fraction {s.test_fraction} (--like DIR takes an ingest's own settings)", file=sys.stderr)
         missing = [p for p in a.yfcc if not Path(p).is_file()]
         if missing:
-            raise SystemExit(f"vocab: not found: {missing[0]}")
+            raise NotFound(f"vocab: metadata file not found: {missing[0]}", "check the path")
         with tqdm(total=sum(Path(p).stat().st_size for p in a.yfcc), unit="B", unit_scale=True, desc="vocab",
                   disable=a.quiet, mininterval=1.0) as bar:
             counts, stats = count_from_yfcc(a.yfcc, a.split, s, bar.update)
-    try:
-        vocab = from_counts(counts, a.min_count, a.max_size)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    vocab = from_counts(counts, a.min_count, a.max_size)
     vocab.save(a.out)
     print(f"vocab: {len(counts):,} distinct tags, {len(vocab):,} kept (min_count {a.min_count}, max_size "
           f"{a.max_size}) -> {a.out}; {json.dumps(stats)}", file=sys.stderr)
@@ -200,4 +204,4 @@ def main(argv: list[str] | None = None) -> Vocabulary:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

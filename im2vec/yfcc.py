@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
+from im2vec.errors import BadValue, NotFound
+
 COLUMNS_25 = ("line", "id", "hash", "user", "nickname", "date_taken", "date_uploaded", "device", "title",
               "description", "user_tags", "machine_tags", "longitude", "latitude", "accuracy", "page_url",
               "download_url", "license", "license_url", "server", "farm", "secret", "secret_original", "ext",
@@ -93,7 +95,7 @@ def read_lines(paths: Iterable[str | Path], progress=None) -> Iterator[bytes | S
     follows: the lines before the damage are kept."""
     for path in paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"metadata file not found: {path}")
+            raise NotFound(f"metadata file not found: {path}", "check the path")
         with open(path, "rb") as raw:
             f = bz2.open(raw, "rb") if str(path).endswith(".bz2") else raw
             last = 0
@@ -120,8 +122,8 @@ def image_path(record: dict, root: str | Path, template: str = DEFAULT_TEMPLATE)
     h = record.get("hash") or ""
     fields = {**record, "hash_a": h[:3], "hash_b": h[3:6]}
     if not h and ("{hash" in template):
-        raise ValueError("yfcc: this file has no photo hash column (the 23-column parts); "
-                         "pass a --template without {hash}, e.g. '{id}.jpg'")
+        raise BadValue("yfcc: this file has no photo hash column (the 23-column parts)",
+                       "pass a --template without {hash}, e.g. '{id}.jpg'")
     for _, name, _, _ in string.Formatter().parse(template):
         value = str(fields.get(name, "")) if name else ""
         if "/" in value or "\\" in value or "\0" in value or value in (".", ".."):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import png_bomb
 from PIL import Image
 
-from conftest import png_bomb
-
 from im2vec.data import SKIP_IMAGE, SKIP_NO_TAG, eval_loader, train_loader
+from im2vec.errors import UserError
 from im2vec.sampler import PAD
 from im2vec.vocab import Vocabulary
 
@@ -250,7 +250,7 @@ def test_a_rank_whose_shards_are_all_unreadable_stops_with_a_clear_error(tmp_pat
                           num_workers=0, seed=0)
     signal.alarm(120)  # a hang fails the test instead of the whole run
     try:
-        with pytest.raises(RuntimeError, match=f"{MAX_BAD_DRAWS} shards drawn in a row without one readable sample"):
+        with pytest.raises(UserError, match=f"{MAX_BAD_DRAWS} shards drawn in a row without one readable sample"):
             list(loader)
     finally:
         signal.alarm(0)
@@ -355,7 +355,7 @@ def test_a_stream_without_one_usable_sample_stops_and_says_why(tmp_path, monkeyp
                           shuffle_buffer=10)
     signal.alarm(120)  # a hang fails the test instead of the whole run
     try:
-        with pytest.raises(RuntimeError, match=rf"data: 311 samples read \(rank 0\), none usable: {reason} 3\d\d "
+        with pytest.raises(UserError, match=rf"data: 311 samples read \(rank 0\), none usable: {reason} 3\d\d "
                                                r".*does data.vocab_path belong to these shards"):
             list(loader)
     finally:

@@ -1,9 +1,9 @@
 """The README's first run, whole (about 3.5 minutes on 2 cores): marked slow, run with -m slow."""
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT
 from im2vec.training import train
 
 

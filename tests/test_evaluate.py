@@ -65,7 +65,6 @@ def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
     assert m["info/gamma"] == 0.0 and m["info/images"] == 40
     assert m["tagging/precision@5"] == pytest.approx(m["gamma_sweep/precision@5/0"], abs=1e-6)
     from im2vec.checkpoint import load_model
-
     from im2vec.corpus import content_tags
 
     tags = [t for t in load_model(ckpt).tags if t in set(content_tags())][:3]  # every held-out split has some

@@ -25,10 +25,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from im2vec.data import eval_loader, eval_view, first_by_key, key_rank, normalize, to_uint8_tensor
+from im2vec.errors import UserError
 from im2vec.sampler import PAD
 from im2vec.validation import ValidationReport
 from im2vec.vocab import Vocabulary
-
 
 # =====================================================================================================
 # 1. ValidationReport: γ chosen by a criterion on the validation images
@@ -647,7 +647,7 @@ def test_from_multirun_groups_the_seeds_of_the_same_overrides(tmp_path):
     assert _row(text, "openclipart", "optim.lr=0.01")[2] == "1"
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="no finished jobs"):
+    with pytest.raises(UserError, match="no finished jobs"):
         quality.from_multirun(empty)
 
 

@@ -8,10 +8,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import png_bomb
 from PIL import Image
 
-from conftest import png_bomb
-
+from im2vec.errors import UserError
 from im2vec.ingest import Settings, collection_samples, main, prepare_image, run, split_of
 from im2vec.yfcc import COLUMNS_25, Skip, image_path, normalize_tag, parse_line, url_decode
 
@@ -169,11 +169,11 @@ def test_ingest_resumes_without_redoing_finished_shards(tmp_path, workers):
     assert shards[1].exists() and not (shards[1].parent / "shard-000001.tar.tmp").exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != shards[1])  # not rewritten
     assert {k: m["tags"] for k, (_, m) in _read_shards(tmp_path / "out").items()} == expected
-    with pytest.raises(SystemExit, match="other settings.*shard_size"):
+    with pytest.raises(UserError, match="other settings.*shard_size"):
         main([a if a != "3" else "5" for a in args])  # --shard-size 5
     elsewhere = tmp_path / "elsewhere"
     mirror.rename(elsewhere)
-    with pytest.raises(SystemExit, match="other settings.*root"):  # another mirror: its shards would differ
+    with pytest.raises(UserError, match="other settings.*root"):  # another mirror: its shards would differ
         main([a if a != str(mirror) else str(elsewhere) for a in args])
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from im2vec.bench.openclipart import build, svg_metadata
+from im2vec.errors import UserError
 from im2vec.images import to_rgb
 from im2vec.ingest import Settings, collection_samples, main, run
 from im2vec.yfcc import normalize_tags
@@ -314,11 +315,11 @@ def test_build_with_another_side_redraws_the_images_and_rebuilds_the_shards(tmp_
 def test_build_refuses_a_source_without_svg_and_png(tmp_path):
     src = tmp_path / "half"
     (src / "svg").mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"no svg/ and png/ folders"):
+    with pytest.raises(UserError, match=r"no svg/ and png/ folders"):
         build(tmp_path / "out", source=src, workers=1)
     (src / "svg").rmdir()
     (src / "png").mkdir()
-    with pytest.raises(SystemExit, match=r"half has no svg/ and png/"):
+    with pytest.raises(UserError, match=r"half has no svg/ and png/"):
         build(tmp_path / "out", source=src, workers=1)
 
 
@@ -478,7 +479,9 @@ def test_the_yfcc_command_line_refuses_split_by_manifest_cleanly(tmp_path, capsy
     with pytest.raises(SystemExit) as e:  # argparse: not a choice for yfcc
         main(["yfcc", str(tmp_path / "meta.tsv"), "--images", str(tmp_path), "--out", str(tmp_path / "out"),
               "--split-by", "manifest", "--workers", "0", "--quiet"])
-    assert e.value.code == 2 and "invalid choice: 'manifest'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="sum to less than 1"):  # settings refused in one line, no traceback
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("im2vec: error: ") and err.count("\n") == 1
+    assert "invalid choice: 'manifest'" in err
+    with pytest.raises(UserError, match="sum to less than 1"):  # settings refused in one line, no traceback
         main(["yfcc", str(tmp_path / "meta.tsv"), "--images", str(tmp_path), "--out", str(tmp_path / "out"),
               "--val-fraction", "0.6", "--test-fraction", "0.5", "--workers", "0", "--quiet"])

@@ -3,7 +3,6 @@ loading, and the tag / index / search commands on a folder with bad files in it.
 
 import io
 import json
-import pickle
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,7 @@ from PIL import Image
 
 from im2vec.checkpoint import load_model
 from im2vec.data import eval_view, normalize, to_uint8_tensor
+from im2vec.errors import UserError
 from im2vec.images import open_image
 from im2vec.predict import BadImage, Tagger, main
 from im2vec.training import train
@@ -156,17 +156,17 @@ def test_pickled_objects_are_refused(trained, photos, tmp_path, capsys):
     ckpt = torch.load(trained.ckpt, map_location="cpu", weights_only=True)
     ckpt["extra"] = _Payload(marker)  # an otherwise valid checkpoint
     torch.save(ckpt, tmp_path / "evil.ckpt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UserError, match="refused by weights-only loading"):
         load_model(tmp_path / "evil.ckpt")
     with pytest.raises(ValueError, match="refused by weights-only loading: .*Unsupported global"):
         Tagger.from_checkpoint(tmp_path / "evil.ckpt")
-    assert main(["tag", str(tmp_path / "evil.ckpt"), str(photos.root), "--out", str(tmp_path / "t.jsonl")]) == 1
+    assert main(["tag", str(tmp_path / "evil.ckpt"), str(photos.root), "--out", str(tmp_path / "t.jsonl")]) == 2
     assert "refused by weights-only loading" in capsys.readouterr().err
     # an index is loaded weights-only too
     torch.save({"format": "im2vec-index-1", "paths": [], "evil": _Payload(marker)}, tmp_path / "evil.pt")
-    assert main(["search", str(trained.ckpt), str(tmp_path / "evil.pt"), trained.module.tags[0]]) == 1
+    assert main(["search", str(trained.ckpt), str(tmp_path / "evil.pt"), trained.module.tags[0]]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "refused by weights-only loading" in err
+    assert err.count("\n") == 1 and err.startswith("im2vec: error: ") and "refused by weights-only loading" in err
     assert not marker.exists()
     torch.load(tmp_path / "evil.ckpt", weights_only=False)  # the payload is real: a full unpickle runs it
     assert marker.exists()
@@ -208,15 +208,15 @@ def test_index_and_search_commands(trained, photos, tmp_path, capsys):
 
     # an index from another vocabulary, or from other weights of the same vocabulary, is refused
     torch.save({**saved, "fingerprint": "0123456789abcdef"}, tmp_path / "other-vocab.pt")
-    assert main(["search", str(trained.ckpt), str(tmp_path / "other-vocab.pt"), tag]) == 1
+    assert main(["search", str(trained.ckpt), str(tmp_path / "other-vocab.pt"), tag]) == 2
     assert "another vocabulary" in capsys.readouterr().err
     ckpt = torch.load(trained.ckpt, map_location="cpu", weights_only=True)
     ckpt["state_dict"]["encoder.proj.weight"] += 0.01  # a later epoch's last.ckpt, say
     torch.save(ckpt, tmp_path / "later.ckpt")
-    assert main(["search", str(tmp_path / "later.ckpt"), str(index), tag]) == 1
+    assert main(["search", str(tmp_path / "later.ckpt"), str(index), tag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other weights" in err
-    assert main(["search", str(trained.ckpt), str(index), "no such tag"]) == 1
+    assert main(["search", str(trained.ckpt), str(index), "no such tag"]) == 2
     assert "unknown tag 'no such tag'" in capsys.readouterr().err
 
 

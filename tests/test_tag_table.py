@@ -13,7 +13,6 @@ from im2vec.module import Im2VecModule, SamplerConfig
 from im2vec.sampler import PAD
 from im2vec.tag_table import CPUTagTable, RowAdagrad, SparseAdam, make_table_optimizer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -232,6 +231,6 @@ def test_checkpoint_with_other_tags_of_the_same_size_is_refused():
     module.on_save_checkpoint(checkpoint)
     other = _module()
     other.fingerprint = "xyz"  # same V and d, other tag list
-    with pytest.raises(ValueError, match="different vocabulary"):
+    with pytest.raises(ValueError, match="another vocabulary"):
         other.on_load_checkpoint(checkpoint)
     module.on_load_checkpoint(checkpoint)  # the same vocabulary loads

@@ -2,5 +2,6 @@
 python -m im2vec.bench.loader (the data loader) and python -m im2vec.bench.scoring (evaluation)."""
 
 from im2vec.bench.head import main
+from im2vec.errors import run_cli
 
-main()
+run_cli(main)

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from im2vec.errors import ArgumentParser, run_cli
+
 GiB = 1 << 30
 FLAT_GOAL, FLOOR_GOAL, DENSE_GOAL, SHARE_GOAL, MEMORY_GOAL = 1.5, 3.0, 200.0, 0.20, 1.2
 HEADS = ("sparse_adam", "row_adagrad", "shared", "torch_sparse_adam")
@@ -428,7 +430,7 @@ def table(results: list[dict], goal_rows: list[dict], info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m im2vec.bench", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m im2vec.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="60000,600000,6000000", help="vocabulary sizes V, comma-separated")
     ap.add_argument("--heads", default=",".join(HEADS), help="tag-head cases, comma-separated: " + ", ".join(HEADS))
     ap.add_argument("--dim", type=int, default=256)
@@ -486,4 +488,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

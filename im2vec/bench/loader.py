@@ -34,6 +34,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from im2vec.data import train_loader
+from im2vec.errors import ArgumentParser, run_cli
 from im2vec.vocab import Vocabulary
 
 TAGS = ("sky", "sea", "tree", "street", "dog", "red", "canon", "2015")
@@ -221,7 +222,7 @@ def run(a: argparse.Namespace, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m im2vec.bench.loader", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m im2vec.bench.loader", description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=400, help="JPEGs to generate; also about the images per loader run")
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--height", type=int, default=1200)
@@ -243,4 +244,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

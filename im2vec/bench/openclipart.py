@@ -26,7 +26,6 @@ uploaders). No uploader then holds more than 13 % of a held-out split.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import hashlib
 import html
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from im2vec.errors import ArgumentParser, NotFound, UserError, run_cli
 from im2vec.images import to_rgb
 from im2vec.ingest import Settings, collection_samples, run, split_of
 from im2vec.vocab import count_from_shards, from_counts
@@ -74,15 +74,15 @@ def fetch_packages(work: Path) -> Path:
         return root / "usr/share/openclipart"
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"openclipart: {tool} not found: install the Debian packages {' and '.join(PACKAGES)} "
-                             "elsewhere and pass --source /usr/share/openclipart")
+            raise NotFound(f"openclipart: {tool} not found", f"install the Debian packages {' and '.join(PACKAGES)} "
+                           "elsewhere and pass --source /usr/share/openclipart")
     work.mkdir(parents=True, exist_ok=True)
     for pkg in PACKAGES:
         if not list(work.glob(f"{pkg}_*.deb")):
             done = subprocess.run(["apt-get", "download", pkg], cwd=work, capture_output=True, text=True)
             if done.returncode != 0:
-                raise SystemExit(f"openclipart: 'apt-get download {pkg}' failed ({done.stderr.strip()[-300:]}); "
-                                 "run 'apt-get update' first, or pass --source with an unpacked copy")
+                raise UserError(f"openclipart: 'apt-get download {pkg}' failed ({done.stderr.strip()[-300:]})",
+                                "run 'apt-get update' first, or pass --source with an unpacked copy")
     for deb in sorted(work.glob("openclipart-*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     return root / "usr/share/openclipart"
@@ -147,7 +147,8 @@ def build(out: Path, source: Path | None = None, side: int = 256, min_count: int
     out = Path(out)
     source = Path(source) if source else INSTALLED if (INSTALLED / "png").is_dir() else fetch_packages(out / "debs")
     if not (source / "svg").is_dir() or not (source / "png").is_dir():
-        raise SystemExit(f"openclipart: {source} has no svg/ and png/ folders (an unpacked openclipart-svg and -png)")
+        raise NotFound(f"openclipart: {source} has no svg/ and png/ folders",
+                       "pass --source with an unpacked openclipart-svg and openclipart-png")
     records, skipped = read_records(source, heavy)
     marker = out / "images.side"  # the images' size: another --side redraws them and rebuilds the shards
     if (out / "images").is_dir() and (not marker.is_file() or marker.read_text().strip() != str(side)):
@@ -181,7 +182,7 @@ def build(out: Path, source: Path | None = None, side: int = 256, min_count: int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m im2vec.bench.openclipart", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m im2vec.bench.openclipart", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/openclipart", help="output folder (default: data/openclipart)")
     ap.add_argument("--source", default=None, help="an unpacked /usr/share/openclipart (svg/ and png/); "
                     "default: the installed one, else the .deb files from Debian's archive")
@@ -199,4 +200,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,7 +23,6 @@ variant overrides and seed) is not run again, so an interrupted benchmark contin
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ sits beside the package
 COLUMNS = [("P@1", "tagging/precision@1"), ("P@5", "tagging/precision@5"), ("R@10", "tagging/recall@10"),
@@ -46,7 +47,7 @@ def data_overrides(name: str, data_dir: str) -> list[str]:
         return ["+experiment=openclipart", f"paths.data_dir={data_dir}"]
     if name == "corpus":
         return []
-    raise SystemExit(f"quality: unknown data set {name!r}: use openclipart or corpus")
+    raise BadValue(f"quality: unknown data set {name!r}", "use openclipart or corpus")
 
 
 def run_one(data: str, data_dir: str, overrides: list[str], seed: int, out: Path) -> dict:
@@ -61,7 +62,7 @@ def run_one(data: str, data_dir: str, overrides: list[str], seed: int, out: Path
                                           "trainer.enable_model_summary=false"])
     metrics, _ = train(cfg)
     if "test/images" not in metrics:
-        raise SystemExit(f"quality: {data} has no test split: nothing to report")
+        raise BadValue(f"quality: {data} has no test split: nothing to report", "build the data set with a test split")
     return {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "info/"))}
 
 
@@ -138,12 +139,13 @@ def from_multirun(folder: Path) -> list[dict]:
         records.append({"data": data, "variant": " ".join(rest) or "defaults", "overrides": [], "seed": seed,
                         "metrics": json.loads(metrics.read_text())})
     if not records:
-        raise SystemExit(f"quality: no finished jobs (N/metrics.json with N/.hydra/overrides.yaml) in {folder}")
+        raise NotFound(f"quality: no finished jobs (N/metrics.json with N/.hydra/overrides.yaml) in {folder}",
+                       "give the folder of a finished python train.py -m sweep")
     return records
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(prog="python -m im2vec.bench.quality", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m im2vec.bench.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", default=["openclipart", "corpus"], choices=("openclipart", "corpus"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--heads", nargs="*", default=list(HEADS), choices=list(HEADS),
@@ -168,4 +170,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,16 +9,16 @@ true tag how many tags score above it), the tagging metrics, and retrieval over 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
+from im2vec.errors import ArgumentParser, run_cli
 from im2vec.ranking import rank_tags, retrieval_metrics, tagging_metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m im2vec.bench.scoring", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m im2vec.bench.scoring", description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--tags", type=int, default=600_000)
     ap.add_argument("--dim", type=int, default=256)
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
