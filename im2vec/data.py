@@ -47,6 +47,7 @@ SKIP_REASONS = ("read_error", "bad_image", "no_tag", "too_large", "bad_meta")
 MAX_BAD_DRAWS = 200  # this many shards in a row without one readable sample: stop with an error, not a hang
 MAX_UNUSABLE = 20_000  # this many samples read past the shuffle buffer without one usable: stop and say why
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_META_BYTES = 1 << 20  # a sample's json: larger is not metadata (bad_meta), and is never parsed
 
 
 def crop_box(w: int, h: int, rng: random.Random, min_scale: float = 0.35,
@@ -156,21 +157,28 @@ class _Samples:
         # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}
         rng = random.Random(wds.utils.make_seed(self.seed, self.rank * 1000 + _worker_id()))
         for s in samples:
+            # Whatever is in a sample's json (any type at any depth, any size, bytes that are not UTF-8,
+            # NUL characters), it is a sample or one skip: tested by a property-based fuzz (tests/test_fuzz.py)
             try:
-                meta = json.loads(s["json"])
+                raw = s["json"]
+                if not isinstance(raw, (bytes, str)) or len(raw) > MAX_META_BYTES:
+                    raise ValueError("no json, or one too large to be metadata")
+                meta = json.loads(raw)
                 if not isinstance(meta, dict):
                     raise TypeError("the json is not an object")
                 clean = meta.get("clean_tags") or []
                 if not isinstance(meta["tags"], list) or not isinstance(clean, list):
                     raise TypeError("tags and clean_tags must be lists")
                 tags, clean_ids = self.vocab.ids(meta["tags"]), self.vocab.ids(clean)
+                user = meta.get("user")
+                keep = self.user_keep.get(str(user), 1.0) if self.user_keep and user is not None else 1.0
             except (KeyError, ValueError, TypeError, RecursionError):  # no json, bad json, no tag list
                 self.skipped[SKIP_BAD_META] += 1
                 continue
             if not tags:
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
-            if self.user_keep and rng.random() >= self.user_keep.get(str(meta.get("user")), 1.0):
+            if keep < 1.0 and rng.random() >= keep:
                 continue  # a prolific uploader's sample, passed over this time (not bad data: not counted)
             try:
                 img = open_image(next(s[e] for e in IMAGE_EXTS if e in s), self.max_pixels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -15,9 +16,19 @@ class TooLarge(ValueError):
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read the header only; a decompression bomb is refused before any pixel is decoded."""
+    """Read the header only; a decompression bomb is refused before any pixel is decoded.
+
+    ``max_pixels`` is honoured above PIL's own limit too: PIL refuses an image of more than twice
+    ``Image.MAX_IMAGE_PIXELS`` (≈179M pixels) by itself, at open and again while decoding some formats,
+    so that limit is raised to ``max_pixels`` in this process when it is lower (never lowered: the check
+    below is the one that applies to each call)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and max_pixels > limit:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL warns past its limit; the check below refuses such images anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise TooLarge(str(e)) from None
     if img.width * img.height > max_pixels:

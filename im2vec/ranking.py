@@ -30,6 +30,7 @@ from torch import Tensor
 
 from im2vec.metrics import hits
 from im2vec.sampler import PAD
+from im2vec.scoring import check_finite
 
 KS = (1, 3, 5, 10)
 
@@ -50,6 +51,7 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
 
     ``budget`` bounds the scores held at once (batch × chunk of tags)."""
     u, table, log_counts = u.float().cpu(), table.float().cpu(), log_counts.float().cpu()
+    check_finite(u=u, table=table, log_counts=log_counts, gamma=gamma)
     n, v = u.shape[0], table.shape[0]
     kmax = min(kmax, v)
     widths = [t.shape[1] for t in truths]
@@ -70,6 +72,7 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
         thr, order = torch.sort(torch.cat([st, torch.nextafter(st, torch.tensor(-torch.inf))], 1), dim=1)
         for c0 in range(0, v, chunk):
             s = ub @ table[c0 : c0 + chunk].t() + gamma * log_counts[c0 : c0 + chunk]  # (B, C)
+            check_finite(scores=s)  # finite inputs can still overflow
             ts, ti = _topk_by_index(s, min(kmax, s.shape[1]))
             best_s, best_i = _first_k(torch.cat([best_s, ts], 1), torch.cat([best_i, ti + c0], 1), kmax)
             above = _count_above(s, thr, order)  # (B, 2T): scores strictly above each threshold
@@ -112,6 +115,7 @@ def rank_prior(log_counts: Tensor, truths: list[Tensor], kmax: int = 10) -> TagR
     one sorted vector serves all of them."""
     n, v = truths[0].shape[0], log_counts.shape[0]
     lc = log_counts.float().cpu()
+    check_finite(log_counts=lc)
     order = torch.sort(lc, descending=True, stable=True).indices  # equal counts in tag-index order
     asc = torch.sort(lc).values
     n_gt, n_ge, st = [], [], []
@@ -186,11 +190,14 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
 
 @torch.no_grad()
 def retrieval_metrics(u: Tensor, table: Tensor, truth: Tensor, queries: Tensor | None = None, k: int = 10,
-                      chunk: int = 256, prefix: str = "") -> tuple[dict[str, float], Tensor, Tensor]:
+                      chunk: int = 256, prefix: str = "", budget: int = 1 << 24) -> tuple[dict[str, float], Tensor, Tensor]:
     """For each query tag (default: every tag true for at least one image) rank the N images by
     v_t·u: -> ({map, precision@k, queries, queries_without_images}, per-query AP, per-query
-    precision@k). A given query tag that no image has is left out (AP is undefined) and counted."""
+    precision@k). A given query tag that no image has is left out (AP is undefined) and counted.
+    At most ``chunk`` queries at once, fewer where N × T × queries would pass ``budget``."""
     u, table = u.float().cpu(), table.float().cpu()
+    check_finite(u=u, table=table)
+    chunk = max(1, min(chunk, budget // max(1, truth.numel())))
     valid = truth != PAD
     present = torch.unique(truth[valid])
     asked = len(queries) if queries is not None else len(present)
@@ -200,6 +207,7 @@ def retrieval_metrics(u: Tensor, table: Tensor, truth: Tensor, queries: Tensor |
         q = queries[q0 : q0 + chunk]  # (Q,)
         rel = ((truth[:, :, None] == q[None, None, :]) & valid[:, :, None]).any(1).t()  # (Q, N)
         s = (u @ table[q].t()).t()  # (Q, N)
+        check_finite(scores=s)
         order = torch.argsort(s, dim=1, descending=True, stable=True)
         neg = -s.gather(1, order)  # ascending
         rel_sorted = rel.gather(1, order)
