@@ -8,7 +8,10 @@ split by a hash of its photo id (or user) and cuts each split's sequence into sh
 ``--shard-size`` samples. Worker processes read the images, skip and count missing, corrupt and
 oversized ones, optionally shrink them, and write ``DIR/<split>/shard-NNNNNN.tar`` (through a
 temporary name) and then its ``.stats.json``. A shard whose stats file exists is finished: a run
-started again with the same settings skips it, so an interrupted ingest resumes where it stopped.
+started again with the same settings skips it, so an interrupted ingest (even one killed with
+``kill -9``) resumes where it stopped and ends with the same shards, byte for byte, as a run that was
+never interrupted. A resumed run refuses inputs whose content changed since the first run started
+(``input_stamps``): old and new samples are never mixed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from im2vec.yfcc import DEFAULT_TEMPLATE, Skip, image_path, normalize_tags, pars
 SPLITS = ("train", "val", "test")
 SPLIT_BY = ("id", "user", "manifest")
 KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others: JPEG
+SHARD_MTIME = 1_000_000_000  # every tar member's time: the same input gives the same shard bytes on every run
+MIB = 1 << 20
+FULL_HASH_BYTES = 1 << 30  # inputs up to this size are hashed whole; larger ones by their first and last MiB
 
 
 @dataclass
@@ -129,9 +135,9 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
                 max_side: int | None, quality: int) -> dict:
     """Write one shard of (key, image path, metadata) samples; returns and stores its stats."""
     shard = shard_name(Path(out), split, index)
-    tmp = shard.with_name(shard.name + ".tmp")
+    tmp = shard.with_name(f"{shard.name}.tmp{os.getpid()}")  # a writer orphaned by a killed run never shares it
     written, skipped, examples, users = 0, Counter(), {}, Counter()
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
         for key, path, meta in samples:
             try:
                 ext, data = prepare_image(path, max_pixels, max_side, quality)
@@ -156,7 +162,7 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False), encoding="utf-8")
     _fsync(tmp)
     os.replace(tmp, path)
@@ -262,6 +268,9 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
     for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
     _check_settings(out, s)
+    for split in SPLITS:  # what a killed run was writing: rewritten from the start below
+        for stale in (out / split).glob("shard-*.tmp*"):
+            stale.unlink(missing_ok=True)
     skipped, examples = Counter(), {}
     shards: dict[str, dict] = {}  # "split/index" -> stats
     buffers = {split: [] for split in SPLITS}
@@ -332,6 +341,8 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
 
 
 def _check_settings(out: Path, s: Settings) -> None:
+    """A first run records its settings and its inputs' stamps in ``out/ingest.json``; a resumed run
+    must have the same settings and inputs of the same content."""
     path, mine = out / "ingest.json", asdict(s)
     if path.exists():
         theirs = json.loads(path.read_text(encoding="utf-8"))
@@ -339,8 +350,57 @@ def _check_settings(out: Path, s: Settings) -> None:
         if differ:
             raise BadValue(f"ingest: {out} was written with other settings ({', '.join(differ)})",
                            "resume with the same ones or write to a fresh folder")
+        for p, stamp in zip(s.inputs, theirs.get("input_stamps") or []):  # none in folders of older versions
+            changed = input_changed(p, stamp)
+            if changed:
+                raise BadValue(f"ingest: {p} changed since the ingest into {out} started ({changed})",
+                               "restore the original file, or ingest into a fresh folder")
     else:
-        _write_json(path, mine)
+        _write_json(path, {**mine, "input_stamps": [input_stamp(p) for p in s.inputs]})
+
+
+def input_stamp(path: str | Path) -> dict:
+    """What identifies an input file's content: size, mtime, a hash of its first and last MiB and,
+    up to FULL_HASH_BYTES, of all of it."""
+    stamp = _light_stamp(path)
+    if stamp["size"] <= FULL_HASH_BYTES:
+        stamp["full"] = _full_hash(path)
+    return stamp
+
+
+def _light_stamp(path: str | Path) -> dict:
+    st = Path(path).stat()
+    with open(path, "rb") as f:
+        head = f.read(MIB)
+        f.seek(max(0, st.st_size - MIB))
+        tail = f.read(MIB)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ends": hashlib.blake2b(head + b"\0" + tail, digest_size=16).hexdigest()}
+
+
+def _full_hash(path: str | Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 * MIB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_changed(path: str | Path, stamp: dict) -> str | None:
+    """Why ``path`` is not the file ``stamp`` describes, or None. A file whose time alone changed
+    (touched, copied with its content) is compared by its full hash where one was recorded; a larger
+    one whose time changed is taken as changed (its middle cannot be checked cheaply)."""
+    now = _light_stamp(path)
+    if now["size"] != stamp["size"]:
+        return f"{stamp['size']:,} bytes then, {now['size']:,} now"
+    if now["ends"] != stamp["ends"]:
+        return "its first or last MiB differs"
+    if now["mtime_ns"] != stamp["mtime_ns"]:
+        if "full" not in stamp:
+            return "modified since (its time changed, and it is too large to hash whole)"
+        if _full_hash(path) != stamp["full"]:
+            return "its content differs"
+    return None
 
 
 def format_summary(summary: dict, out: Path | str) -> str:
