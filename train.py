@@ -4,12 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 from im2vec.errors import reported, run_hydra
-from im2vec.training import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @reported  # a mistake the user can fix: one line `im2vec: error: …`, exit status 2 (im2vec/errors.py)
 def main(cfg: DictConfig) -> float | None:
+    from im2vec.training import train  # here, so that a mistyped override is reported before torch loads
+
     metrics, _ = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))  # what a -m sweep optimizes
 
