@@ -385,3 +385,19 @@ def test_malformed_clean_tags_are_a_skipped_sample_not_a_crash(tmp_path):
     batches = list(eval_loader([shard], VOCAB, image_size=16, batch_size=8, num_workers=0))
     assert [b["keys"] for b in batches] == [["00002"]]
     assert int(sum(b["skipped"][SKIP_BAD_META] for b in batches)) == 2
+
+
+def test_an_oversized_or_odd_json_is_one_bad_meta_skip(tmp_path):
+    from im2vec.data import MAX_META_BYTES, SKIP_BAD_META
+
+    huge = json.dumps({"tags": ["sea"], "description": "x" * MAX_META_BYTES}).encode()  # parses, but is not metadata
+    shard = _write(tmp_path / "a.tar", [
+        {"__key__": "00000", "jpg": _jpeg(0), "json": huge},
+        {"__key__": "00001", "jpg": _jpeg(1), "json": b'{"tags": ["sea"], "user": "\xff\xfe"}'},  # not UTF-8
+        {"__key__": "00002", "jpg": _jpeg(2), "json": b"[" * 100_000},  # deeper than the parser recurses
+        {"__key__": "00003", "jpg": _jpeg(3), "json": json.dumps({"tags": ["sea\x00", "sea"], "user": [[{}]]}).encode()},
+        _sample(4, ["sea"]),
+    ])
+    batches = list(eval_loader([shard], VOCAB, image_size=16, batch_size=8, num_workers=0))
+    assert sorted(k for b in batches for k in b["keys"]) == ["00003", "00004"]  # an odd user or NUL tag is no harm
+    assert int(sum(b["skipped"][SKIP_BAD_META] for b in batches)) == 3

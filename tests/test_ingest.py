@@ -359,3 +359,17 @@ def test_vocabulary_load_refuses_an_unsorted_file_instead_of_cutting_it_short(tm
     bad.write_text("sea\t9\ncanon\t1\nred\t4\n", encoding="utf-8")  # unsorted: red would be lost after the cut
     with pytest.raises(ValueError, match=r"bad.tsv:3: count 4 after 1: a vocabulary is sorted by count"):
         Vocabulary.load(bad, min_count=2)
+
+
+def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
+    from PIL import Image as PILImage
+
+    from im2vec.images import MAX_PIXELS, TooLarge, open_image
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", MAX_PIXELS)  # PIL refuses twice this itself: 190M pixels
+    img = open_image(png_bomb(19000, 10000), max_pixels=200_000_000)  # the header only: nothing is decoded
+    assert img.size == (19000, 10000)
+    with pytest.raises(TooLarge, match="max_pixels=89478485"):
+        open_image(png_bomb(19000, 10000))  # the default refuses it, by im2vec's check
+    with pytest.raises(TooLarge, match="max_pixels=200000000"):
+        open_image(png_bomb(25000, 10000), max_pixels=200_000_000)

@@ -64,3 +64,42 @@ def test_schedule_length_counts_batches():
     cfg.trainer.max_steps = -1
     with pytest.raises(ValueError, match="max_epochs"):
         schedule_length(cfg)
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements any tensor operation produced while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_topk_tags_holds_a_bounded_score_matrix_whatever_the_number_of_images():
+    g = torch.Generator().manual_seed(1)
+    u, table, lc = torch.randn(3000, 4, generator=g), torch.randn(700, 4, generator=g), torch.rand(700, generator=g)
+    with _Largest() as spy:
+        got = topk_tags(u, table, lc, [0.0, 1.0], k=5, chunk=256, budget=4096)
+    assert spy.largest <= 4096 * 2 + 3000 * 5  # scores held at once (a few), and the (N, k) outputs
+    for gamma in (0.0, 1.0):  # the same top 5 as one full matrix
+        ref = torch.topk(u @ table.t() + gamma * lc, 5, dim=1)
+        assert torch.allclose(got[gamma][0], ref.values, atol=1e-5) and torch.equal(got[gamma][1], ref.indices)
+
+
+@pytest.mark.parametrize("where", ["u", "table", "log_counts", "gamma"])
+def test_topk_tags_refuses_nan_and_inf(where):
+    from im2vec.errors import BadValue
+
+    u, table, lc, gamma = torch.randn(4, 3), torch.randn(9, 3), torch.rand(9), 0.5
+    if where == "gamma":
+        gamma = math.inf
+    else:
+        {"u": u, "table": table, "log_counts": lc}[where][1, 0 if where != "log_counts" else ...] = math.nan
+    with pytest.raises(BadValue, match=f"ranking: {where if where != 'gamma' else 'gamma inf'} has 1 NaN or infinite"):
+        topk_tags(u, table, lc, [gamma], k=3)
