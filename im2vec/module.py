@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 
@@ -72,6 +73,7 @@ class Im2VecModule(pl.LightningModule):
         self._last_batch_time: float | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # the same, this validation
+        self._said_no_val = False
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
@@ -136,7 +138,14 @@ class Im2VecModule(pl.LightningModule):
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self.report.size:
+        if self.trainer.sanity_checking:
+            return
+        if not self.report.size:  # not one usable image: say so (once), never a silent run without figures
+            if not self._said_no_val:
+                rank_zero_warn("validation: not one usable image in data.val_shards (every sample skipped: corrupt "
+                               "images, bad json, or tags outside the vocabulary) — check data.val_shards and "
+                               f"data.vocab_path; no held-out figures, γ stays {self.report.gamma:g}")
+                self._said_no_val = True
             return
         max_images = getattr(self.trainer.datamodule, "val_max_images", None)  # a key-hash subset: data.eval_loader
         metrics = self.report.compute(self.table.weight.detach(), self.table.log_counts, self.global_step, max_images)

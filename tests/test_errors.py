@@ -171,3 +171,28 @@ def test_python_m_prints_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "im2vec.ingest", "collection", str(tmp_path / "none.jsonl"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     _one_error_line(proc, "ingest: input not found", "check the path")
+
+
+def test_unusable_held_out_shards_are_said_not_silently_empty(make_cfg, tmp_path, capsys):
+    import json as _json
+
+    import webdataset as wds
+    from hydra import compose, initialize_config_dir
+
+    dm = instantiate(make_cfg().data)  # the tiny corpus: good training shards and vocabulary
+    bad = tmp_path / "bad.tar"
+    with wds.TarWriter(str(bad)) as w:
+        for i in range(20):
+            w.write({"__key__": f"{i:05d}", "jpg": b"not a jpeg", "json": _json.dumps({"tags": [dm.vocab.tags[0]]}).encode()})
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "data=shards", f"data.train_shards={dm.train_shards}", f"data.val_shards=[{bad}]",
+            f"data.test_shards=[{bad}]", f"data.vocab_path={Path(dm.train_shards[0]).parent / 'vocab.tsv'}",
+            "data.num_workers=0", "data.image_size=32", "data.batch_size=8", "data.batches_per_epoch=2",
+            "data.shuffle_buffer=20", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "model.dim=8",
+            f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.warns(UserWarning, match="validation: not one usable image in data.val_shards"):
+        metrics, _ = train(cfg)
+    assert "im2vec: warning: no test figures: evaluate: no usable held-out image" in capsys.readouterr().err
+    assert not any(k.startswith(("val/", "test/")) for k in metrics) and (tmp_path / "run" / "metrics.json").is_file()
