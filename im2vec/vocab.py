@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,21 @@ from pathlib import Path
 import torch
 
 from im2vec.errors import BadValue, NotFound, run_cli
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
+MAX_COUNT = 2**63 - 1  # counts are held as int64
+
+
+def _count(text: str) -> int | None:
+    """A count: decimal digits whose value fits an int64; else None."""
+    if not text.isdigit():
+        return None
+    try:
+        count = int(text)  # refuses digits int() does not read ('²') and numbers past Python's 4300 digits
+    except ValueError:
+        return None
+    return count if count <= MAX_COUNT else None
 
 
 class Vocabulary:
@@ -47,13 +63,17 @@ class Vocabulary:
             raise NotFound(f"vocabulary file not found: {path}", "check data.vocab_path, or build one: "
                            "python -m im2vec.vocab OUT.tsv --shards 'DIR/train/*.tar'")
         tags, counts, last, cut = [], [], None, False
-        with open(path, encoding="utf-8") as f:
+        # bytes that are not UTF-8 are read as lone surrogates, so that the line holding them can be named
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
+                if not line.isascii() and _NOT_UTF8.search(line):
+                    raise BadValue(f"{path}:{n}: not UTF-8 text: {line.rstrip()[:80]!r}",
+                                   "is this a vocabulary file? python -m im2vec.vocab writes one (UTF-8)")
                 parts = line.rstrip("\n").split("\t")
-                if len(parts) != 2 or not parts[1].isdigit():
+                count = _count(parts[1]) if len(parts) == 2 else None
+                if count is None:
                     raise BadValue(f"{path}:{n}: expected 'tag<TAB>count', got {line.rstrip()[:80]!r}",
                                    "is this a vocabulary file? python -m im2vec.vocab writes one")
-                count = int(parts[1])
                 if last is not None and count > last:  # the cut below assumes it: an unsorted file would be cut short
                     raise BadValue(f"{path}:{n}: count {count} after {last}: a vocabulary is sorted by count, most "
                                    "frequent first", "sort it (sort -t$'\\t' -k2,2nr) or rebuild it with python -m im2vec.vocab")
@@ -68,9 +88,13 @@ class Vocabulary:
         return cls(tags, counts)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        """Written under a temporary name, then renamed: a killed run leaves no half vocabulary."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
             for t, c in zip(self.tags, self.counts.tolist()):
                 f.write(f"{t}\t{c}\n")
+        os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- building one: a streaming count
@@ -175,15 +199,26 @@ def main(argv: list[str] | None = None) -> Vocabulary:
     if a.shards:
         from im2vec.data import expand_shards
 
-        paths = [p for spec in a.shards for p in expand_shards(spec)]
+        try:
+            paths = [p for spec in a.shards for p in expand_shards(spec)]
+        except ValueError as e:  # braceexpand: unbalanced braces
+            raise BadValue(f"vocab: --shards {' '.join(a.shards)}: {e}",
+                           "check the pattern's braces, e.g. 'DIR/train/shard-{000000..000099}.tar'") from None
         if not paths:
             raise NotFound(f"vocab: no shards match {a.shards}", "check the pattern (quote it so the shell does not expand it)")
         with tqdm(total=len(paths), unit="shard", desc="vocab", disable=a.quiet) as bar:
             counts, stats = count_from_shards(paths, a.workers, bar.update)
     else:
         if a.like:
-            saved = json.loads((Path(a.like) / "ingest.json").read_text(encoding="utf-8"))
-            s = Settings(**{k: saved[k] for k in ("split_by", "val_fraction", "test_fraction", "salt", "machine_tags")})
+            like = Path(a.like) / "ingest.json"
+            try:
+                saved = json.loads(like.read_text(encoding="utf-8"))
+                s = Settings(**{k: saved[k] for k in ("split_by", "val_fraction", "test_fraction", "salt", "machine_tags")})
+            except BadValue:
+                raise
+            except (ValueError, KeyError, TypeError) as e:  # not json, not an object, a key missing, a value of another type
+                raise BadValue(f"vocab: --like {a.like}: {like} is not an ingest's settings ({type(e).__name__}: {e})",
+                               "give an output folder of python -m im2vec.ingest") from None
         else:
             s = Settings(split_by=a.split_by, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                          machine_tags=a.machine_tags)
