@@ -145,7 +145,7 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
                 skipped[e.reason] += 1
                 examples.setdefault(e.reason, str(e))
                 continue
-            sink.write({"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False).encode()})
+            sink.write({"__key__": key, ext: data, "json": _json_bytes(meta)})
             written += 1
             if meta.get("user") not in (None, ""):
                 users[str(meta["user"])] += 1
@@ -161,9 +161,17 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
     return stats
 
 
+def _json_bytes(obj, **kwargs) -> bytes:
+    """UTF-8 JSON; text that is not UTF-8 (a file name read with surrogate escapes) as \\u escapes."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, **kwargs).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kwargs).encode("ascii")
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    tmp.write_bytes(_json_bytes(obj, indent=1, sort_keys=True))
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -231,8 +239,8 @@ def collection_samples(s: Settings, progress=None) -> Iterator[Item]:
             if "\0" in row["image"]:
                 raise ValueError("a NUL character in the image path")
             json.dumps([row, tags], ensure_ascii=False).encode("utf-8")  # lone surrogates ("\udcff") fail here
-        except ValueError as e:  # json.JSONDecodeError and UnicodeEncodeError are ValueErrors
-            yield Skip("bad_line", f"{manifest}:{n}: {e}")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeEncodeError; nested past the parser's depth
+            yield Skip("bad_line", f"{manifest}:{n}: {type(e).__name__}: {str(e)[:200]}")
             continue
         path = (base / row["image"]).resolve()
         if not path.is_relative_to(base):
@@ -292,8 +300,11 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
         next_index[split], buffers[split] = index + 1, []
         done = stats_name(shard_name(out, split, index))
         if done.exists():  # finished by an earlier run
-            finished(json.loads(done.read_text(encoding="utf-8")))
-            return
+            try:
+                finished(json.loads(done.read_bytes()))
+                return
+            except (ValueError, RecursionError):  # not a stats file im2vec wrote whole: write the shard again
+                done.unlink()
         args = (str(out), split, index, samples, s.max_pixels, s.max_side, s.quality)
         if pool is None:
             finished(write_shard(*args))
@@ -345,7 +356,13 @@ def _check_settings(out: Path, s: Settings) -> None:
     must have the same settings and inputs of the same content."""
     path, mine = out / "ingest.json", asdict(s)
     if path.exists():
-        theirs = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            theirs = json.loads(path.read_bytes())
+            if not isinstance(theirs, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, RecursionError) as e:
+            raise BadValue(f"ingest: {path} is not an ingest's record ({type(e).__name__}: {str(e)[:100]})",
+                           "write to a fresh folder (or remove the file if the folder holds no shards)") from None
         differ = sorted(k for k in mine if theirs.get(k) != mine[k])
         if differ:
             raise BadValue(f"ingest: {out} was written with other settings ({', '.join(differ)})",
