@@ -55,9 +55,11 @@ def topk_tags(
             raw = ub @ table[start : start + chunk].t()  # (B, c)
             lc = log_counts[start : start + chunk]  # (c,)
             for g in gammas:
-                s, i = torch.topk(raw + g * lc, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
+                scores = raw + g * lc  # (B, c)
+                check_finite(scores=scores)  # finite inputs can still overflow
+                s, i = torch.topk(scores, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
                 s, i = torch.cat([best[g][0], s], 1), torch.cat([best[g][1], i + start], 1)
-                top = torch.topk(s, k, dim=1)  # merge with the best so far
+                top = torch.topk(s, min(k, s.shape[1]), dim=1)  # merge with the best so far (chunks may be < k)
                 best[g] = (top.values, i.gather(1, top.indices))
         for g in gammas:
             out[g][0][b0 : b0 + batch], out[g][1][b0 : b0 + batch] = best[g]

@@ -64,6 +64,11 @@ def parse_line(raw: bytes | str, machine_tags: bool = False) -> dict:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise Skip("bad_utf8") from None
+    elif not raw.isascii():
+        try:  # text with lone surrogates (bytes decoded with surrogateescape) is no UTF-8 line either
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Skip("bad_utf8") from None
     fields = raw.rstrip("\r\n").split("\t")
     if len(fields) == len(COLUMNS_25):
         row = dict(zip(COLUMNS_25, fields))
@@ -124,8 +129,23 @@ def image_path(record: dict, root: str | Path, template: str = DEFAULT_TEMPLATE)
     if not h and ("{hash" in template):
         raise BadValue("yfcc: this file has no photo hash column (the 23-column parts)",
                        "pass a --template without {hash}, e.g. '{id}.jpg'")
-    for _, name, _, _ in string.Formatter().parse(template):
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise _bad_template(template, e) from None
+    for _, name, _, _ in parsed:
         value = str(fields.get(name, "")) if name else ""
         if "/" in value or "\\" in value or "\0" in value or value in (".", ".."):
             raise Skip("bad_field", f"{name} {value[:40]!r} in an image path")
-    return Path(root) / template.format(**fields)
+    try:
+        rel = template.format(**fields)
+    except (ValueError, LookupError, AttributeError, TypeError) as e:  # {nope}, {0}, {id.x}, {id!z}, {id:d}
+        raise _bad_template(template, e) from None
+    if rel.startswith("/") and not template.startswith("/"):  # '{farm}/…' with an empty farm: an absolute path
+        raise Skip("bad_field", f"an empty field starts the image path {rel[:60]!r}")
+    return Path(root) / rel
+
+
+def _bad_template(template: str, e: Exception) -> BadValue:
+    return BadValue(f"yfcc: the image path template {template!r} cannot be filled ({type(e).__name__}: {e})",
+                    "use the record's fields in braces: {id} {hash} {hash_a} {hash_b} {user} {ext} {server} {farm} {secret}")
