@@ -208,7 +208,8 @@ def collection_samples(s: Settings, progress=None) -> Iterator[Item]:
     that leads outside it is refused (outside_root)."""
     (manifest,) = s.inputs
     base = Path(s.root or Path(manifest).parent).resolve()
-    jsonl = Path(manifest).suffix.lower() in (".jsonl", ".json", ".ndjson")
+    suffixes = [x.lower() for x in Path(manifest).suffixes if x.lower() != ".bz2"]  # read_lines decompresses .bz2
+    jsonl = bool(suffixes) and suffixes[-1] in (".jsonl", ".json", ".ndjson")
     seen: set[str] = set()
     for n, line in enumerate(read_lines([manifest], progress), 1):
         if isinstance(line, Skip):

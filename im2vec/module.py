@@ -12,8 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from im2vec.allocator import advise_hugepages

@@ -15,7 +15,6 @@ import torch
 
 from im2vec.errors import BadValue, NotFound, run_cli
 
-
 _NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
 MAX_COUNT = 2**63 - 1  # counts are held as int64
 
@@ -62,7 +61,7 @@ class Vocabulary:
         if not path.is_file():
             raise NotFound(f"vocabulary file not found: {path}", "check data.vocab_path, or build one: "
                            "python -m im2vec.vocab OUT.tsv --shards 'DIR/train/*.tar'")
-        tags, counts, last, cut = [], [], None, False
+        tags, counts, last, cut, seen = [], [], None, False, {}
         # bytes that are not UTF-8 are read as lone surrogates, so that the line holding them can be named
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
@@ -77,6 +76,10 @@ class Vocabulary:
                 if last is not None and count > last:  # the cut below assumes it: an unsorted file would be cut short
                     raise BadValue(f"{path}:{n}: count {count} after {last}: a vocabulary is sorted by count, most "
                                    "frequent first", "sort it (sort -t$'\\t' -k2,2nr) or rebuild it with python -m im2vec.vocab")
+                if parts[0] in seen:  # two rows for one tag: ids would map to only one of them
+                    raise BadValue(f"{path}:{n}: the tag {parts[0][:60]!r} again (first on line {seen[parts[0]]})",
+                                   "one line per tag: rebuild it with python -m im2vec.vocab")
+                seen[parts[0]] = n
                 last = count
                 cut = cut or count < min_count or bool(max_size and len(tags) >= max_size)
                 if not cut:  # sorted by count: nothing after the first line cut survives the cut
@@ -90,11 +93,16 @@ class Vocabulary:
     def save(self, path: str | os.PathLike) -> None:
         """Written under a temporary name, then renamed: a killed run leaves no half vocabulary."""
         path = Path(path)
+        if path.name in ("", ".", "..") or path.is_dir():  # "", "/", "..": no temporary name beside it, no rename onto it
+            raise BadValue(f"vocabulary: cannot write to {str(path)!r}: a folder, not a file", "give the file to write, e.g. vocab.tsv")
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for t, c in zip(self.tags, self.counts.tolist()):
-                f.write(f"{t}\t{c}\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for t, c in zip(self.tags, self.counts.tolist()):
+                    f.write(f"{t}\t{c}\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write or rename leaves no temporary file behind
 
 
 # ---------------------------------------------------------------- building one: a streaming count
@@ -206,6 +214,8 @@ def main(argv: list[str] | None = None) -> Vocabulary:
                            "check the pattern's braces, e.g. 'DIR/train/shard-{000000..000099}.tar'") from None
         if not paths:
             raise NotFound(f"vocab: no shards match {a.shards}", "check the pattern (quote it so the shell does not expand it)")
+        if "" in paths:  # tarfile.open("") is a ValueError, not a shard that cannot be read
+            raise BadValue(f"vocab: --shards {' '.join(map(repr, a.shards))} names an empty path", "give shard files or patterns")
         with tqdm(total=len(paths), unit="shard", desc="vocab", disable=a.quiet) as bar:
             counts, stats = count_from_shards(paths, a.workers, bar.update)
     else:

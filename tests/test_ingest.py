@@ -373,3 +373,20 @@ def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
         open_image(png_bomb(19000, 10000))  # the default refuses it, by im2vec's check
     with pytest.raises(TooLarge, match="max_pixels=200000000"):
         open_image(png_bomb(25000, 10000), max_pixels=200_000_000)
+
+
+def test_vocabulary_load_refuses_a_tag_listed_twice(tmp_path):
+    from im2vec.errors import BadValue
+    from im2vec.vocab import Vocabulary
+
+    (tmp_path / "v.tsv").write_text("sea\t5\nsky\t4\nsea\t3\n")
+    with pytest.raises(BadValue, match=r"v.tsv:3: the tag 'sea' again \(first on line 1\)"):
+        Vocabulary.load(tmp_path / "v.tsv")
+
+
+def test_a_compressed_jsonl_manifest_is_read_as_jsonl(tmp_path):
+    root, _ = _collection(tmp_path)
+    manifest = root / "m.jsonl.bz2"
+    manifest.write_bytes(bz2.compress(json.dumps({"image": "trip/0.jpg", "tags": ["sea"]}).encode() + b"\n"))
+    items = list(collection_samples(Settings(source="collection", inputs=[str(manifest)]), None))
+    assert len(items) == 1 and not isinstance(items[0], Skip) and items[0][2]["tags"] == ["sea"]
