@@ -53,11 +53,12 @@ def topk_tags(
                 for g in gammas}
         for start in range(0, v, chunk):
             raw = ub @ table[start : start + chunk].t()  # (B, c)
+            check_finite(scores=raw)  # finite inputs can still overflow
             lc = log_counts[start : start + chunk]  # (c,)
             for g in gammas:
-                scores = raw + g * lc  # (B, c)
-                check_finite(scores=scores)  # finite inputs can still overflow
-                s, i = torch.topk(scores, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
+                s, i = torch.topk(raw + g * lc, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
+                # raw, γ and lc finite: a sum that overflows is ±inf, and decides the top k only if it is in it
+                check_finite(scores=s)
                 s, i = torch.cat([best[g][0], s], 1), torch.cat([best[g][1], i + start], 1)
                 top = torch.topk(s, min(k, s.shape[1]), dim=1)  # merge with the best so far (chunks may be < k)
                 best[g] = (top.values, i.gather(1, top.indices))

@@ -70,8 +70,7 @@ def schedule_length(cfg: DictConfig) -> int:
     """Batches the LR schedule spans: max_epochs × batches_per_epoch. max_steps (two optimizer steps
     per batch) only stops a run early, so a run stopped and resumed follows one schedule; it sets the
     length only when max_epochs is -1."""
-    check_config(cfg)
-    if cfg.trainer.max_epochs and cfg.trainer.max_epochs > 0:
+    if cfg.trainer.max_epochs and cfg.trainer.max_epochs > 0:  # numbers: check_config ran in build
         return cfg.trainer.max_epochs * cfg.data.batches_per_epoch
     if cfg.trainer.get("max_steps", -1) > 0:
         return cfg.trainer.max_steps // 2
