@@ -178,7 +178,7 @@ class _Samples:
             if not tags:
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
-            if keep < 1.0 and rng.random() >= keep:
+            if self.user_keep and rng.random() >= keep:  # a draw whenever balancing is on: the stream issue 10 measured
                 continue  # a prolific uploader's sample, passed over this time (not bad data: not counted)
             try:
                 img = open_image(next(s[e] for e in IMAGE_EXTS if e in s), self.max_pixels)
