@@ -11,7 +11,11 @@ from im2vec.errors import reported, run_hydra
 def main(cfg: DictConfig) -> float | None:
     from im2vec.training import train  # here, so that a mistyped override is reported before torch loads
 
-    metrics, _ = train(cfg)
+    metrics, info = train(cfg)
+    if "preempted" in info:  # a signal stopped it after writing a checkpoint: not finished, not failed
+        from im2vec.resilience import EXIT_PREEMPTED
+
+        raise SystemExit(EXIT_PREEMPTED)
     return metrics.get(cfg.get("optimized_metric"))  # what a -m sweep optimizes
 
 

@@ -373,8 +373,8 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
     the ``max_images`` smallest hashes of what arrives (``first_by_key``)."""
     rank, world_size = rank_info(rank, world_size)
     mine = shards[rank::world_size]
-    if not mine:
-        return []  # fewer shards than ranks: nothing for this one
+    if not mine:  # fewer shards than ranks: no batch for this one, but a loader, so that its validation
+        return torch.utils.data.DataLoader(_NoSamples(), batch_size=None)  # hooks run (and meet the others')
     stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
     sizes = shard_sizes(shards) if max_images else None
     # a margin over max_images / total, so that samples skipped later (no tag, bad image) and the hash's
@@ -390,6 +390,11 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
         wds.batched(batch_size, collation_fn=stages.collate, partial=True),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+
+class _NoSamples(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
 
 
 def _in_subset(keep: float, sample: dict) -> bool:

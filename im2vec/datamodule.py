@@ -83,11 +83,27 @@ class ShardDataModule(pl.LightningDataModule):
         # Epochs counted as Lightning's samplers count them: a checkpoint written at an epoch's end
         # has already counted that epoch, so a resumed run draws the next epoch's stream.
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        seed = self.seed * 100003 + epoch
+        done = self.resumed_at()
+        if done:  # resumed mid-epoch: the rest of the epoch is a new stream, determined by (seed, epoch, done)
+            seed += 7919 * done
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
-                            self.num_workers, seed=self.seed * 100003 + epoch, shuffle_buffer=self.shuffle_buffer,
+                            self.num_workers, seed=seed, shuffle_buffer=self.shuffle_buffer,
                             min_scale=self.min_scale, max_pixels=self.max_pixels, user_keep=self.user_keep,
                             interleave=self.interleave,
                             **self._rank())
+
+    def resumed_at(self) -> int:
+        """Batches of the current epoch a mid-epoch checkpoint had trained (0 when not resuming mid-epoch).
+
+        The stream (shards drawn with replacement, shuffled, cropped) is not rewound to that batch: the
+        epoch's remaining batches come from a fresh stream seeded by (seed, epoch, batches done) — the
+        same on every resume from that checkpoint, statistically equivalent to the uninterrupted one.
+        The model, optimizers, schedules and the samplers' generators continue exactly."""
+        if self.trainer is None or not self.trainer.fit_loop.restarting:
+            return 0
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return done if 0 < done < self.batches_per_epoch else 0
 
     def val_dataloader(self):
         if not self.val_shards:

@@ -36,7 +36,7 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
     """Every held-out image once: each model's vectors, the observed and clean tag ids (in the first
     model's vocabulary), keys, small thumbnails for pictures, and the skip counts."""
     vocab = Vocabulary(models[0].tags, models[0].log_counts.exp().round().long().tolist())
-    loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images)
+    loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images, rank=0, world_size=1)  # all of them, here
     us, obs, clean, keys, thumbs, skipped = [[] for _ in models], [], [], [], [], 0
     for m in models:
         m.encoder.to(device)

@@ -13,15 +13,17 @@ from dataclasses import asdict, dataclass
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from im2vec.allocator import advise_hugepages
+from im2vec.allocator import advise_hugepages, empty_hugepages
 from im2vec.data import SKIP_REASONS, normalize
 from im2vec.errors import BadValue
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
 from im2vec.loss import full_bce_loss, multi_hot
 from im2vec.sampler import NegativeSampler, PositiveSampler
+from im2vec.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows, exchange_group, shard_of
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.validation import ValidationReport
 
@@ -61,6 +63,9 @@ class Im2VecModule(pl.LightningModule):
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
         s, o = self.sampler_cfg, self.optim_cfg
         self.table = CPUTagTable(counts, encoder.dim, o.table_init_std)
+        # DDP syncs the trunk only: the table (sharded across ranks) and its CPU buffers are this module's business
+        self._ddp_params_and_buffers_to_ignore = ["table.embedding.weight", "table.log_counts"]
+        self.counts, self.seed = counts, seed
         self.tags, self.fingerprint, self.total_batches = tags, fingerprint, total_batches
         self.image_size = image_size  # what the trunk was trained on: prediction resizes to it
         self.neg_sampler = NegativeSampler(counts, s.alpha)
@@ -74,17 +79,42 @@ class Im2VecModule(pl.LightningModule):
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # the same, this validation
         self._said_no_val = False
+        self._table_opt_state = None  # the table optimizer's state read from a checkpoint, restored on the CPU
+        self.signal_pending = False  # set by im2vec.resilience.Preemption's handler; all ranks stop together
+        self.stop_now = False
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # uint8 over the bus (a quarter of float32's bytes), normalized on the trunk's device
         return {**batch, "image": normalize(batch["image"].to(device, non_blocking=True))}
 
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.table, ShardedTagTable)
+
     def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            raise NotImplementedError(
-                "im2vec: multi-device training needs the tag-table gradient all-gather (not implemented yet); "
-                "train on one device")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and not self.sharded:
+            self.shard_table(self.trainer.global_rank, world, getattr(self.trainer.strategy, "_timeout", None))
+
+    def shard_table(self, rank: int, world: int, timeout=None) -> None:
+        """Keep only this rank's rows of the table (id % world == rank) and draw from a (seed, rank) stream."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise BadValue(f"{world} devices but torch.distributed is not initialized", "use trainer=ddp")
+        if self.sampler_cfg.head == "full":
+            raise BadValue("sampler.head=full scores all V rows on one device: it has no sharded form",
+                           "use sampler.head=sampled with trainer=ddp, or train on one device")
+        group = exchange_group(timeout.total_seconds() if timeout is not None else 1800.0)
+        full = self.table.weight.detach()  # the seeded initial table: the same on every rank
+        self.table = ShardedTagTable(self.counts, self.table.dim, self.optim_cfg.table_init_std, rank, world, group,
+                                     full=full)
+        del full
+        self.gen = torch.Generator().manual_seed(rank_seed(self.seed, rank))
+
+    def full_table(self) -> Tensor | None:
+        """The whole (V, d) table: the table itself on one device; assembled on rank 0 when sharded (every
+        rank must call it; None on the others)."""
+        return self.table.assemble() if self.sharded else self.table.weight.detach()
 
     # ---- the head
     def head_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,7 +133,18 @@ class Im2VecModule(pl.LightningModule):
         loss, s_pos, s_neg = self.head_loss(u, batch["tags"])
         opt_dense.zero_grad(set_to_none=True)
         opt_table.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if self.sharded:
+            sent, got, ex = (self.table.stats[k] for k in ("bytes_sent", "bytes_received", "exchange_s"))
+            try:
+                self.manual_backward(loss)  # DDP all-reduces the trunk (default group), done when it returns
+            finally:
+                self.table.reduce_grads()  # then the table's row gradients go to their owners (gloo group)
+            st = self.table.stats
+            table_logs = {"dist/bytes_sent": float(st["bytes_sent"] - sent), "dist/bytes_received": float(st["bytes_received"] - got),
+                          "dist/exchange_ms": (st["exchange_s"] - ex) * 1e3}
+        else:
+            self.manual_backward(loss)
+            table_logs = {}
         if self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.optim_cfg.grad_clip)
         opt_dense.step()
@@ -113,8 +154,8 @@ class Im2VecModule(pl.LightningModule):
         for sched in self.lr_schedulers():
             sched.step()
         logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
-                "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"]}
-        self.skipped += batch["skipped"]
+                "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"], **table_logs}
+        self.skipped += self._all_ranks(batch["skipped"])
         for i, reason in enumerate(SKIP_REASONS):  # bad data is skipped, never fatal
             logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         if self._last_batch_time is not None:
@@ -123,6 +164,17 @@ class Im2VecModule(pl.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=u.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=u.shape[0])
         return loss
+
+    def _all_ranks(self, skipped: Tensor) -> Tensor:
+        """This batch's skipped samples summed over the ranks; with them, whether any rank got a stop signal
+        (one small all-reduce per batch: every rank then stops after the same batch)."""
+        if not self.sharded:
+            self.stop_now = self.signal_pending
+            return skipped
+        both = torch.cat([skipped.cpu().long(), torch.tensor([int(self.signal_pending)])])
+        dist.all_reduce(both, group=self.table.group)
+        self.stop_now = bool(both[-1] > 0)
+        return both[:-1]
 
     def on_train_epoch_start(self) -> None:
         self._last_batch_time = None  # don't count the loader's restart as step time
@@ -140,23 +192,39 @@ class Im2VecModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        if not self.report.size:  # not one usable image: say so (once), never a silent run without figures
+        max_images = getattr(self.trainer.datamodule, "val_max_images", None)  # a key-hash subset: data.eval_loader
+        table, zero = self.full_table(), True
+        if self.sharded:  # every rank's images to rank 0, which scores them against the assembled table
+            zero = self.table.rank == 0
+            self.report.gather(self.table.group, self.table.rank, self.table.world)
+        metrics = None
+        if zero and self.report.size:
+            metrics = self.report.compute(table, self.table.log_counts, self.global_step, max_images)
+        if self.sharded:  # the same figures and γ on every rank (γ goes into every rank's checkpoint state)
+            box = [metrics, self.report.gamma, self.report.step, self.report.size]
+            dist.broadcast_object_list(box, src=0, group=self.table.group)
+            metrics, self.report.gamma, self.report.step, size = box
+            self.report.metrics = metrics or self.report.metrics
+        else:
+            size = self.report.size
+        if not metrics:  # not one usable image: say so (once), never a silent run without figures
             if not self._said_no_val:
                 rank_zero_warn("validation: not one usable image in data.val_shards (every sample skipped: corrupt "
                                "images, bad json, or tags outside the vocabulary) — check data.val_shards and "
                                f"data.vocab_path; no held-out figures, γ stays {self.report.gamma:g}")
                 self._said_no_val = True
             return
-        max_images = getattr(self.trainer.datamodule, "val_max_images", None)  # a key-hash subset: data.eval_loader
-        metrics = self.report.compute(self.table.weight.detach(), self.table.log_counts, self.global_step, max_images)
-        self.log_dict({k: v for k, v in metrics.items() if not math.isnan(v)}, batch_size=self.report.size)
-        self.log_dict({f"data/val_skipped_{r}": self.val_skipped[i].float() for i, r in enumerate(SKIP_REASONS)},
-                      batch_size=self.report.size)
+        skipped = self.val_skipped.clone()
+        if self.sharded:
+            dist.all_reduce(skipped, group=self.table.group)
+        self.log_dict({k: v for k, v in metrics.items() if not math.isnan(v)}, batch_size=size)
+        self.log_dict({f"data/val_skipped_{r}": skipped[i].float() for i, r in enumerate(SKIP_REASONS)},
+                      batch_size=size)
         tb = getattr(self.logger, "experiment", None) if self.logger else None
         if tb is not None and hasattr(tb, "add_embedding") and self.trainer.is_global_zero:
             # the x-axis of the scalars: batches (global_step counts two optimizer steps per batch)
             step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-            self.report.log_pictures(tb, self.table.weight.detach(), self.table.log_counts, step)
+            self.report.log_pictures(tb, table, self.table.log_counts, step)
 
     @property
     def val_metrics(self) -> dict[str, float]:
@@ -172,8 +240,10 @@ class Im2VecModule(pl.LightningModule):
         o = self.optim_cfg
         decay = [p for p in self.encoder.parameters() if p.ndim >= 2]  # conv and linear weights
         no_decay = [p for p in self.encoder.parameters() if p.ndim < 2]  # biases and norm scales
-        print(f"im2vec: AdamW on {sum(p.numel() for p in decay):,} decayed + {sum(p.numel() for p in no_decay):,} "
-              f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} tag table")
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(f"im2vec: AdamW on {sum(p.numel() for p in decay):,} decayed + {sum(p.numel() for p in no_decay):,} "
+                  f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} tag table"
+                  + (f", sharded by rows over {self.table.world} ranks" if self.sharded else ""))
         opt_dense = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)
         opt_table = make_table_optimizer(o.table_optimizer, [self.table.weight], o.table_lr)
@@ -182,23 +252,35 @@ class Im2VecModule(pl.LightningModule):
         return [opt_dense, opt_table], scheds
 
     def on_train_start(self) -> None:
-        # On resume Lightning moved every optimizer state tensor to the trunk's device; the table's
-        # optimizer state belongs next to the table, in host memory.
-        opt_table = self.optimizers()[1].optimizer
-        for state in opt_table.state.values():
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.device.type != "cpu":
-                    state[key] = value.cpu()
-                if isinstance(value, Tensor) and state[key].device.type == "cpu":
-                    # state read from a checkpoint: Linux may back it with huge pages over time
-                    # (khugepaged) without the copy a fresh huge-page allocation would need
-                    advise_hugepages(state[key])
+        # The table optimizer's state from a checkpoint was kept out of Lightning's restore (which moves
+        # every optimizer state tensor to the trunk's device): it goes in here, in host memory.
+        if self._table_opt_state is not None:
+            opt_table = self.optimizers()[1].optimizer
+            opt_table.load_state_dict(self._table_opt_state)
+            self._table_opt_state = None
+            for state in opt_table.state.values():
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and value.dim() > 0:
+                        # an owned copy (the checkpoint is memory-mapped), where Linux may use huge pages
+                        state[key] = empty_hugepages(like=value).copy_(value) if value.dim() == 2 else value.clone()
+                        advise_hugepages(state[key])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        rngs = [(self.gen.get_state(), torch.get_rng_state())]
+        if self.sharded:  # one checkpoint, as written by one device: the whole table and state, assembled on rank 0
+            t = self.table
+            checkpoint["state_dict"]["table.embedding.weight"] = t.assemble()
+            opt = checkpoint["optimizer_states"][1]
+            opt["state"] = {pid: {k: (assemble_rows(v, t.num_tags, t.rank, t.world, t.group)
+                                      if k in ROW_STATE and isinstance(v, Tensor) else v) for k, v in st.items()}
+                            for pid, st in opt["state"].items()}  # new dicts: the optimizer's own stay as they are
+            rngs = [None] * t.world
+            dist.all_gather_object(rngs, (self.gen.get_state(), torch.get_rng_state()), group=t.group)
         checkpoint["im2vec"] = {
             "tags": self.tags, "fingerprint": self.fingerprint, "num_tags": self.table.num_tags,
-            "dim": self.table.dim, "sampler_rng": self.gen.get_state(),
-            # Lightning saves no global RNG: dropout / stochastic depth in a trunk draw from it
+            "dim": self.table.dim, "sampler_rng": rngs[0][0], "world_size": len(rngs),
+            # every rank's sampler stream (seeded by (seed, rank)) and global torch RNG (dropout, stochastic depth)
+            "sampler_rngs": [g for g, _ in rngs], "torch_rngs": [r for _, r in rngs],
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "sampler": asdict(self.sampler_cfg), "optim": asdict(self.optim_cfg),
@@ -216,8 +298,33 @@ class Im2VecModule(pl.LightningModule):
         if meta["fingerprint"] != self.fingerprint:
             raise BadValue("ckpt_path: the checkpoint was trained with another vocabulary (same size, other tags)",
                            "resume with the vocabulary file it was trained on")
-        self.gen.set_state(meta["sampler_rng"])
+        rank, world = (self.table.rank, self.table.world) if self.sharded else (0, 1)
+        if self.sharded:  # a checkpoint holds the whole table, whatever world size wrote it: take this rank's rows
+            sd = checkpoint["state_dict"]
+            sd["table.embedding.weight"] = shard_of(sd["table.embedding.weight"], rank, world)
+        states = checkpoint.get("optimizer_states") or []
+        if len(states) == 2:  # the table's optimizer state: restored in on_train_start, on the CPU, this rank's rows
+            opt = states[1]
+            self._table_opt_state = {
+                "param_groups": opt["param_groups"],
+                "state": {pid: {k: (shard_of(v, rank, world) if self.sharded and k in ROW_STATE and isinstance(v, Tensor)
+                                    else v) for k, v in st.items()} for pid, st in opt["state"].items()}}
+            states[1] = {"param_groups": opt["param_groups"], "state": {}}
         self.report.gamma = float(meta.get("gamma", self.report.gamma))
-        torch.set_rng_state(meta["torch_rng"])
+        saved_world = int(meta.get("world_size", 1))
+        if saved_world == world:  # the same ranks: every stream continues exactly
+            self.gen.set_state(meta.get("sampler_rngs", [meta["sampler_rng"]])[rank])
+            torch.set_rng_state(meta.get("torch_rngs", [meta["torch_rng"]])[rank])
+        else:  # another world size: new streams, seeded by (seed, rank, step) — statistically equivalent
+            self.gen.manual_seed(rank_seed(self.seed, rank) + 7919 * int(checkpoint.get("global_step", 0)))
+            torch.manual_seed(rank_seed(self.seed, rank) + 7919 * int(checkpoint.get("global_step", 0)) + 1)
+            if rank == 0:
+                print(f"im2vec: resuming a {saved_world}-rank checkpoint on {world} rank(s): table and optimizer state "
+                      "are exact; the samplers' and data streams start anew from (seed, rank, step)")
         if meta["cuda_rng"] and torch.cuda.is_available() and len(meta["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(meta["cuda_rng"])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank r's sampler seed: the run's seed on rank 0 (a one-device run draws what rank 0 of many would)."""
+    return seed + 1_000_003 * rank

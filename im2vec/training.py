@@ -20,10 +20,13 @@ from im2vec.checkpoint import check_checkpoint_file, set_gamma
 from im2vec.errors import BadValue, UserError, make, one_line
 from im2vec.evaluating import heldout_figures
 from im2vec.module import Im2VecModule
+from im2vec.resilience import AtomicCheckpointIO, Preempted
 
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# validation figures are computed on rank 0 and broadcast: every rank logs the same values, nothing to reduce
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 # (config key, kind, smallest value): checked before anything is built, so a typo is one line, not a traceback
@@ -85,33 +88,45 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         check_checkpoint_file(cfg.ckpt_path, "ckpt_path")  # missing, cut short or not a checkpoint: one line
     datamodule, module = build(cfg)
     callbacks = [make(c) for c in cfg.get("callbacks", {}).values()]
-    trainer: pl.Trainer = make(cfg.trainer, logger=make(cfg.logger), callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # checkpoints written under a temporary name, fsynced and renamed; read memory-mapped (im2vec/resilience.py)
+    trainer: pl.Trainer = make(cfg.trainer, logger=make(cfg.logger), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except Preempted as p:
+        if trainer.is_global_zero:
+            print(f"im2vec: {p}\nim2vec: continue with the same command and ckpt_path={p.path}", file=sys.stderr)
+        return {"info/preempted": 1.0, "info/batches": float(p.batches)}, {
+            "trainer": trainer, "module": module, "datamodule": datamodule, "preempted": p}
+    zero = trainer.is_global_zero
     if datamodule.val_shards and not trainer.fast_dev_run and module.report.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final held-out figures
-        if trainer.checkpoint_callback is not None and Path(trainer.checkpoint_callback.best_model_path or "").is_file():
-            # the last checkpoint holds the same weights: give it the γ chosen on them
-            set_gamma(trainer.checkpoint_callback.best_model_path, module.gamma)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
+        if zero and Path(best or "").is_file():
+            set_gamma(best, module.gamma)  # the last checkpoint holds the same weights: give it the γ chosen on them
     metrics = dict(module.val_metrics)
     if datamodule.test_shards and not trainer.fast_dev_run:  # the figures to report: images nothing was chosen on
-        try:
-            test = heldout_figures(module.encoder, module.table.weight, module.table.log_counts, module.tags,
-                                   module.gamma, datamodule.test_shards, datamodule.image_size, datamodule.noise_ids,
-                                   list(cfg.validation.val_gammas), datamodule.val_batch_size,
-                                   datamodule.num_workers, datamodule.val_max_images,
-                                   device=trainer.strategy.root_device)
-        except UserError as e:  # the trained model is saved: say why there are no test figures, do not fail the run
-            print(f"im2vec: warning: no test figures: {one_line(e)}", file=sys.stderr)
-            test = {}
+        table = module.full_table()  # with a sharded table: assembled on rank 0, which scores the test images
+        test = {}
+        if zero:
+            try:
+                test = heldout_figures(module.encoder, table, module.table.log_counts, module.tags,
+                                       module.gamma, datamodule.test_shards, datamodule.image_size, datamodule.noise_ids,
+                                       list(cfg.validation.val_gammas), datamodule.val_batch_size,
+                                       datamodule.num_workers, datamodule.val_max_images,
+                                       device=trainer.strategy.root_device)
+            except UserError as e:  # the trained model is saved: say why there are no test figures, do not fail the run
+                print(f"im2vec: warning: no test figures: {one_line(e)}", file=sys.stderr)
+        del table
         metrics.update(test)
-        if trainer.logger is not None:
+        if trainer.logger is not None and zero:
             trainer.logger.log_metrics({k: v for k, v in test.items() if not math.isnan(v)},
                                        step=trainer.fit_loop.epoch_loop._batches_that_stepped)
     metrics["info/seconds"] = time.perf_counter() - t0  # the whole run: data, training, held-out figures
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    print(summary(metrics, module.gamma))
+    if zero:  # one process writes and prints the figures (the other ranks hold only validation's)
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        print(summary(metrics, module.gamma))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 

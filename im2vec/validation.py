@@ -82,6 +82,32 @@ class ValidationReport:
                 self.images = torch.cat([self.images[old], fresh]) if old else fresh
                 self.image_keys = [self.image_keys[i] for i in old] + [keys[i] for i in new]
 
+    def gather(self, group, rank: int, world: int) -> None:
+        """Every rank's images of this pass onto rank 0 (its report then holds them all, as one device's
+        would: the same key-hash subset and grid, so the same figures); the other ranks' reports are
+        emptied. Every rank must call it."""
+        import torch.distributed as dist
+
+        mine = (self.u, self.obs, self.clean, self.keys, self.images, self.image_keys)
+        every = [None] * world if rank == 0 else None
+        dist.gather_object(mine, every, dst=0, group=group)
+        self.reset()
+        if rank != 0:
+            return
+        pool, pool_keys = [], []
+        for u, obs, clean, keys, images, image_keys in every:
+            self.u += u
+            self.obs += obs
+            self.clean += clean
+            self.keys += keys
+            if images is not None:
+                pool.append(images)
+                pool_keys += image_keys
+        if pool:
+            best = sorted(range(len(pool_keys)), key=lambda i: key_rank(pool_keys[i]))[: self.grid_images]
+            self.images = torch.cat(pool)[torch.tensor(best, dtype=torch.long)]
+            self.image_keys = [pool_keys[i] for i in best]
+
     def compute(self, table: Tensor, log_counts: Tensor, step: int, max_images: int | None = None) -> dict[str, float]:
         """The figures on the ``max_images`` images with the smallest key hashes (all when None)."""
         keep = first_by_key(self.keys, max_images)  # the same subset whatever the loader's settings

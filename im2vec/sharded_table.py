@@ -1,0 +1,178 @@
+"""The tag table sharded by rows across the ranks of a distributed run (torchrec's "row-wise" sharding).
+
+With W ranks, rank r holds the rows whose id satisfies ``id % W == r`` (local row ``id // W``) and
+their optimizer state, in host memory, fp32: table + state per rank ≈ V·d·4·(1+s)/W bytes, where s
+is the optimizer's state per weight (2 for Adam's moments, ≈ 1/d for row-wise Adagrad). Every rank
+keeps the whole (V,) ``log_counts`` (the tagging score and the logQ corrections need them) and its
+own copy of the samplers' tables.
+
+A training step, on every rank, over a gloo group of CPU tensors (``exchange_group``):
+
+1. ``gather(ids)``: the distinct ids of the rank's batch go to their owners (``all_to_all_single``
+   of sizes, then of local row numbers); each owner reads the requested rows and sends them back (a
+   second ``all_to_all_single``); the rows are scored on the trunk's device as on one device.
+2. ``loss.backward()``: autograd sums each distinct row's gradient on its rank (and DDP all-reduces
+   the trunk's gradients on the default group; that finishes before backward returns).
+3. ``reduce_grads()``: the row gradients go back to their owners (a third ``all_to_all_single``);
+   each owner sums what it received, duplicates across ranks summed once (one coalesce), divides by W
+   (DDP averages the trunk's gradients: the table's are averaged the same way, so a W-rank step is
+   one step on the concatenated batch), and sets that as its shard's sparse gradient.
+4. The table optimizer updates the shard's touched rows (one fused pass, ``im2vec.sparse_optim``).
+
+Ordering, so that the two groups cannot deadlock each other: every rank issues the table's
+collectives in the same order (sizes, ids, rows; then gradients) on the table's own gloo group, and
+only from the training step's thread, before backward (1) and after it (3); the trunk's all-reduce
+runs on the default group inside backward (2) and has finished when (3) starts. No collective of
+one group is ever waited on while the other group has one outstanding.
+
+Bytes per rank per step: ≈ n·(8 + 2·4·d)·(W−1)/W sent and as many received, n the distinct ids of
+the rank's batch (≤ B·(P+K)): flat in W, as the table memory per rank shrinks as 1/W.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from im2vec.allocator import empty_hugepages
+from im2vec.errors import BadValue
+from im2vec.sparse_optim import gather_rows
+from im2vec.tag_table import CPUTagTable
+
+# optimizer state tensors that are per row of the table (sharded like it); the rest ("step") is global
+ROW_STATE = ("exp_avg", "exp_avg_sq", "row_step", "sum")
+
+
+def shard_rows(num_tags: int, rank: int, world: int) -> int:
+    """How many rows rank ``rank`` of ``world`` owns: ids rank, rank + world, rank + 2·world, …"""
+    return max(0, (num_tags - rank + world - 1) // world)
+
+
+def shard_of(full: Tensor, rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s rows of a whole (V, …) tensor, as a new contiguous tensor."""
+    return full[rank::world].clone(memory_format=torch.contiguous_format)
+
+
+def exchange_group(timeout_s: float = 1800.0):
+    """A gloo group of all ranks for the table's CPU tensors (the default group may be NCCL)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+class ShardedTagTable(CPUTagTable):
+    """Rank ``rank``'s rows of a (V, d) table; ``gather`` / ``reduce_grads`` exchange rows with the others.
+
+    ``weight`` is the local shard (n_r, d) (what the optimizer updates); ``num_tags`` is the whole V.
+    ``assemble`` builds a whole (V, …) tensor on rank 0 from every rank's shard (validation, test
+    figures and checkpoints: rank 0 then needs V·d·4 bytes more for the table, and as much again per
+    optimizer state tensor while a checkpoint is written).
+    """
+
+    def __init__(self, counts: Tensor, dim: int, init_std: float, rank: int, world: int, group=None,
+                 full: Tensor | None = None):
+        nn.Module.__init__(self)
+        if not 0 <= rank < world:
+            raise BadValue(f"table: rank {rank} is not in [0, {world})", "check RANK and WORLD_SIZE")
+        self.rank, self.world, self.group = rank, world, group
+        self.total = counts.numel()
+        n = shard_rows(self.total, rank, world)
+        weight = empty_hugepages(n, dim)
+        if full is not None:  # the same initial rows as the single-process table (its seeded init)
+            weight.copy_(full[rank::world])
+        else:
+            nn.init.normal_(weight, std=init_std)
+        self.embedding = nn.Embedding(n, dim, sparse=True, _weight=weight)
+        self.register_buffer("log_counts", counts.double().clamp_min(1).log().float())  # (V,): the whole vocabulary
+        self._pending = None
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "exchange_s": 0.0, "steps": 0}
+
+    @property
+    def num_tags(self) -> int:
+        return self.total
+
+    # ---- the exchange
+    def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]) -> None:
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        self.stats["exchange_s"] += time.perf_counter() - t0
+        mine_in, mine_out = in_splits[self.rank], out_splits[self.rank]  # what stays on this rank is not sent
+        row = inp[0].numel() * inp.element_size() if inp.dim() > 1 else inp.element_size()
+        self.stats["bytes_sent"] += (sum(in_splits) - mine_in) * row
+        self.stats["bytes_received"] += (sum(out_splits) - mine_out) * row
+
+    def fetch(self, uniq: Tensor) -> tuple[Tensor, tuple]:
+        """Distinct sorted ids (n,) -> their rows (n, d) from their owners, and the routing to send
+        gradients back along."""
+        w = self.world
+        owner = uniq % w
+        order = torch.argsort(owner, stable=True)  # requests grouped by owner
+        want = uniq[order] // w  # local row numbers on the owners
+        send_n = torch.bincount(owner, minlength=w)
+        recv_n = torch.empty_like(send_n)
+        self._all_to_all(recv_n, send_n, [1] * w, [1] * w)
+        send_split, recv_split = send_n.tolist(), recv_n.tolist()
+        asked = torch.empty(sum(recv_split), dtype=torch.long)
+        self._all_to_all(asked, want, recv_split, send_split)
+        rows_out = gather_rows(self.embedding.weight.detach(), asked)  # what the others asked of this rank
+        rows_in = torch.empty(uniq.numel(), self.dim)
+        self._all_to_all(rows_in, rows_out, send_split, recv_split)
+        rows = torch.empty_like(rows_in)
+        rows[order] = rows_in  # back in the order of uniq
+        return rows, (order, asked, send_split, recv_split)
+
+    def gather(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+        """ids (...) -> rows (..., d) on ``device``, each distinct row fetched once from its owner.
+        Call ``reduce_grads`` after backward (every rank, once per gather)."""
+        if self._pending is not None:
+            raise RuntimeError("ShardedTagTable.gather called twice without reduce_grads in between")
+        uniq, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
+        rows, route = self.fetch(uniq)
+        rows.requires_grad_(True)
+        self._pending = (rows, route)
+        out = rows.to(device=device, dtype=dtype, non_blocking=True)
+        return out.index_select(0, inverse.flatten().to(out.device)).view(*ids.shape, out.shape[1])
+
+    def reduce_grads(self) -> None:
+        """Send the fetched rows' gradients to their owners; set this shard's gradient to their sum / W
+        (an empty sparse gradient when no rank touched this shard: the optimizer's step count advances
+        on every rank, as on one device)."""
+        if self._pending is None:
+            raise RuntimeError("ShardedTagTable.reduce_grads without a gather")
+        rows, (order, asked, send_split, recv_split) = self._pending
+        self._pending = None
+        grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
+        got = torch.empty(sum(recv_split), self.dim)
+        self._all_to_all(got, grad[order].contiguous(), recv_split, send_split)
+        self.stats["steps"] += 1
+        local = self.embedding.weight
+        g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False).coalesce()
+        local.grad = g
+
+    def drop_pending(self) -> None:
+        self._pending = None
+
+    # ---- whole tensors on rank 0
+    def assemble(self, local: Tensor | None = None) -> Tensor | None:
+        """The whole (V, …) tensor on rank 0 from every rank's shard of it (default: the table);
+        None on the other ranks. Every rank must call it."""
+        return assemble_rows(self.embedding.weight.detach() if local is None else local, self.total, self.rank,
+                             self.world, self.group)
+
+
+def assemble_rows(local: Tensor, total: int, rank: int, world: int, group=None) -> Tensor | None:
+    """Row shards (id % world == rank) -> the whole (total, …) tensor on rank 0 (None elsewhere), one
+    shard in flight at a time: rank 0 needs the whole tensor plus one shard."""
+    local = local.detach().contiguous()
+    if rank != 0:
+        dist.send(local, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        return None
+    full = torch.empty((total, *local.shape[1:]), dtype=local.dtype)
+    full[0::world] = local
+    for r in range(1, world):
+        buf = torch.empty((shard_rows(total, r, world), *local.shape[1:]), dtype=local.dtype)
+        dist.recv(buf, src=dist.get_global_rank(group, r) if group is not None else r, group=group)
+        full[r::world] = buf
+    return full

@@ -1,0 +1,128 @@
+"""Functions run in spawned gloo processes by tests/test_dist.py (spawn children import them by name)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from im2vec.head import SamplerConfig, sampled_loss
+from im2vec.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows
+from im2vec.tag_table import make_table_optimizer
+
+V, D, B, P, K, STEPS = 401, 8, 5, 2, 6, 3
+OPTIMIZERS = ("sparse_adam", "lazy_adam", "row_adagrad")
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def problem(world: int):
+    """Counts, the initial table, and per step and rank: u (B, D), positives (B, P), negatives (B, K).
+    Ids repeat within and across ranks (a small V), so duplicates are summed on both levels."""
+    g = torch.Generator().manual_seed(123)
+    counts = torch.randint(1, 1000, (V,), generator=g)
+    table = torch.randn(V, D, generator=g) * 0.1
+    steps = []
+    for t in range(STEPS):
+        per_rank = []
+        for r in range(world):
+            gr = torch.Generator().manual_seed(1000 * t + r)
+            per_rank.append((torch.randn(B, D, generator=gr), torch.randint(0, V, (B, P), generator=gr),
+                             torch.randint(0, V, (B, K), generator=gr)))
+        steps.append(per_rank)
+    return counts, table, steps
+
+
+def head_steps(rank: int, world: int, port: int, out: str) -> None:
+    """W-rank steps of every table optimizer; rank 0 saves the assembled table and state."""
+    init(rank, world, port)
+    counts, full, steps = problem(world)
+    group = dist.new_group(backend="gloo")
+    s = SamplerConfig(num_negatives=K, num_positives=P)
+    result = {}
+    for name in OPTIMIZERS:
+        table = ShardedTagTable(counts, D, 0.01, rank, world, group, full=full)
+        opt = make_table_optimizer(name, [table.weight], 0.05)
+        for per_rank in steps:
+            u, pos, neg = per_rank[rank]
+            u = u.clone().requires_grad_(True)
+            opt.zero_grad(set_to_none=True)
+            loss, _, _ = sampled_loss(s, table, u, pos, neg, None)
+            loss.backward()
+            table.reduce_grads()
+            opt.step()
+        state = opt.state[table.weight]
+        whole = {k: assemble_rows(v, V, rank, world, group) for k, v in state.items() if k in ROW_STATE}
+        whole["weight"] = table.assemble()
+        if "step" in state:
+            whole["step"] = torch.tensor(float(state["step"]))
+        result[name] = whole
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def reference(world: int) -> dict:
+    """One process, one table, each step's batch the ranks' batches concatenated."""
+    from im2vec.tag_table import CPUTagTable
+
+    counts, full, steps = problem(world)
+    s = SamplerConfig(num_negatives=K, num_positives=P)
+    result = {}
+    for name in OPTIMIZERS:
+        table = CPUTagTable(counts, D)
+        table.weight.data.copy_(full)
+        opt = make_table_optimizer(name, [table.weight], 0.05)
+        for per_rank in steps:
+            u, pos, neg = (torch.cat(x) for x in zip(*per_rank))
+            u = u.clone().requires_grad_(True)
+            opt.zero_grad(set_to_none=True)
+            loss, _, _ = sampled_loss(s, table, u, pos, neg, None)
+            loss.backward()
+            opt.step()
+        state = opt.state[table.weight]
+        whole = {k: v.clone() for k, v in state.items() if k in ROW_STATE}
+        whole["weight"] = table.weight.detach().clone()
+        if "step" in state:
+            whole["step"] = torch.tensor(float(state["step"]))
+        result[name] = whole
+    return result
+
+
+def validation_gather(rank: int, world: int, port: int, out: str, empty_rank: int = -1) -> None:
+    """Rank r adds every world-th validation image (none on ``empty_rank``); rank 0 computes the figures."""
+    from im2vec.validation import ValidationReport
+
+    init(rank, world, port)
+    group = dist.new_group(backend="gloo")
+    counts, table, u, obs, clean, keys, images = validation_problem()
+    report = ValidationReport([f"t{i}" for i in range(V)], counts, torch.arange(0, V, 7), 0.2,
+                              [0.0, 0.2, 0.5, 1.0], 10, 4)
+    if rank != empty_rank:
+        for lo in range(rank * 8, len(u), world * 8):  # batches of 8, dealt round-robin as shards are
+            sl = slice(lo, lo + 8)
+            report.add(u[sl], obs[sl], clean[sl], keys[sl], images[sl])
+    report.gather(group, rank, world)
+    if rank == 0:
+        m = report.compute(table, counts.double().clamp_min(1).log().float(), 0, max_images=30)
+        torch.save({"metrics": m, "gamma": report.gamma, "grid": report.image_keys}, out)
+    dist.destroy_process_group()
+
+
+def validation_problem():
+    g = torch.Generator().manual_seed(7)
+    n = 45
+    counts = torch.randint(1, 500, (V,), generator=g)
+    table = torch.randn(V, D, generator=g)
+    u = torch.randn(n, D, generator=g)
+    obs = torch.randint(0, V, (n, 3), generator=g)
+    clean = torch.randint(0, V, (n, 2), generator=g)
+    keys = [f"img{i:04d}" for i in range(n)]
+    images = torch.rand(n, 3, 8, 8, generator=g)
+    return counts, table, u, obs, clean, keys, images

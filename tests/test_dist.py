@@ -1,0 +1,73 @@
+"""The sharded tag table in real multi-process gloo runs: a W-rank step equals one step of one process on
+the concatenated batch (W = 1, 2, 3); validation split over ranks gives one process's figures."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_workers as w
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, *args) -> None:
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_w_rank_steps_equal_one_big_batch(world, tmp_path):
+    out = tmp_path / "sharded.pt"
+    spawn(w.head_steps, world, str(out))
+    got, want = torch.load(out), w.reference(world)
+    for name in w.OPTIMIZERS:
+        assert set(got[name]) == set(want[name]), name
+        for key in want[name]:
+            assert got[name][key].shape == want[name][key].shape, (name, key)
+            torch.testing.assert_close(got[name][key].double(), want[name][key].double(), rtol=0, atol=1e-6,
+                                       msg=f"{name} {key} differs at W={world}")
+        moved = (want[name]["weight"] - w.problem(world)[1]).abs().sum(1) > 0
+        assert 0 < int(moved.sum()) < w.V, "the steps touch some rows, not all"
+
+
+def test_sharded_reads_and_writes_only_the_shard():
+    from im2vec.sharded_table import shard_of, shard_rows
+
+    full = torch.arange(11 * 3, dtype=torch.float32).view(11, 3)
+    parts = [shard_of(full, r, 4) for r in range(4)]
+    assert [p.shape[0] for p in parts] == [shard_rows(11, r, 4) for r in range(4)] == [3, 3, 3, 2]
+    back = torch.empty_like(full)
+    for r, p in enumerate(parts):
+        back[r::4] = p
+    assert torch.equal(back, full)
+
+
+@pytest.mark.parametrize("empty_rank", [-1, 1])
+def test_validation_over_ranks_gives_one_process_figures(tmp_path, empty_rank):
+    from im2vec.validation import ValidationReport
+
+    out = tmp_path / "val.pt"
+    spawn(w.validation_gather, 2, str(out), empty_rank)
+    got = torch.load(out)
+    counts, table, u, obs, clean, keys, images = w.validation_problem()
+    if empty_rank == 1:  # rank 1 had no validation shard: the figures are those of rank 0's images alone
+        sel = [i for i in range(len(u)) if (i // 8) % 2 == 0]
+        u, obs, clean, images = u[sel], obs[sel], clean[sel], images[sel]
+        keys = [keys[i] for i in sel]
+    report = ValidationReport([f"t{i}" for i in range(w.V)], counts, torch.arange(0, w.V, 7), 0.2,
+                              [0.0, 0.2, 0.5, 1.0], 10, 4)
+    for lo in range(0, len(u), 8):
+        report.add(u[lo:lo + 8], obs[lo:lo + 8], clean[lo:lo + 8], keys[lo:lo + 8], images[lo:lo + 8])
+    want = report.compute(table, counts.double().clamp_min(1).log().float(), 0, max_images=30)
+    assert got["gamma"] == report.gamma
+    assert sorted(got["grid"]) == sorted(report.image_keys)  # the same images in the grid
+    assert set(got["metrics"]) == set(want)
+    for k, v in want.items():
+        assert got["metrics"][k] == pytest.approx(v, abs=1e-6), k
