@@ -32,7 +32,7 @@ class Preempted(Exception):
     """The run stopped on a signal after writing ``path``."""
 
     def __init__(self, path: str, batches: int, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after batch {batches:,}; checkpoint: {path}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {batches:,} batches; checkpoint: {path}")
         self.path, self.batches, self.signum = path, batches, signum
 
 
@@ -97,8 +97,10 @@ class Preemption(Callback):
         if self._module is not None:
             self._module.signal_pending = True
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        # after Lightning's own SIGTERM handler (installed when fit starts): ours replaces it for the fit
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning installed its own SIGTERM handler (after on_fit_start): ours replaces it for the fit.
+        # Lightning's broadcasts from inside the handler, which meets whatever collective the other rank is
+        # in at that moment and hangs a run whose table exchange has collectives of its own.
         self._module = pl_module
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handler)
@@ -121,5 +123,5 @@ class Preemption(Callback):
         folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / self.filename
         trainer.save_checkpoint(path)  # a collective when the table is sharded: every rank is here
-        batches = trainer.fit_loop.epoch_loop._batches_that_stepped
+        batches = trainer.global_step // 2  # two optimizer steps a batch
         raise Preempted(str(path), batches, self.received or signal.SIGTERM)

@@ -31,6 +31,7 @@ the rank's batch (≤ B·(P+K)): flat in W, as the table memory per rank shrinks
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import timedelta
 
@@ -99,7 +100,7 @@ class ShardedTagTable(CPUTagTable):
         dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
         self.stats["exchange_s"] += time.perf_counter() - t0
         mine_in, mine_out = in_splits[self.rank], out_splits[self.rank]  # what stays on this rank is not sent
-        row = inp[0].numel() * inp.element_size() if inp.dim() > 1 else inp.element_size()
+        row = math.prod(inp.shape[1:]) * inp.element_size()  # bytes per entry (0 rows: nothing sent)
         self.stats["bytes_sent"] += (sum(in_splits) - mine_in) * row
         self.stats["bytes_received"] += (sum(out_splits) - mine_out) * row
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import socket
 
+import dist_workers as w
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import dist_workers as w
 
 
 def free_port() -> int:

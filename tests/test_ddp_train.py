@@ -1,0 +1,135 @@
+"""Real multi-process training: Lightning DDP on 2 CPU processes (gloo) through train.py.
+
+- a few steps of DDP equal one process on the concatenated batches (trunk and whole table);
+- SIGTERM (on either rank) writes a checkpoint after the batch in progress and exits 143; the same
+  command with ckpt_path= continues, on 1 or 2 ranks, with the table and moments bit-exact after
+  the reshard (2 → 1 and 1 → 2);
+- kill -9 loses at most the batches since the last every-N checkpoint;
+- a rank killed with -9 makes the other stop with an error, not hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 6  # batches per epoch
+SMALL = ["data.batches_per_epoch=6", "data.batch_size=16", "data.num_workers=0", "trainer.max_epochs=2",
+         "trainer.check_val_every_n_epoch=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "data.val_max_images=100", "validation.projector_tags=50", "validation.grid_images=0"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """train.py in its own process group: on a timeout the whole group (Lightning's rank 1 too) is killed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, f"hydra.run.dir={run_dir}", *overrides]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"train.py ran past {timeout} s (a hang?):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_restored(dump: Path, checkpoint: Path) -> None:
+    """What the resumed ranks hold before their first step is exactly what the checkpoint holds."""
+    got, c = torch.load(dump), ckpt(checkpoint)
+    assert torch.equal(got["table"], c["state_dict"]["table.embedding.weight"])
+    state = c["optimizer_states"][1]["state"][0]
+    assert got["step"] == state["step"]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(got[k], state[k]), k
+    assert got["batches"] * 2 == c["global_step"]
+
+
+def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path):
+    script = ROOT / "tests" / "ddp_equivalence.py"
+    for extra in ([], ["--reference"]):
+        r = subprocess.run([sys.executable, str(script), "--world", "2", "--out", str(tmp_path), *extra], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    rank0, rank1, ref = (torch.load(tmp_path / f) for f in ("rank0.pt", "rank1.pt", "reference.pt"))
+    assert rank0["batches"] == ref["batches"] == 4
+    for k, v in ref["trunk"].items():
+        assert torch.equal(rank0["trunk"][k], rank1["trunk"][k]), f"trunk {k} differs between ranks"
+        torch.testing.assert_close(rank0["trunk"][k], v, rtol=0, atol=1e-6, msg=f"trunk {k}")
+        assert not torch.equal(v, torch.zeros_like(v)) or k.endswith("bias")
+    for k, v in ref["whole"].items():
+        torch.testing.assert_close(rank0["whole"][k].double(), v.double(), rtol=0, atol=1e-6, msg=f"table {k}")
+
+
+def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
+    # one process, SIGTERM when batch 3 starts: batch 3 completes, the checkpoint has 4 batches, exit 143
+    one = train(tmp_path / "one", "+callbacks.sig._target_=run_callbacks.SignalAt", "+callbacks.sig.batch=3")
+    assert one.returncode == 143, one.stderr[-3000:]
+    pre1 = tmp_path / "one" / "checkpoints" / "preempted.ckpt"
+    assert f"ckpt_path={pre1}" in one.stderr
+    assert ckpt(pre1)["global_step"] == 2 * 4
+    assert not list((tmp_path / "one" / "checkpoints").glob("*.tmp-*"))
+    # 1 -> 2 ranks: exact table and moments, then the run finishes (2 epochs of N batches in all)
+    res2 = train(tmp_path / "res2", *DDP, f"ckpt_path={pre1}", "+callbacks.dump._target_=run_callbacks.DumpAtStart",
+                 f"+callbacks.dump.path={tmp_path / 'dump12.pt'}")
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    assert_restored(tmp_path / "dump12.pt", pre1)
+    assert ckpt(tmp_path / "res2" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
+    assert "test figures" in res2.stdout
+
+    # two processes, SIGTERM to rank 1 only (rank 0 learns it with the batch's all-reduce)
+    two = train(tmp_path / "two", *DDP, "+callbacks.sig._target_=run_callbacks.SignalAt", "+callbacks.sig.batch=2",
+                "+callbacks.sig.rank=1")
+    assert two.returncode == 143, two.stderr[-3000:]
+    pre2 = tmp_path / "two" / "checkpoints" / "preempted.ckpt"
+    c2 = ckpt(pre2)
+    assert c2["global_step"] == 2 * 3 and c2["im2vec"]["world_size"] == 2
+    assert c2["state_dict"]["table.embedding.weight"].shape[0] == c2["im2vec"]["num_tags"]  # the whole table
+    # 2 -> 1 rank
+    res1 = train(tmp_path / "res1", f"ckpt_path={pre2}", "+callbacks.dump._target_=run_callbacks.DumpAtStart",
+                 f"+callbacks.dump.path={tmp_path / 'dump21.pt'}")
+    assert res1.returncode == 0, res1.stderr[-3000:]
+    assert_restored(tmp_path / "dump21.pt", pre2)
+    assert ckpt(tmp_path / "res1" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
+    # evaluation and prediction read a checkpoint written by 2 ranks as any other
+    from im2vec.predict import load_model
+
+    model = load_model(str(pre2))
+    assert torch.equal(model.table, c2["state_dict"]["table.embedding.weight"])
+
+
+def test_kill_9_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
+    run = train(tmp_path / "k", "callbacks.checkpoint.every_n_batches=2",
+                "+callbacks.kill._target_=run_callbacks.SignalAt", "+callbacks.kill.batch=5",
+                "+callbacks.kill.sig=SIGKILL")
+    assert run.returncode == -signal.SIGKILL
+    last = tmp_path / "k" / "checkpoints" / "last.ckpt"
+    assert ckpt(last)["global_step"] == 2 * 4  # killed as batch 5 started: batches 4 and 5 are not lost... 4 kept
+    res = train(tmp_path / "k2", f"ckpt_path={last}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ckpt(tmp_path / "k2" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
+
+
+def test_a_rank_killed_stops_the_other_with_an_error(tmp_path):
+    t0 = time.perf_counter()
+    run = train(tmp_path / "d", *DDP, "trainer.strategy.timeout.seconds=60", "callbacks.checkpoint.every_n_batches=2",
+                "+callbacks.kill._target_=run_callbacks.SignalAt", "+callbacks.kill.batch=3",
+                "+callbacks.kill.sig=SIGKILL", "+callbacks.kill.rank=1", timeout=240)
+    took = time.perf_counter() - t0
+    assert run.returncode not in (0, 143), run.stderr[-2000:]
+    assert took < 200, f"the surviving rank took {took:.0f} s to stop"
+    last = tmp_path / "d" / "checkpoints" / "last.ckpt"
+    assert ckpt(last)["global_step"] == 2 * 2  # the every-2-batches checkpoint before the death
