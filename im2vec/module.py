@@ -23,7 +23,7 @@ from im2vec.errors import BadValue
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
 from im2vec.loss import full_bce_loss, multi_hot
 from im2vec.sampler import NegativeSampler, PositiveSampler
-from im2vec.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows, exchange_group, shard_of
+from im2vec.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows, exchange_group, rank_seed, shard_of
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.validation import ValidationReport
 
@@ -323,8 +323,3 @@ class Im2VecModule(pl.LightningModule):
                       "are exact; the samplers' and data streams start anew from (seed, rank, step)")
         if meta["cuda_rng"] and torch.cuda.is_available() and len(meta["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(meta["cuda_rng"])
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Rank r's sampler seed: the run's seed on rank 0 (a one-device run draws what rank 0 of many would)."""
-    return seed + 1_000_003 * rank

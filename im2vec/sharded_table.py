@@ -58,6 +58,11 @@ def shard_of(full: Tensor, rank: int, world: int) -> Tensor:
     return full[rank::world].clone(memory_format=torch.contiguous_format)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank r's sampler seed: the run's seed on rank 0 (a one-device run draws what rank 0 of many would)."""
+    return seed + 1_000_003 * rank
+
+
 def exchange_group(timeout_s: float = 1800.0):
     """A gloo group of all ranks for the table's CPU tensors (the default group may be NCCL)."""
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss
-from im2vec.module import Im2VecModule, OptimConfig, rank_seed
-from im2vec.sharded_table import ROW_STATE
+from im2vec.module import Im2VecModule, OptimConfig
+from im2vec.sharded_table import ROW_STATE, rank_seed
 
 V, D, B, T, SIDE, STEPS, SEED = 97, 16, 6, 4, 16, 4, 3
 warnings.filterwarnings("ignore")

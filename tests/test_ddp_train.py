@@ -133,3 +133,58 @@ def test_a_rank_killed_stops_the_other_with_an_error(tmp_path):
     assert took < 200, f"the surviving rank took {took:.0f} s to stop"
     last = tmp_path / "d" / "checkpoints" / "last.ckpt"
     assert ckpt(last)["global_step"] == 2 * 2  # the every-2-batches checkpoint before the death
+
+
+def launch(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail("torchrun ran past its time (a hang?)")
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_torchrun_recipes_one_node_and_two_nodes(tmp_path):
+    """The README's launch lines, on CPU: torchrun on one node, and two 'nodes' meeting at a c10d rendezvous."""
+    from test_dist import free_port
+
+    common = [*SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"]
+    run = sys.executable, "-m", "torch.distributed.run"
+    one = launch([*run, "--nproc_per_node=2", "train.py", *common, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'one'}"])
+    (out,) = finish([one])
+    assert "sharded by rows over 2 ranks" in out and "test figures" in out
+    rdzv = [f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_backend=c10d", "--rdzv_id=im2vec-test", "--nnodes=2",
+            "--nproc_per_node=1"]
+    nodes = [launch([*run, *rdzv, "train.py", *common, "trainer.devices=1", "trainer.num_nodes=2",
+                     f"hydra.run.dir={tmp_path / 'two'}"]) for _ in range(2)]
+    outs = finish(nodes)
+    assert sum("test figures" in o for o in outs) == 1  # rank 0 (on whichever node) prints the figures
+    assert ckpt(tmp_path / "two" / "checkpoints" / "last.ckpt")["im2vec"]["world_size"] == 2
+
+
+def test_slurm_recipe_with_the_environment_srun_gives_its_tasks(tmp_path):
+    """`srun python train.py trainer=ddp …`: srun starts every task itself with SLURM_* variables; here two
+    processes get exactly those (1 node, 2 tasks) and Lightning's SLURM environment takes it from there."""
+    job = str(20000 + os.getpid() % 9000)  # Lightning derives the rendezvous port from the job id
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+               "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": job, "SLURM_JOB_NAME": "im2vec-test"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "train.py", *SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+             "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", f"hydra.run.dir={tmp_path}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    outs = finish(procs)
+    assert "sharded by rows over 2 ranks" in outs[0] and "test figures" in outs[0]
+    assert ckpt(tmp_path / "checkpoints" / "last.ckpt")["im2vec"]["world_size"] == 2

@@ -70,3 +70,53 @@ def test_validation_over_ranks_gives_one_process_figures(tmp_path, empty_rank):
     assert set(got["metrics"]) == set(want)
     for k, v in want.items():
         assert got["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def _module(seed: int = 0):
+    from im2vec.model import ImageEncoder
+    from im2vec.module import Im2VecModule
+
+    counts = torch.arange(30, 0, -1)
+    return Im2VecModule(ImageEncoder("small_cnn", dim=8), [f"t{i}" for i in range(30)], counts, total_batches=4,
+                        seed=seed, projector_tags=0, grid_images=0)
+
+
+def test_ddp_leaves_the_table_and_its_cpu_buffers_alone():
+    m = _module()
+    ignored = set(m._ddp_params_and_buffers_to_ignore)
+    params, buffers = dict(m.named_parameters()), dict(m.named_buffers())
+    assert ignored == {n for n in params if n.startswith("table.")} | {n for n in buffers if n.startswith("table.")}
+    assert "table.embedding.weight" in ignored and "table.log_counts" in ignored
+
+
+def test_each_rank_restores_its_own_generator_and_rows():
+    """A 2-rank checkpoint holds both ranks' sampler streams and the whole table; rank 1 takes its own."""
+    from im2vec.sharded_table import ShardedTagTable, rank_seed
+
+    m = _module(seed=5)
+    full = m.table.weight.detach().clone()
+    streams = [torch.Generator().manual_seed(rank_seed(5, r)) for r in range(2)]
+    for g in streams:
+        torch.rand(3, generator=g)  # advanced, as after some steps
+    assert not torch.equal(streams[0].get_state(), streams[1].get_state())
+    ckpt = {"global_step": 8, "state_dict": {"table.embedding.weight": full.clone()},
+            "optimizer_states": [{"state": {}, "param_groups": []},
+                                 {"state": {0: {"step": 4, "exp_avg": full * 2, "exp_avg_sq": full * 3}},
+                                  "param_groups": [{"lr": 0.1, "params": [0]}]}],
+            "im2vec": {"num_tags": 30, "dim": 8, "fingerprint": m.fingerprint, "world_size": 2, "gamma": 0.5,
+                       "sampler_rngs": [g.get_state() for g in streams], "torch_rngs": [torch.get_rng_state()] * 2,
+                       "sampler_rng": streams[0].get_state(), "torch_rng": torch.get_rng_state(), "cuda_rng": []}}
+    m.table = ShardedTagTable(m.counts, 8, 0.01, rank=1, world=2, full=full)  # what setup does on rank 1 of 2
+    m.on_load_checkpoint(ckpt)
+    assert torch.equal(m.gen.get_state(), streams[1].get_state())
+    assert torch.equal(ckpt["state_dict"]["table.embedding.weight"], full[1::2])
+    st = m._table_opt_state["state"][0]
+    assert torch.equal(st["exp_avg"], (full * 2)[1::2]) and torch.equal(st["exp_avg_sq"], (full * 3)[1::2])
+    assert st["step"] == 4 and ckpt["optimizer_states"][1]["state"] == {}  # kept out of Lightning's restore
+    # on 3 ranks the saved streams do not map onto the ranks: a new stream from (seed, rank, step)
+    m3 = _module(seed=5)
+    m3.table = ShardedTagTable(m3.counts, 8, 0.01, rank=1, world=3, full=full)
+    ckpt["state_dict"]["table.embedding.weight"] = full.clone()
+    m3.on_load_checkpoint(ckpt)
+    assert not torch.equal(m3.gen.get_state(), streams[1].get_state())
+    assert torch.equal(ckpt["state_dict"]["table.embedding.weight"], full[1::3])
