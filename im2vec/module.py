@@ -140,7 +140,8 @@ class Im2VecModule(pl.LightningModule):
             finally:
                 self.table.reduce_grads()  # then the table's row gradients go to their owners (gloo group)
             st = self.table.stats
-            table_logs = {"dist/bytes_sent": float(st["bytes_sent"] - sent), "dist/bytes_received": float(st["bytes_received"] - got),
+            table_logs = {"dist/bytes_sent": float(st["bytes_sent"] - sent),
+                          "dist/bytes_received": float(st["bytes_received"] - got),
                           "dist/exchange_ms": (st["exchange_s"] - ex) * 1e3}
         else:
             self.manual_backward(loss)
@@ -242,7 +243,8 @@ class Im2VecModule(pl.LightningModule):
         no_decay = [p for p in self.encoder.parameters() if p.ndim < 2]  # biases and norm scales
         if self.trainer is None or self.trainer.is_global_zero:
             print(f"im2vec: AdamW on {sum(p.numel() for p in decay):,} decayed + {sum(p.numel() for p in no_decay):,} "
-                  f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} tag table"
+                  f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} "
+                  "tag table"
                   + (f", sharded by rows over {self.table.world} ranks" if self.sharded else ""))
         opt_dense = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)
@@ -307,8 +309,9 @@ class Im2VecModule(pl.LightningModule):
             opt = states[1]
             self._table_opt_state = {
                 "param_groups": opt["param_groups"],
-                "state": {pid: {k: (shard_of(v, rank, world) if self.sharded and k in ROW_STATE and isinstance(v, Tensor)
-                                    else v) for k, v in st.items()} for pid, st in opt["state"].items()}}
+                "state": {pid: {k: (shard_of(v, rank, world) if self.sharded and k in ROW_STATE
+                                    and isinstance(v, Tensor) else v) for k, v in st.items()}
+                          for pid, st in opt["state"].items()}}
             states[1] = {"param_groups": opt["param_groups"], "state": {}}
         self.report.gamma = float(meta.get("gamma", self.report.gamma))
         saved_world = int(meta.get("world_size", 1))

@@ -120,7 +120,8 @@ class Preemption(Callback):
         if not getattr(pl_module, "stop_now", False):  # all ranks agree: the module all-reduced the flag
             return
         ckpt = trainer.checkpoint_callback
-        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        has_dir = ckpt is not None and ckpt.dirpath
+        folder = Path(ckpt.dirpath) if has_dir else Path(trainer.default_root_dir) / "checkpoints"
         path = folder / self.filename
         trainer.save_checkpoint(path)  # a collective when the table is sharded: every rank is here
         batches = trainer.global_step // 2  # two optimizer steps a batch

@@ -154,7 +154,8 @@ class ShardedTagTable(CPUTagTable):
         self._all_to_all(got, grad[order].contiguous(), recv_split, send_split)
         self.stats["steps"] += 1
         local = self.embedding.weight
-        g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False).coalesce()
+        g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False)
+        g = g.coalesce()  # a row asked for by several ranks: its gradients summed once
         local.grad = g
 
     def drop_pending(self) -> None:

@@ -75,9 +75,12 @@ def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path):
 
 
 def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
-    # one process, SIGTERM when batch 3 starts: batch 3 completes, the checkpoint has 4 batches, exit 143
-    one = train(tmp_path / "one", "+callbacks.sig._target_=run_callbacks.SignalAt", "+callbacks.sig.batch=3")
+    # one process, a signal when batch 3 starts: batch 3 completes, the checkpoint has 4 batches, exit 143
+    # SLURM's pre-emption warning (sbatch --signal=USR1@120) is handled as SIGTERM is
+    one = train(tmp_path / "one", "+callbacks.sig._target_=run_callbacks.SignalAt", "+callbacks.sig.batch=3",
+                "+callbacks.sig.sig=SIGUSR1")
     assert one.returncode == 143, one.stderr[-3000:]
+    assert "stopped by SIGUSR1 after 4 batches" in one.stderr
     pre1 = tmp_path / "one" / "checkpoints" / "preempted.ckpt"
     assert f"ckpt_path={pre1}" in one.stderr
     assert ckpt(pre1)["global_step"] == 2 * 4
@@ -117,10 +120,17 @@ def test_kill_9_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
                 "+callbacks.kill.sig=SIGKILL")
     assert run.returncode == -signal.SIGKILL
     last = tmp_path / "k" / "checkpoints" / "last.ckpt"
-    assert ckpt(last)["global_step"] == 2 * 4  # killed as batch 5 started: batches 4 and 5 are not lost... 4 kept
-    res = train(tmp_path / "k2", f"ckpt_path={last}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert ckpt(tmp_path / "k2" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
+    assert ckpt(last)["global_step"] == 2 * 4  # killed with 5 batches done: the every-2 checkpoint after 4, one lost
+    # resumed mid-epoch: the rest of the epoch's stream is seeded by (seed, epoch, batches done), so two
+    # resumes from one checkpoint train the same model
+    ends = []
+    for name in ("k2", "k3"):
+        res = train(tmp_path / name, f"ckpt_path={last}", "trainer.deterministic=true")
+        assert res.returncode == 0, res.stderr[-3000:]
+        end = ckpt(tmp_path / name / "checkpoints" / "last.ckpt")
+        assert end["global_step"] == 2 * 2 * N
+        ends.append(end["state_dict"])
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
 def test_a_rank_killed_stops_the_other_with_an_error(tmp_path):
@@ -158,9 +168,11 @@ def test_torchrun_recipes_one_node_and_two_nodes(tmp_path):
     """The README's launch lines, on CPU: torchrun on one node, and two 'nodes' meeting at a c10d rendezvous."""
     from test_dist import free_port
 
-    common = [*SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"]
+    common = [*SMALL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+              "trainer.check_val_every_n_epoch=1"]
     run = sys.executable, "-m", "torch.distributed.run"
-    one = launch([*run, "--nproc_per_node=2", "train.py", *common, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'one'}"])
+    one = launch([*run, "--nproc_per_node=2", "train.py", *common, "trainer.devices=2",
+                  f"hydra.run.dir={tmp_path / 'one'}"])
     (out,) = finish([one])
     assert "sharded by rows over 2 ranks" in out and "test figures" in out
     rdzv = [f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_backend=c10d", "--rdzv_id=im2vec-test", "--nnodes=2",
