@@ -100,9 +100,10 @@ class ShardDataModule(pl.LightningDataModule):
         epoch's remaining batches come from a fresh stream seeded by (seed, epoch, batches done) — the
         same on every resume from that checkpoint, statistically equivalent to the uninterrupted one.
         The model, optimizers, schedules and the samplers' generators continue exactly."""
-        if self.trainer is None or not self.trainer.fit_loop.restarting:
+        loop = self.trainer.fit_loop if self.trainer is not None else None
+        if loop is None or not getattr(loop, "restarting", False):
             return 0
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = loop.epoch_loop.batch_progress.current.processed
         return done if 0 < done < self.batches_per_epoch else 0
 
     def val_dataloader(self):
