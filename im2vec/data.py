@@ -23,7 +23,9 @@ import glob
 import hashlib
 import json
 import math
+import os
 import random
+import signal
 import tarfile
 import warnings
 from collections import Counter
@@ -355,7 +357,8 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
         # at this point each sample is (image tensor, tag ids, clean tag ids)
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                           worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
     loader = loader.with_epoch(batches_per_epoch)  # equal batch counts on every rank
     with warnings.catch_warnings():  # wds warns that a length does not cut the stream: with_epoch does
         warnings.simplefilter("ignore")
@@ -389,7 +392,24 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
         stages.decode,
         wds.batched(batch_size, collation_fn=stages.collate, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                         worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def worker_init(rank: int, worker_id: int) -> None:
+    """A loader worker leaves SIGTERM and SIGUSR1 to the training process. A scheduler (SLURM, Kubernetes)
+    signals every process of the job; the trainer then writes its checkpoint and stops the workers. Without
+    this a worker would die, or run a handler it inherited from the trainer. Then Lightning's per-worker
+    seeding, which a worker_init_fn of our own replaces (its randomness here is all explicitly seeded)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id, rank=rank)
 
 
 class _NoSamples(torch.utils.data.IterableDataset):

@@ -404,3 +404,25 @@ def test_an_oversized_or_odd_json_is_one_bad_meta_skip(tmp_path):
     batches = list(eval_loader([shard], VOCAB, image_size=16, batch_size=8, num_workers=0))
     assert sorted(k for b in batches for k in b["keys"]) == ["00003", "00004"]  # an odd user or NUL tag is no harm
     assert int(sum(b["skipped"][SKIP_BAD_META] for b in batches)) == 3
+
+
+def test_a_loader_worker_signalled_by_the_scheduler_keeps_working(tmp_path):
+    """SLURM sends SIGTERM to every process of the job: the loader's workers leave it to the trainer (which
+    checkpoints and stops them) instead of dying mid-epoch."""
+    import os
+    import signal
+    import time
+
+    shard = _write(tmp_path / "val.tar", [_sample(i, ["sea"]) for i in range(12)])
+    loader = eval_loader([str(shard)], VOCAB, 16, 4, 1, rank=0, world_size=1)
+    it = iter(loader)
+    first = next(it)
+    import multiprocessing
+
+    (worker,) = multiprocessing.active_children()  # the loader's one worker
+    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    rest = list(it)
+    assert sum(len(b["keys"]) for b in [first, *rest]) == 12
