@@ -158,9 +158,6 @@ class ShardedTagTable(CPUTagTable):
         g = g.coalesce()  # a row asked for by several ranks: its gradients summed once
         local.grad = g
 
-    def drop_pending(self) -> None:
-        self._pending = None
-
     # ---- whole tensors on rank 0
     def assemble(self, local: Tensor | None = None) -> Tensor | None:
         """The whole (V, …) tensor on rank 0 from every rank's shard of it (default: the table);
