@@ -396,16 +396,14 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
                          worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def worker_init(rank: int, worker_id: int) -> None:
-    """A loader worker leaves SIGTERM and SIGUSR1 to the training process. A scheduler (SLURM, Kubernetes)
-    signals every process of the job; the trainer then writes its checkpoint and stops the workers. Without
-    this a worker would die, or run a handler it inherited from the trainer. Then Lightning's per-worker
-    seeding, which a worker_init_fn of our own replaces (its randomness here is all explicitly seeded)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """A loader worker leaves SIGUSR1 (SLURM's pre-emption warning, ``--signal=USR1@120``, sent to every
+    process of the job) to the trainer, which checkpoints and then stops the workers; SIGTERM kills it as
+    usual (torch stops its workers with SIGTERM when the trainer exits), not a handler inherited from the
+    trainer. Then Lightning's per-worker seeding, which a worker_init_fn of our own replaces (the loader's
+    randomness is all explicitly seeded)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         from lightning_fabric.utilities.seed import pl_worker_init_function
 

@@ -57,12 +57,16 @@ class Im2VecModule(pl.LightningModule):
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
                  projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224,
-                 choose_gamma: bool = True, gamma_by: str = "auto"):
+                 choose_gamma: bool = True, gamma_by: str = "auto", shard: tuple[int, int] | None = None):
         super().__init__()
         self.encoder = encoder
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
         s, o = self.sampler_cfg, self.optim_cfg
-        self.table = CPUTagTable(counts, encoder.dim, o.table_init_std)
+        if shard is not None and shard[1] > 1:  # rank r of W (known from the Trainer): only this rank's rows,
+            # the same values as one device's table, never the whole table in this process
+            self.table = ShardedTagTable(counts, encoder.dim, o.table_init_std, *shard, single_device_rows=True)
+        else:
+            self.table = CPUTagTable(counts, encoder.dim, o.table_init_std)
         # DDP syncs the trunk only: the table (sharded across ranks) and its CPU buffers are this module's business
         self._ddp_params_and_buffers_to_ignore = ["table.embedding.weight", "table.log_counts"]
         self.counts, self.seed = counts, seed
@@ -94,7 +98,7 @@ class Im2VecModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
-        if world > 1 and not self.sharded:
+        if world > 1 and (not self.sharded or self.table.group is None):
             self.shard_table(self.trainer.global_rank, world, getattr(self.trainer.strategy, "_timeout", None))
 
     def shard_table(self, rank: int, world: int, timeout=None) -> None:
@@ -105,10 +109,17 @@ class Im2VecModule(pl.LightningModule):
             raise BadValue("sampler.head=full scores all V rows on one device: it has no sharded form",
                            "use sampler.head=sampled with trainer=ddp, or train on one device")
         group = exchange_group(timeout.total_seconds() if timeout is not None else 1800.0)
-        full = self.table.weight.detach()  # the seeded initial table: the same on every rank
-        self.table = ShardedTagTable(self.counts, self.table.dim, self.optim_cfg.table_init_std, rank, world, group,
-                                     full=full)
-        del full
+        if self.sharded:  # built for this rank (shard=): the rows are there, the group was not yet
+            if (self.table.rank, self.table.world) != (rank, world):
+                raise BadValue(f"the table was built for rank {self.table.rank} of {self.table.world}, this is rank "
+                               f"{rank} of {world}", "build the module with shard=(trainer.global_rank, "
+                               "trainer.world_size)")
+            self.table.group = group
+        else:  # built whole: keep this rank's rows of the seeded initial table (the same on every rank)
+            full = self.table.weight.detach()
+            self.table = ShardedTagTable(self.counts, self.table.dim, self.optim_cfg.table_init_std, rank, world,
+                                         group, full=full)
+            del full
         self.gen = torch.Generator().manual_seed(rank_seed(self.seed, rank))
 
     def full_table(self) -> Tensor | None:

@@ -78,7 +78,7 @@ class ShardedTagTable(CPUTagTable):
     """
 
     def __init__(self, counts: Tensor, dim: int, init_std: float, rank: int, world: int, group=None,
-                 full: Tensor | None = None):
+                 full: Tensor | None = None, single_device_rows: bool = False):
         nn.Module.__init__(self)
         if not 0 <= rank < world:
             raise BadValue(f"table: rank {rank} is not in [0, {world})", "check RANK and WORLD_SIZE")
@@ -88,6 +88,8 @@ class ShardedTagTable(CPUTagTable):
         weight = empty_hugepages(n, dim)
         if full is not None:  # the same initial rows as the single-process table (its seeded init)
             weight.copy_(full[rank::world])
+        elif single_device_rows:  # the same, drawn here without ever holding the whole table
+            normal_rows(weight, self.total, init_std, rank, world)
         else:
             nn.init.normal_(weight, std=init_std)
         self.embedding = nn.Embedding(n, dim, sparse=True, _weight=weight)
@@ -164,6 +166,29 @@ class ShardedTagTable(CPUTagTable):
         None on the other ranks. Every rank must call it."""
         return assemble_rows(self.embedding.weight.detach() if local is None else local, self.total, self.rank,
                              self.world, self.group)
+
+
+def normal_rows(out: Tensor, total: int, std: float, rank: int, world: int, chunk_rows: int = 4096) -> Tensor:
+    """Rank ``rank``'s rows (id % world == rank) of ``torch.empty(total, d).normal_(0, std)`` into ``out``
+    (n_r, d), drawn from the global generator chunk by chunk: the values are those of the one whole draw
+    (torch's CPU normal_ fills blocks of 16 in order, so chunks of a multiple of 16 values, the last one at
+    least 16 long, continue one stream; tests check it) and the generator ends where the whole draw leaves
+    it. Memory: one chunk, not the table."""
+    d = out.shape[1]
+    chunk_rows = max(16, chunk_rows // 16 * 16)  # chunk_rows·d values: a multiple of 16
+    buf = torch.empty(chunk_rows + 16, d)
+    lo = 0
+    while lo < total:
+        hi = min(total, lo + chunk_rows)
+        if 0 < (total - hi) * d < 16:  # a last chunk of under 16 values would be drawn differently: join it
+            hi = total
+        block = buf[: hi - lo]
+        block.normal_(0, std)
+        first = (rank - lo) % world  # the first row of this block that this rank owns
+        rows = block[first::world]
+        out[(lo + first) // world: (lo + first) // world + rows.shape[0]] = rows
+        lo = hi
+    return out
 
 
 def assemble_rows(local: Tensor, total: int, rank: int, world: int, group=None) -> Tensor | None:

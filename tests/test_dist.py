@@ -120,3 +120,33 @@ def test_each_rank_restores_its_own_generator_and_rows():
     m3.on_load_checkpoint(ckpt)
     assert not torch.equal(m3.gen.get_state(), streams[1].get_state())
     assert torch.equal(ckpt["state_dict"]["table.embedding.weight"], full[1::3])
+
+
+@pytest.mark.parametrize("total,d,world", [(1000, 64, 3), (997, 33, 2), (61, 8, 4), (5, 3, 2), (4099, 7, 5), (3, 2, 5)])
+def test_each_rank_draws_its_rows_of_the_one_device_table_without_holding_it(total, d, world):
+    from im2vec.sharded_table import normal_rows, shard_rows
+    from im2vec.tag_table import CPUTagTable
+
+    torch.manual_seed(3)
+    whole = CPUTagTable(torch.ones(total), d, 0.01).weight.detach().clone()
+    after = torch.rand(2)
+    for r in range(world):
+        torch.manual_seed(3)
+        out = normal_rows(torch.empty(shard_rows(total, r, world), d), total, 0.01, r, world, chunk_rows=64)
+        assert torch.equal(out, whole[r::world]), r
+        assert torch.equal(torch.rand(2), after)  # the generator is where the whole draw leaves it
+
+
+def test_a_module_built_for_rank_1_of_2_holds_rank_1s_rows_of_the_one_device_table():
+    torch.manual_seed(11)
+    whole = _module().table.weight.detach().clone()
+    after = torch.rand(2)
+    from im2vec.model import ImageEncoder
+    from im2vec.module import Im2VecModule
+
+    torch.manual_seed(11)
+    m = Im2VecModule(ImageEncoder("small_cnn", dim=8), [f"t{i}" for i in range(30)], torch.arange(30, 0, -1),
+                     total_batches=4, projector_tags=0, grid_images=0, shard=(1, 2))
+    assert m.sharded and m.table.num_tags == 30 and m.table.weight.shape == (15, 8)
+    assert torch.equal(m.table.weight.detach(), whole[1::2])
+    assert torch.equal(torch.rand(2), after)
