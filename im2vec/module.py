@@ -17,13 +17,13 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from im2vec.allocator import advise_hugepages, empty_hugepages
+from im2vec.allocator import empty_hugepages
 from im2vec.data import SKIP_REASONS, normalize
 from im2vec.errors import BadValue
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
 from im2vec.loss import full_bce_loss, multi_hot
 from im2vec.sampler import NegativeSampler, PositiveSampler
-from im2vec.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows, exchange_group, rank_seed, shard_of
+from im2vec.sharded_table import ShardedTagTable, assemble_rows, exchange_group, map_row_state, rank_seed, shard_of
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.validation import ValidationReport
 
@@ -275,8 +275,7 @@ class Im2VecModule(pl.LightningModule):
                 for key, value in state.items():
                     if isinstance(value, Tensor) and value.dim() > 0:
                         # an owned copy (the checkpoint is memory-mapped), where Linux may use huge pages
-                        state[key] = empty_hugepages(like=value).copy_(value) if value.dim() == 2 else value.clone()
-                        advise_hugepages(state[key])
+                        state[key] = empty_hugepages(like=value).copy_(value)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         rngs = [(self.gen.get_state(), torch.get_rng_state())]
@@ -284,9 +283,7 @@ class Im2VecModule(pl.LightningModule):
             t = self.table
             checkpoint["state_dict"]["table.embedding.weight"] = t.assemble()
             opt = checkpoint["optimizer_states"][1]
-            opt["state"] = {pid: {k: (assemble_rows(v, t.num_tags, t.rank, t.world, t.group)
-                                      if k in ROW_STATE and isinstance(v, Tensor) else v) for k, v in st.items()}
-                            for pid, st in opt["state"].items()}  # new dicts: the optimizer's own stay as they are
+            opt["state"] = map_row_state(opt["state"], lambda v: assemble_rows(v, t.num_tags, t.rank, t.world, t.group))
             rngs = [None] * t.world
             dist.all_gather_object(rngs, (self.gen.get_state(), torch.get_rng_state()), group=t.group)
         checkpoint["im2vec"] = {
@@ -318,11 +315,8 @@ class Im2VecModule(pl.LightningModule):
         states = checkpoint.get("optimizer_states") or []
         if len(states) == 2:  # the table's optimizer state: restored in on_train_start, on the CPU, this rank's rows
             opt = states[1]
-            self._table_opt_state = {
-                "param_groups": opt["param_groups"],
-                "state": {pid: {k: (shard_of(v, rank, world) if self.sharded and k in ROW_STATE
-                                    and isinstance(v, Tensor) else v) for k, v in st.items()}
-                          for pid, st in opt["state"].items()}}
+            mine = map_row_state(opt["state"], lambda v: shard_of(v, rank, world)) if self.sharded else opt["state"]
+            self._table_opt_state = {"param_groups": opt["param_groups"], "state": mine}
             states[1] = {"param_groups": opt["param_groups"], "state": {}}
         self.report.gamma = float(meta.get("gamma", self.report.gamma))
         saved_world = int(meta.get("world_size", 1))

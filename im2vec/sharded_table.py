@@ -95,7 +95,7 @@ class ShardedTagTable(CPUTagTable):
         self.embedding = nn.Embedding(n, dim, sparse=True, _weight=weight)
         self.register_buffer("log_counts", counts.double().clamp_min(1).log().float())  # (V,): the whole vocabulary
         self._pending = None
-        self.stats = {"bytes_sent": 0, "bytes_received": 0, "exchange_s": 0.0, "steps": 0}
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "exchange_s": 0.0}
 
     @property
     def num_tags(self) -> int:
@@ -154,7 +154,6 @@ class ShardedTagTable(CPUTagTable):
         grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
         got = torch.empty(sum(recv_split), self.dim)
         self._all_to_all(got, grad[order].contiguous(), recv_split, send_split)
-        self.stats["steps"] += 1
         local = self.embedding.weight
         g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False)
         g = g.coalesce()  # a row asked for by several ranks: its gradients summed once
@@ -189,6 +188,13 @@ def normal_rows(out: Tensor, total: int, std: float, rank: int, world: int, chun
         out[(lo + first) // world: (lo + first) // world + rows.shape[0]] = rows
         lo = hi
     return out
+
+
+def map_row_state(state: dict, fn) -> dict:
+    """An optimizer ``state_dict()["state"]`` with ``fn`` applied to its per-row tensors (ROW_STATE), in new
+    dicts (the optimizer's own are left as they are)."""
+    return {pid: {k: fn(v) if k in ROW_STATE and isinstance(v, Tensor) else v for k, v in st.items()}
+            for pid, st in state.items()}
 
 
 def assemble_rows(local: Tensor, total: int, rank: int, world: int, group=None) -> Tensor | None:

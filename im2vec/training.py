@@ -56,14 +56,8 @@ def check_config(cfg: DictConfig) -> None:
                            f"set {key}=<{'integer' if kind is int else 'number'}>")
 
 
-def build(cfg: DictConfig, shard: tuple[int, int] | None = None) -> tuple[pl.LightningDataModule, Im2VecModule]:
-    """The data module and the module; ``shard=(rank, world)``: build only this rank's rows of the table."""
-    check_config(cfg)
-    datamodule = make(cfg.data)
-    return datamodule, build_module(cfg, datamodule, shard)
-
-
 def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = None) -> Im2VecModule:
+    """The module for ``datamodule``'s vocabulary; ``shard=(rank, world)``: only this rank's rows of the table."""
     vocab = datamodule.vocab
     return Im2VecModule(
         encoder=make(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=schedule_length(cfg),
@@ -94,10 +88,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule = make(cfg.data)  # data mistakes are reported first
     callbacks = [make(c) for c in cfg.get("callbacks", {}).values()]
     # checkpoints written under a temporary name, fsynced and renamed; read memory-mapped (im2vec/resilience.py)
-    trainer: pl.Trainer = make(cfg.trainer, logger=make(cfg.logger), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    trainer: pl.Trainer = make(cfg.trainer, logger=make(cfg.logger), callbacks=callbacks,
+                               plugins=[AtomicCheckpointIO()])
     # the trainer knows this process's rank and the world size (torchrun, SLURM, or the ranks it will start)
     # before any process group exists: with several ranks each builds only its own rows of the table
-    module = build_module(cfg, datamodule, (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None)
+    shard = (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
+    module = build_module(cfg, datamodule, shard)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except Preempted as p:
