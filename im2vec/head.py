@@ -75,25 +75,44 @@ def sampled_loss(s: SamplerConfig, table: CPUTagTable, u: Tensor, pos_ids: Tenso
     coalesced sparse gradient per step. ``dedupe=False`` reads the rows with a plain sparse
     ``nn.Embedding`` lookup instead (duplicates and all: the stock path, for the benchmark).
     """
-    b = u.shape[0]
     ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
     rows = (table.gather if dedupe else table.lookup)(ids, u.device, u.dtype)  # (B·P + #neg, d)
-    pos = rows[: pos_ids.numel()].view(b, pos_ids.shape[1], -1)  # (B, P, d)
-    neg = rows[pos_ids.numel():].view(*neg_ids.shape, rows.shape[1])  # (B, K, d) or (K, d)
-    weight = weight.to(u.device, u.dtype) if weight is not None else None
+    extras = {k: None if v is None else v.to(u.device) for k, v in head_extras(s, table.log_counts, pos_ids, neg_ids,
+                                                                               weight).items()}
+    return loss_on_rows(s, u, rows, tuple(pos_ids.shape), tuple(neg_ids.shape), extras)
+
+
+def head_extras(s: SamplerConfig, log_counts: Tensor, pos_ids: Tensor, neg_ids: Tensor, weight: Tensor | None
+                ) -> dict[str, Tensor | None]:
+    """The small CPU tensors a head needs beside the rows: negative weights and, for the softmax losses,
+    each candidate's log sampling probability."""
+    extras = {"weight": weight}
     if s.loss == "in_batch":  # a tag's chance to be some image's positive ≈ count^(1-β) (up to a constant)
-        log_q = _log_q(table, pos_ids, 1.0 - s.beta, s.logq).to(u.device)  # (B, P)
-        return in_batch_softmax_loss(u, pos, log_q, weight <= 0)
+        extras["log_q_pos"] = _log_q(log_counts, pos_ids, 1.0 - s.beta, s.logq)  # (B, P)
+    elif s.loss == "softmax":  # the negatives' proposal: count^α (the NegativeSampler's)
+        extras["log_q_pos"] = _log_q(log_counts, pos_ids, s.alpha, s.logq)  # (B, P)
+        extras["log_q_neg"] = _log_q(log_counts, neg_ids, s.alpha, s.logq)  # (B, K) or (K,)
+    return extras
+
+
+def loss_on_rows(s: SamplerConfig, u: Tensor, rows: Tensor, pos_shape: tuple[int, ...], neg_shape: tuple[int, ...],
+                 extras: dict[str, Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss from the flattened rows (B·P + #neg, d) of [positives, negatives], all on u's device."""
+    b, n_pos = u.shape[0], pos_shape[0] * pos_shape[1]
+    pos = rows[:n_pos].view(b, pos_shape[1], -1)  # (B, P, d)
+    neg = rows[n_pos:].view(*neg_shape, rows.shape[1])  # (B, K, d) or (K, d)
+    weight = extras.get("weight")
+    weight = weight.to(u.dtype) if weight is not None else None
+    if s.loss == "in_batch":
+        return in_batch_softmax_loss(u, pos, extras["log_q_pos"], weight <= 0)
     shared = s.negatives == "shared"
-    if s.loss == "softmax":  # the negatives' proposal: count^α (the NegativeSampler's)
+    if s.loss == "softmax":
         s_pos = torch.einsum("bd,bpd->bp", u, pos).float()  # (B, P)
         s_neg = (u @ neg.t() if shared else torch.einsum("bd,bkd->bk", u, neg)).float()  # (B, K)
-        log_q_pos = _log_q(table, pos_ids, s.alpha, s.logq).to(u.device)  # (B, P)
-        log_q_neg = _log_q(table, neg_ids, s.alpha, s.logq).to(u.device)  # (B, K) or (K,)
-        return sampled_softmax_loss(s_pos, s_neg, log_q_pos, log_q_neg, weight)
+        return sampled_softmax_loss(s_pos, s_neg, extras["log_q_pos"], extras["log_q_neg"], weight)
     return (shared_negative_loss if shared else negative_sampling_loss)(u, pos, neg, weight)
 
 
-def _log_q(table: CPUTagTable, ids: Tensor, power: float, on: bool) -> Tensor:
+def _log_q(log_counts: Tensor, ids: Tensor, power: float, on: bool) -> Tensor:
     """log of a sampling probability ∝ count^power for ``ids`` (zeros when the correction is off)."""
-    return power * table.log_counts[ids] if on else torch.zeros(ids.shape)
+    return power * log_counts[ids] if on else torch.zeros(ids.shape)

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from im2vec.allocator import empty_hugepages
 from im2vec.data import SKIP_REASONS, normalize
 from im2vec.errors import BadValue
-from im2vec.head import SamplerConfig, draw_ids, sampled_loss  # noqa: F401 (SamplerConfig: Hydra's target)
+from im2vec.head import SamplerConfig, draw_ids, head_extras, loss_on_rows, sampled_loss  # noqa: F401 (Hydra)
 from im2vec.loss import full_bce_loss, multi_hot
+from im2vec.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
 from im2vec.sampler import NegativeSampler, PositiveSampler
 from im2vec.sharded_table import ShardedTagTable, assemble_rows, exchange_group, map_row_state, rank_seed, shard_of
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
@@ -39,6 +40,26 @@ class OptimConfig:
     # "torch_sparse_adam": the stock torch.optim.SparseAdam (same results, slower)
     table_lr: float = 0.02
     table_init_std: float = 0.01
+    # the table's CPU work (draw, dedup, gather + copy of step i+1; update of step i) on a worker thread beside
+    # the trunk, with the serial step's exact arithmetic (im2vec/pipeline.py): "auto" = on when the trunk is on a
+    # GPU and the table is not sharded; true / false
+    overlap: str | bool = "auto"
+
+    def __post_init__(self):
+        if self.overlap not in ("auto", True, False):
+            raise BadValue(f"optim.overlap={self.overlap!r}", "use auto, true or false")
+
+
+FP16 = ("16", "16-mixed", "16-true", "fp16")
+
+
+def check_precision(precision) -> None:
+    """fp16 is refused: its loss scaler would unscale the table's gradient, stepped on its own (CPU) optimizer
+    between the trunk's, with a scale that may change in between, and clip the trunk's scaled gradients."""
+    if str(precision) in FP16:
+        raise BadValue(f"trainer.precision={precision}: fp16 training needs a loss scaler, which im2vec's two "
+                       "optimizers (the trunk's and the CPU table's) do not support",
+                       "use trainer.precision=bf16-mixed on a GPU (same speed, no scaler) or 32-true")
 
 
 def warmup_cosine(warmup: int, total: int, floor: float):
@@ -79,24 +100,42 @@ class Im2VecModule(pl.LightningModule):
         self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images,
                                        choose_gamma, gamma_by)
         self.automatic_optimization = False
-        self._last_batch_time: float | None = None
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # the same, this validation
         self._said_no_val = False
         self._table_opt_state = None  # the table optimizer's state read from a checkpoint, restored on the CPU
         self.signal_pending = False  # set by im2vec.resilience.Preemption's handler; all ranks stop together
         self.stop_now = False
+        self._worker: TableWorker | None = None  # the table's CPU side of the step (im2vec/pipeline.py)
+        self._pending_prep = None  # the next step's HeadInputs being prepared (a Future)
+        self._table_step = None  # the table optimizer's own step, called on the worker thread with overlap
+        self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
+        self._last_log_time: float | None = None
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # uint8 over the bus (a quarter of float32's bytes), normalized on the trunk's device
         return {**batch, "image": normalize(batch["image"].to(device, non_blocking=True))}
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's, except that the file is always read into host memory and the module moved afterwards:
+        ``map_location="cuda"`` would otherwise read the whole table (V·d·4 bytes) onto the GPU first. The table
+        stays on the CPU (CPUTagTable ignores moves); everything else goes to ``map_location`` when it names a
+        device (a callable or dict map_location leaves the module on the CPU)."""
+        model = super().load_from_checkpoint(checkpoint_path, map_location="cpu", hparams_file=hparams_file,
+                                             strict=strict, **kwargs)
+        if isinstance(map_location, (str, torch.device)):
+            model = model.to(torch.device(map_location))
+        return model
+
     @property
     def sharded(self) -> bool:
         return isinstance(self.table, ShardedTagTable)
 
     def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            check_precision(getattr(self.trainer, "precision", "32-true"))
         world = self.trainer.world_size if self.trainer is not None else 1
         if world > 1 and (not self.sharded or self.table.group is None):
             self.shard_table(self.trainer.global_rank, world, getattr(self.trainer.strategy, "_timeout", None))
@@ -125,25 +164,101 @@ class Im2VecModule(pl.LightningModule):
     def full_table(self) -> Tensor | None:
         """The whole (V, d) table: the table itself on one device; assembled on rank 0 when sharded (every
         rank must call it; None on the others)."""
+        self.drain()
         return self.table.assemble() if self.sharded else self.table.weight.detach()
 
-    # ---- the head
+    # ---- the head: in fp32 whatever the trunk's precision (bf16 would sum a repeated row's gradient in bf16)
     def head_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """u (B, d) on the trunk's device, tags (B, T) on the CPU -> (loss, mean pos score, mean neg score)."""
+        """u (B, d) on the trunk's device, tags (B, T) on the CPU -> (loss, mean pos score, mean neg score).
+        The serial head (the pipelined step of an unsharded table is ``training_step``'s)."""
         s = self.sampler_cfg
-        if s.head == "full":
-            rows = self.table.lookup(torch.arange(self.table.num_tags), u.device, u.dtype)  # (V, d)
-            return full_bce_loss(u, rows, multi_hot(tags, self.table.num_tags).to(u.device))
-        ids = draw_ids(s, self.pos_sampler, self.neg_sampler, tags, self.gen)
-        return sampled_loss(s, self.table, u, *ids)
+        with torch.autocast(u.device.type, enabled=False):
+            u = u.float()
+            if s.head == "full":
+                rows = self.table.lookup(torch.arange(self.table.num_tags), u.device, torch.float32)  # (V, d)
+                return full_bce_loss(u, rows, multi_hot(tags, self.table.num_tags).to(u.device))
+            ids = draw_ids(s, self.pos_sampler, self.neg_sampler, tags, self.gen)
+            return sampled_loss(s, self.table, u, *ids)
+
+    @property
+    def overlap(self) -> bool:
+        o = self.optim_cfg.overlap
+        if o == "auto":
+            return self.device.type == "cuda" and not self.sharded
+        if o and self.sharded:
+            raise BadValue("optim.overlap=true with a sharded table (DDP): its exchange runs on the step's thread",
+                           "use optim.overlap=auto or false with trainer=ddp")
+        return bool(o)
+
+    @property
+    def worker(self) -> TableWorker:
+        if self._worker is None or self._worker.device != self.device:
+            if self._worker is not None:
+                self._worker.close()
+            self._worker = TableWorker(self.device, self.overlap)
+        return self._worker
+
+    def drain(self) -> None:
+        """Wait for the table's queued work (updates, schedule steps): before anything reads the table."""
+        if self._worker is not None:
+            self._worker.drain()
+
+    def _prepare(self, tags: Tensor) -> HeadInputs:
+        """The CPU side of a step (on the worker thread with overlap): draw the ids, dedup, gather, copy."""
+        s = self.sampler_cfg
+        pos_ids, neg_ids, weight = draw_ids(s, self.pos_sampler, self.neg_sampler, tags, self.gen)
+        extras = head_extras(s, self.table.log_counts, pos_ids, neg_ids, weight)
+        return self.worker.prepare(self.table.weight, pos_ids, neg_ids, extras)
+
+    def _pipelined_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The sampled head of an unsharded table through the TableWorker (serial or overlapped)."""
+        w = self.worker
+        prep = w.result(self._pending_prep) if self._pending_prep is not None else self._prepare(tags)
+        self._pending_prep = None
+        self._since_log["prepare_ms"] += prep.prepare_ms
+        weight = self.table.weight
+
+        def sink(grad: Tensor):  # the rows' gradient, in backward
+            host, event = w.grad_to_host(grad)
+            if not w.overlap:  # serial: the table's sparse gradient, stepped by opt_table.step()
+                if event is not None:
+                    event.synchronize()
+                return sparse_grad(prep.uniq, host, weight.shape)
+            w.submit(self._update_table, prep.uniq, host, event)  # overlapped: the update starts now
+            return None
+
+        with torch.autocast(u.device.type, enabled=False):
+            rows = attach_rows(weight, prep, sink).index_select(0, prep.inverse)
+            return loss_on_rows(self.sampler_cfg, u.float(), rows, prep.pos_shape, prep.neg_shape, prep.extras)
+
+    def _update_table(self, uniq: Tensor, host: Tensor, event) -> None:
+        """On the worker thread: one table update with the rows' gradient (the LR is the serial step's: the
+        schedule steps in the same queue)."""
+        if event is not None:
+            event.synchronize()
+        p = self.table.weight
+        t0 = time.perf_counter()
+        p.grad = sparse_grad(uniq, host, p.shape)
+        try:
+            self._table_step()
+        finally:
+            p.grad = None
+        self.worker.update_ms += (time.perf_counter() - t0) * 1e3
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt_dense, opt_table = self.optimizers()
-        now = time.perf_counter()
+        pipelined = not self.sharded and self.sampler_cfg.head == "sampled"
+        self._pending_prep = None
+        if pipelined and self.overlap:  # draw, dedup, gather and copy on the worker while the trunk runs
+            self._pending_prep = self.worker.submit(self._prepare, batch["tags"])
         u = self.encoder(batch["image"])  # (B, d)
-        loss, s_pos, s_neg = self.head_loss(u, batch["tags"])
+        if pipelined:
+            loss, s_pos, s_neg = self._pipelined_loss(u, batch["tags"])
+        else:
+            loss, s_pos, s_neg = self.head_loss(u, batch["tags"])
         opt_dense.zero_grad(set_to_none=True)
         opt_table.zero_grad(set_to_none=True)
+        table_logs = {}
         if self.sharded:
             sent, got, ex = (self.table.stats[k] for k in ("bytes_sent", "bytes_received", "exchange_s"))
             try:
@@ -156,26 +271,46 @@ class Im2VecModule(pl.LightningModule):
                           "dist/exchange_ms": (st["exchange_s"] - ex) * 1e3}
         else:
             self.manual_backward(loss)
-            table_logs = {}
         if self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.optim_cfg.grad_clip)
         opt_dense.step()
+        deferred = pipelined and self.overlap
         t0 = time.perf_counter()
-        opt_table.step()
+        opt_table.step()  # with overlap: only Lightning's bookkeeping, the update itself is queued (_table_step)
         table_ms = (time.perf_counter() - t0) * 1e3
-        for sched in self.lr_schedulers():
-            sched.step()
-        logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
-                "train/table_update_ms": table_ms, "train/lr": opt_dense.param_groups[0]["lr"], **table_logs}
+        dense_sched, table_sched = self.lr_schedulers()
+        dense_sched.step()
+        if deferred:
+            self.worker.submit(table_sched.step)  # after this step's update, before the next one's
+        else:
+            table_sched.step()
+            self.worker.update_ms += table_ms
         self.skipped += self._all_ranks(batch["skipped"])
+        self._log_step(loss, s_pos, s_neg, u.shape[0], opt_dense, table_logs)
+        return loss
+
+    def _log_step(self, loss, s_pos, s_neg, batch_size: int, opt_dense, table_logs: dict) -> None:
+        """Log every trainer.log_every_n_steps batches only: every logged value is a device tensor Lightning
+        reads back (a GPU synchronization), and every Python float one it creates on the device."""
+        acc = self._since_log
+        acc["images"] += batch_size
+        acc["batches"] += 1
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
+        w, now, n = self.worker, time.perf_counter(), max(1, acc["batches"])
+        logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
+                "train/table_update_ms": w.update_ms / n, "train/table_prepare_ms": acc["prepare_ms"] / n,
+                "train/table_wait_ms": w.wait_ms / n, "train/lr": opt_dense.param_groups[0]["lr"], **table_logs}
         for i, reason in enumerate(SKIP_REASONS):  # bad data is skipped, never fatal
             logs[f"data/skipped_{reason}"] = self.skipped[i].float()
-        if self._last_batch_time is not None:
-            logs["train/images_per_s"] = u.shape[0] / (now - self._last_batch_time)
-        self._last_batch_time = now
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=u.shape[0])
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=u.shape[0])
-        return loss
+        if self._last_log_time is not None:
+            logs["train/images_per_s"] = acc["images"] / (now - self._last_log_time)
+        self._last_log_time = now
+        w.update_ms = w.wait_ms = 0.0
+        self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
 
     def _all_ranks(self, skipped: Tensor) -> Tensor:
         """This batch's skipped samples summed over the ranks; with them, whether any rank got a stop signal
@@ -189,7 +324,33 @@ class Im2VecModule(pl.LightningModule):
         return both[:-1]
 
     def on_train_epoch_start(self) -> None:
-        self._last_batch_time = None  # don't count the loader's restart as step time
+        self._last_log_time = None  # don't count the loader's restart as step time
+        self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
+
+    def on_train_epoch_end(self) -> None:
+        self.drain()
+
+    def on_train_end(self) -> None:
+        self.drain()
+        if self._table_step is not None:
+            raw = self.optimizers()[1].optimizer
+            if "step" in vars(raw) and raw.step == self._deferred_table_step:
+                raw.step = self._table_step  # the optimizer steps itself again (outside fit)
+
+    @staticmethod
+    def _deferred_table_step(closure=None, **kwargs):
+        if closure is not None:
+            closure()  # Lightning's on_before_optimizer_step hooks
+        return None
+
+    def teardown(self, stage: str) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def state_dict(self, *args, **kwargs):
+        self.drain()  # a checkpoint (module state, then optimizer state) sees every queued update applied
+        return super().state_dict(*args, **kwargs)
 
     # ---- validation: held-out precision@5 beside the frequency prior, γ sweep, pictures
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -198,6 +359,7 @@ class Im2VecModule(pl.LightningModule):
         self.val_skipped += batch["skipped"]
 
     def on_validation_epoch_start(self) -> None:
+        self.drain()
         self.report.reset()
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
 
@@ -265,10 +427,16 @@ class Im2VecModule(pl.LightningModule):
         return [opt_dense, opt_table], scheds
 
     def on_train_start(self) -> None:
+        raw = self.optimizers()[1].optimizer
+        self._table_step = raw.step
+        if self.overlap and not self.sharded and self.sampler_cfg.head == "sampled":
+            # Lightning's opt_table.step() runs its bookkeeping and hooks (the closure) on this thread; the update
+            # itself was queued on the worker when the gradient arrived (_update_table)
+            raw.step = self._deferred_table_step
         # The table optimizer's state from a checkpoint was kept out of Lightning's restore (which moves
         # every optimizer state tensor to the trunk's device): it goes in here, in host memory.
         if self._table_opt_state is not None:
-            opt_table = self.optimizers()[1].optimizer
+            opt_table = raw
             opt_table.load_state_dict(self._table_opt_state)
             self._table_opt_state = None
             for state in opt_table.state.values():

@@ -142,18 +142,22 @@ if numba is not None:
             out[i, :] = w[idx[i], :]
 
 PARALLEL_ROWS = 256  # fewer touched rows than this: the serial kernel
-_numba_threads = 0
+TABLE_THREADS: int | None = None  # numba threads for the table's kernels (im2vec.threads); None: torch's count
+
+
+def set_table_threads(n: int | None) -> None:
+    """The number of threads the table's kernels use (None: follow torch.get_num_threads())."""
+    global TABLE_THREADS
+    TABLE_THREADS = None if n is None else max(1, int(n))
 
 
 def _kernel(parallel, serial, rows: int):
-    """The parallel kernel (with numba's thread count following torch's) or the serial one."""
-    global _numba_threads
+    """The parallel kernel (with numba's thread count set for the calling thread) or the serial one."""
     if rows < PARALLEL_ROWS:
         return serial
-    n = torch.get_num_threads()
-    if n != _numba_threads:  # numba follows torch's intra-op thread count (torch.set_num_threads)
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-        _numba_threads = n
+    n = max(1, min(TABLE_THREADS or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:  # numba's count is per thread: the table worker thread sets its own
+        numba.set_num_threads(n)
     return parallel
 
 
@@ -187,15 +191,17 @@ def _increasing(rows: Tensor) -> bool:
     return bool((rows[1:] > rows[:-1]).all())
 
 
-def gather_rows(weight: Tensor, rows: Tensor) -> Tensor:
-    """weight[rows] for a (V, d) CPU table, rows copied in parallel."""
-    if USE_NUMBA and weight.dtype == torch.float32 and _cpu_contiguous(weight) and rows.dtype == torch.int64:
+def gather_rows(weight: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """weight[rows] for a (V, d) CPU table, rows copied in parallel (into ``out`` when given: a reused,
+    possibly pinned, (n, d) staging buffer)."""
+    if out is None:
         out = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype)
+    if USE_NUMBA and weight.dtype == torch.float32 and _cpu_contiguous(weight, out) and rows.dtype == torch.int64:
         if rows.numel():
             _kernel(_gather_rows, _gather_rows_serial, rows.numel())(
                 weight.numpy(), rows.contiguous().numpy(), out.numpy())
         return out
-    return weight.index_select(0, rows)
+    return torch.index_select(weight, 0, rows, out=out)
 
 
 def _adam_rows_torch(w, m, v, idx, g, c1, c2, eps, neg_step) -> None:
