@@ -6,6 +6,8 @@ A training batch is a dict:
     clean   (B, Tc) long, the same for clean tags where the corpus has them (else all PAD)
     skipped (4,) long, samples dropped since the previous batch, by reason (SKIP_REASONS)
     keys    list[str], the samples' keys (photo ids for YFCC shards)
+With ``decode="gpu"`` the workers leave JPEGs encoded: "image" is replaced by the keys that
+``im2vec.gpu_decode`` describes, and its ``finish_batch`` makes "image" on the trunk's device.
 
 Every rank of a run reads its own part of the shards: rank r of w takes shards r, r+w, r+2w, …,
 so no two ranks ever see the same sample; each of its DataLoader workers draws from that whole part
@@ -50,6 +52,7 @@ MAX_BAD_DRAWS = 200  # this many shards in a row without one readable sample: st
 MAX_UNUSABLE = 20_000  # this many samples read past the shuffle buffer without one usable: stop and say why
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_META_BYTES = 1 << 20  # a sample's json: larger is not metadata (bad_meta), and is never parsed
+DECODES = ("cpu", "gpu")  # data.decode: where JPEGs are decoded (gpu: im2vec.gpu_decode)
 
 
 def crop_box(w: int, h: int, rng: random.Random, min_scale: float = 0.35,
@@ -93,15 +96,29 @@ def eval_view(img: Image.Image, size: int, rng: random.Random | None = None, dra
     return to_rgb(img).resize((size, size), Image.BILINEAR, box=box, reducing_gap=2.0)
 
 
+def check_decode(decode: str) -> str:
+    """``decode`` if it is one of DECODES, else a one-line BadValue."""
+    if decode not in DECODES:
+        raise BadValue(f"data.decode={decode!r}", "use cpu (JPEGs decoded in the loader workers) or gpu "
+                       "(the workers pass JPEGs encoded, decoded in batches on the trunk's device)")
+    return decode
+
+
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S) uint8
 
 
+_MEAN_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) uint8 -> float32, ImageNet-normalized, on the images' device: batches travel as
-    uint8 (a quarter of the bytes) and are normalized where the trunk runs."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    uint8 (a quarter of the bytes) and are normalized where the trunk runs. The constants are made
+    once per device (a fresh ``torch.tensor(..., device=cuda)`` per batch is a blocking copy)."""
+    if images.device not in _MEAN_STD:
+        _MEAN_STD[images.device] = (torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255,
+                                    torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    mean, std = _MEAN_STD[images.device]
     return (images.float() - mean) / std
 
 
@@ -183,8 +200,7 @@ class _Samples:
             if self.user_keep and rng.random() >= keep:  # a draw whenever balancing is on: the stream issue 10 measured
                 continue  # a prolific uploader's sample, passed over this time (not bad data: not counted)
             try:
-                img = open_image(next(s[e] for e in IMAGE_EXTS if e in s), self.max_pixels)
-                x = to_uint8_tensor(self.transform(img, self.size, rng, draft=self.draft))
+                x = self.image(next(s[e] for e in IMAGE_EXTS if e in s), rng)
             except TooLarge:
                 self.skipped[SKIP_TOO_LARGE] += 1
                 continue
@@ -194,6 +210,12 @@ class _Samples:
             # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids, key)
             self.read_since_usable = 0
             yield x, tags, clean_ids, s["__key__"]
+
+    def image(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        """A sample's image as its batch carries it: here decoded, (3, S, S) uint8 (gpu_decode.EncodedSamples
+        leaves JPEGs encoded). Raises on bytes that are no readable image; TooLarge on a decompression bomb."""
+        img = open_image(data, self.max_pixels)
+        return to_uint8_tensor(self.transform(img, self.size, rng, draft=self.draft))
 
     def collate(self, items: list[tuple]) -> dict:
         skipped, self.skipped = torch.tensor(self.skipped), [0] * len(SKIP_REASONS)
@@ -334,17 +356,18 @@ def resampled_shards(urls: list[str], seed: int, rank: int = 0, stages: "_Sample
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
                  num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True, user_keep: dict[str, float] | None = None, interleave: int = 4
-                 ) -> wds.WebLoader:
+                 draft: bool = True, user_keep: dict[str, float] | None = None, interleave: int = 4,
+                 decode: str = "cpu", pin_memory: bool = False) -> wds.WebLoader:
     """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
     shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang). ``user_keep``
     (``balance_users``) passes over each prolific uploader's samples with the given chance. Each
-    worker reads ``interleave`` shards at once (``interleaved``)."""
+    worker reads ``interleave`` shards at once (``interleaved``). ``decode="gpu"``: JPEGs stay encoded
+    with their crop box and flip drawn, for ``gpu_decode.finish_batch`` (the batch format is there)."""
     rank, world_size = rank_info(rank, world_size)
     mine = rank_shards(shards, rank, world_size)
     crop = functools.partial(train_view, min_scale=min_scale)
-    stages = _Samples(vocab, crop, image_size, seed, max_pixels, draft, rank, user_keep,
-                      max_unusable=shuffle_buffer + MAX_UNUSABLE)
+    stages = _samples(decode, dict(train=True, min_scale=min_scale), vocab, crop, image_size, seed, max_pixels,
+                      draft, rank, user_keep, max_unusable=shuffle_buffer + MAX_UNUSABLE)
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
         functools.partial(resampled_shards, mine, seed, rank, stages),
@@ -357,7 +380,9 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
         # at this point each sample is (image tensor, tag ids, clean tag ids)
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),
     )
+    # pin_memory (a GPU trunk): batches land in page-locked memory, copied to the device without blocking
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                           pin_memory=pin_memory,
                            worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
     loader = loader.with_epoch(batches_per_epoch)  # equal batch counts on every rank
     with warnings.catch_warnings():  # wds warns that a length does not cut the stream: with_epoch does
@@ -367,18 +392,22 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
 
 def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, num_workers: int,
                 max_images: int | None = None, rank: int | None = None, world_size: int | None = None,
-                max_pixels: int = MAX_PIXELS, draft: bool = True) -> wds.WebLoader:
-    """Evaluation batches: every image of this rank's shards once, resized and center-cropped.
+                max_pixels: int = MAX_PIXELS, draft: bool = True, decode: str = "cpu", pin_memory: bool = False
+                ) -> wds.WebLoader:
+    """Evaluation batches: every image of this rank's shards once, resized and center-cropped
+    (``decode="gpu"``: JPEGs left encoded with their box, for ``gpu_decode.finish_batch``).
 
     With ``max_images`` the images are a subset chosen by a hash of their keys (``key_rank``), the
     same whatever the workers, batch size or shard order: the loader drops, before decoding, the
     keys whose hash is clearly too large (when the shards' sizes are known), and the consumer keeps
     the ``max_images`` smallest hashes of what arrives (``first_by_key``)."""
     rank, world_size = rank_info(rank, world_size)
+    check_decode(decode)
     mine = shards[rank::world_size]
     if not mine:  # fewer shards than ranks: no batch for this one, but a loader, so that its validation
         return torch.utils.data.DataLoader(_NoSamples(), batch_size=None)  # hooks run (and meet the others')
-    stages = _Samples(vocab, eval_view, image_size, seed=0, max_pixels=max_pixels, draft=draft)
+    stages = _samples(decode, dict(train=False), vocab, eval_view, image_size, seed=0, max_pixels=max_pixels,
+                      draft=draft)
     sizes = shard_sizes(shards) if max_images else None
     # a margin over max_images / total, so that samples skipped later (no tag, bad image) and the hash's
     # chance do not leave fewer than max_images: exact unless more than about half the samples are skipped
@@ -392,8 +421,18 @@ def eval_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_siz
         stages.decode,
         wds.batched(batch_size, collation_fn=stages.collate, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
+
+
+def _samples(decode: str, encoded: dict, *args, **kwargs) -> _Samples:
+    """The per-sample stages for ``decode``: cpu decodes every image in the worker; gpu leaves JPEGs
+    encoded (``gpu_decode.EncodedSamples``, built with the extra keywords ``encoded``)."""
+    if check_decode(decode) == "cpu":
+        return _Samples(*args, **kwargs)
+    from im2vec.gpu_decode import EncodedSamples  # it builds on this module: imported when used
+
+    return EncodedSamples(*args, **kwargs, **encoded)
 
 
 def worker_init(rank: int, worker_id: int) -> None:

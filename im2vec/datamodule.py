@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import MAX_PIXELS, balance_users, eval_loader, expand_shards, train_loader, user_counts
+from im2vec.data import MAX_PIXELS, balance_users, check_decode, eval_loader, expand_shards, train_loader, user_counts
 from im2vec.errors import BadValue, NotFound
 from im2vec.vocab import Vocabulary
 
@@ -36,9 +36,13 @@ class ShardDataModule(pl.LightningDataModule):
         max_pixels: int = MAX_PIXELS,  # larger images (decompression bombs) are skipped and counted
         max_per_user: int | None = None,  # at most about this many samples of one uploader per pass (balance_users)
         interleave: int = 4,  # shards each loader worker reads at once (data.interleaved)
+        decode: str = "cpu",  # gpu: workers leave JPEGs encoded; gpu_decode.finish_batch decodes them on the device
+        pin_memory: bool = False,  # batches in page-locked memory (train() sets it when the trunk is on a GPU)
         seed: int = 0,
     ):
         super().__init__()
+        self.decode = check_decode(decode)  # read by the module: a "gpu" batch needs gpu_decode.finish_batch
+        self.pin_memory = pin_memory
         missing = [name for name, v in (("train_shards", train_shards), ("vocab_path", vocab_path)) if not v]
         if missing:
             raise BadValue(f"data: {' and '.join(missing)} not set",
@@ -90,7 +94,7 @@ class ShardDataModule(pl.LightningDataModule):
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=seed, shuffle_buffer=self.shuffle_buffer,
                             min_scale=self.min_scale, max_pixels=self.max_pixels, user_keep=self.user_keep,
-                            interleave=self.interleave,
+                            interleave=self.interleave, decode=self.decode, pin_memory=self.pin_memory,
                             **self._rank())
 
     def resumed_at(self) -> int:
@@ -110,11 +114,13 @@ class ShardDataModule(pl.LightningDataModule):
         if not self.val_shards:
             return []
         return eval_loader(self.val_shards, self.vocab, self.image_size, self.val_batch_size,
-                           self.num_workers, self.val_max_images, max_pixels=self.max_pixels, **self._rank())
+                           self.num_workers, self.val_max_images, max_pixels=self.max_pixels, decode=self.decode,
+                           pin_memory=self.pin_memory, **self._rank())
 
 
 def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> ShardDataModule:
     """The embedded, generated YFCC-like corpus (written once into ``cache_dir``)."""
+    check_decode(kwargs.get("decode", "cpu"))  # before a first corpus is generated
     root = ensure_corpus(cache_dir, CorpusSpec(**(corpus or {})))
     return ShardDataModule(
         train_shards=sorted(str(p) for p in root.glob("train-*.tar")),

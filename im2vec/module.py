@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from im2vec.allocator import empty_hugepages
 from im2vec.data import SKIP_REASONS, normalize
 from im2vec.errors import BadValue
+from im2vec.gpu_decode import finish_batch, is_encoded
 from im2vec.head import SamplerConfig, draw_ids, head_extras, loss_on_rows, sampled_loss  # noqa: F401 (Hydra)
 from im2vec.loss import full_bce_loss, multi_hot
 from im2vec.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
@@ -72,6 +73,17 @@ def warmup_cosine(warmup: int, total: int, floor: float):
     return f
 
 
+def _deferred_table_step(closure=None, **kwargs):
+    """The table optimizer's step while its updates are queued on the worker thread (Im2VecModule.on_train_start):
+    only Lightning's hooks (the closure) run here."""
+    if closure is not None:
+        closure()
+    return None
+
+
+_deferred_table_step._wrapped_by_lr_sched = True  # torch's LR scheduler: the real (queued) step is still wrapped
+
+
 class Im2VecModule(pl.LightningModule):
     def __init__(self, encoder: nn.Module, tags: list[str], counts: Tensor, total_batches: int,
                  sampler: SamplerConfig | None = None, optim: OptimConfig | None = None,
@@ -114,7 +126,11 @@ class Im2VecModule(pl.LightningModule):
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        # uint8 over the bus (a quarter of float32's bytes), normalized on the trunk's device
+        # uint8 over the bus (a quarter of float32's bytes; pinned by the loader when the trunk is on a GPU),
+        # normalized on the trunk's device; with data.decode=gpu the JPEGs themselves, decoded there
+        if is_encoded(batch):
+            batch = finish_batch(batch, device, self.image_size)  # undecodable rows dropped and counted
+            return {**batch, "image": normalize(batch["image"])}
         return {**batch, "image": normalize(batch["image"].to(device, non_blocking=True))}
 
     @classmethod
@@ -247,6 +263,9 @@ class Im2VecModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt_dense, opt_table = self.optimizers()
+        if batch["image"].shape[0] == 0 and not self.sharded:  # data.decode=gpu: not one decodable image left
+            self.skipped += batch["skipped"]  # counted; no step (with a sharded table every rank must step)
+            return None
         pipelined = not self.sharded and self.sampler_cfg.head == "sampled"
         self._pending_prep = None
         if pipelined and self.overlap:  # draw, dedup, gather and copy on the worker while the trunk runs
@@ -337,11 +356,7 @@ class Im2VecModule(pl.LightningModule):
             if "step" in vars(raw) and raw.step == self._deferred_table_step:
                 raw.step = self._table_step  # the optimizer steps itself again (outside fit)
 
-    @staticmethod
-    def _deferred_table_step(closure=None, **kwargs):
-        if closure is not None:
-            closure()  # Lightning's on_before_optimizer_step hooks
-        return None
+    _deferred_table_step = staticmethod(_deferred_table_step)
 
     def teardown(self, stage: str) -> None:
         if self._worker is not None:
@@ -354,6 +369,9 @@ class Im2VecModule(pl.LightningModule):
 
     # ---- validation: held-out precision@5 beside the frequency prior, γ sweep, pictures
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch["image"].shape[0] == 0:  # data.decode=gpu: every image of the batch undecodable
+            self.val_skipped += batch["skipped"]
+            return
         u = self.encoder(batch["image"]).float().cpu()  # (B, d)
         self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch["image"])
         self.val_skipped += batch["skipped"]

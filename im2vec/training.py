@@ -15,6 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from im2vec import threads
 from im2vec.allocator import tune_malloc
 from im2vec.checkpoint import check_checkpoint_file, set_gamma
 from im2vec.errors import BadValue, UserError, make, one_line
@@ -93,6 +94,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     # the trainer knows this process's rank and the world size (torchrun, SLURM, or the ranks it will start)
     # before any process group exists: with several ranks each builds only its own rows of the table
     shard = (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
+    gpu = trainer.strategy.root_device.type == "cuda"
+    datamodule.pin_memory = gpu  # batches copied to the trunk without blocking the CPU
+    overlap = cfg.optim.get("overlap", "auto")
+    tc = cfg.get("threads") or {}
+    plan = threads.plan(datamodule.num_workers, trainer.num_devices, gpu,
+                        overlap is True or (overlap == "auto" and gpu and shard is None),
+                        trunk=tc.get("trunk"), table=tc.get("table"))
+    threads.apply(plan)
+    if trainer.is_global_zero:
+        print(f"im2vec: threads: {plan}")
     module = build_module(cfg, datamodule, shard)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

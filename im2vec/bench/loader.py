@@ -126,13 +126,14 @@ def plain_rate(jpegs: list[bytes], target: int | None, processes: int) -> float:
 
 # ---------------------------------------------------------------- the training loader
 def loader_rate(shards: list[str], vocab: Vocabulary, target: int, batch_size: int, images: int, workers: int,
-                draft: bool, seed: int) -> tuple[float, int]:
+                draft: bool, seed: int, decode: str = "cpu") -> tuple[float, int]:
     """(images/s, images counted) of ``train_loader``: the clock starts when every worker has delivered its
-    first batch (worker start and shuffle-buffer fill are not timed) and stops at the last batch."""
+    first batch (worker start and shuffle-buffer fill are not timed) and stops at the last batch.
+    ``decode="gpu"``: the workers' side only (JPEGs left encoded; nothing calls finish_batch)."""
     warm = max(1, workers)  # the workers run in step: their first batches arrive together
     timed = math.ceil(images / (batch_size * warm)) * warm  # a multiple of the worker count: no worker is ahead
     loader = train_loader(shards, vocab, target, batch_size, warm + timed, workers, seed, rank=0, world_size=1,
-                          draft=draft)
+                          draft=draft, decode=decode)
     counted, start, stop = 0, 0.0, 0.0
     for i, batch in enumerate(loader):
         stop = time.perf_counter()
@@ -141,6 +142,50 @@ def loader_rate(shards: list[str], vocab: Vocabulary, target: int, batch_size: i
         elif i >= warm:
             counted += len(batch["keys"])
     return counted / (stop - start), counted
+
+
+# ---------------------------------------------------------------- data.decode=cpu against data.decode=gpu
+def decode_comparison(device: str | torch.device = "cuda", images: int = 256, width: int = 1600, height: int = 1200,
+                      target: int = 224, batch_size: int = 64, workers: int | None = None, rounds: int = 3,
+                      seed: int = 0, workdir: str | Path | None = None) -> dict:
+    """data.decode=cpu against data.decode=gpu, side by side in one run, on ``images`` generated photo-like
+    width×height quality-90 JPEGs (written under ``workdir``, default a temporary folder; reused if there).
+
+    Measures, each the best of ``rounds`` interleaved rounds:
+      - ``loader_samples_per_s``: {"cpu": …, "gpu": …} samples/s of the training loader with ``workers``
+        worker processes (default one per core; 0 = in this process), batches of ``batch_size`` crops of
+        ``target`` px. For "gpu" it is the workers' side only (header read, crop drawn, bytes batched).
+      - ``finish_batch``: images/s of ``gpu_decode.finish_batch`` on ``device`` (decode, crop, resize,
+        flip) over the batches one pass of the gpu-mode loader delivered, the first batch a warm-up.
+    Their ratio to each other says how many loader cores one device's decoding replaces. Returns a dict
+    (JSON-ready): settings, the rates, every round's figures, wall_s."""
+    from im2vec.gpu_decode import finish_rate
+
+    t0 = time.perf_counter()
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    device = torch.device(device)
+    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "vocab.tsv").is_file() and len(list(folder.glob("bench-*.tar"))) == SHARDS:
+            shards, vocab = sorted(str(p) for p in folder.glob("bench-*.tar")), Vocabulary.load(folder / "vocab.tsv")
+        else:
+            shards, vocab, _ = write_shards(folder, images, width, height, seed, os.cpu_count() or 1)
+        steps = math.ceil(images / batch_size)
+        encoded = list(train_loader(shards, vocab, target, batch_size, steps, 0, seed, rank=0, world_size=1,
+                                    decode="gpu"))
+        runs = {"cpu": [], "gpu": [], "finish_batch": []}
+        for _ in range(max(1, rounds)):
+            for mode in ("cpu", "gpu"):
+                runs[mode].append(loader_rate(shards, vocab, target, batch_size, images, workers, True, seed,
+                                              decode=mode)[0])
+            runs["finish_batch"].append(finish_rate(encoded, device, target, rounds=1)["images_per_s"])
+    return {"settings": {"images": images, "width": width, "height": height, "target": target,
+                         "batch_size": batch_size, "workers": workers, "rounds": rounds, "seed": seed,
+                         "device": str(device), "finish_batch_images": sum(len(b["keys"]) for b in encoded)},
+            "loader_samples_per_s": {m: max(runs[m]) for m in ("cpu", "gpu")},
+            "finish_batch": {"device": str(device), "images_per_s": max(runs["finish_batch"])},
+            "rounds": runs, "wall_s": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------- the report
