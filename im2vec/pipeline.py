@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from im2vec import sparse_optim
 from im2vec.sparse_optim import gather_rows
 
 
@@ -121,7 +122,11 @@ class TableWorker:
         self.buffers = HostBuffers(self.device)
         self.grad_buffers = HostBuffers(self.device)
         self.stream = torch.cuda.Stream(self.device) if is_cuda(self.device) else None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="im2vec-table") if overlap else None
+        # the worker's own OpenMP thread count (per thread: a new thread would use every core beside the trunk's):
+        # the table's share (im2vec.threads), else this thread's count
+        threads = sparse_optim.TABLE_THREADS or torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="im2vec-table", initializer=torch.set_num_threads,
+                                        initargs=(threads,)) if overlap else None
         self._pending: list[Future] = []
         self._lock = threading.Lock()
         self.update_ms = 0.0  # time spent in table updates (worker side), summed until read

@@ -148,7 +148,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 def summary(m: dict[str, float], gamma: float) -> str:
     """The validation figures and, where there is a test split, the test figures, beside the frequency
     prior; the validation γ sweep."""
-    if not m:
+    if not any(k.startswith(("val/", "test/")) for k in m):
         return "no held-out figures (no validation shards)"
     chosen = " chosen on these images" if "val/gamma" in m else ""
     rows = [f"validation figures (tagging score γ={gamma:g}{chosen}):", f"  {'':24s} {'model':>7s} {'prior':>7s}"]
