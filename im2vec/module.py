@@ -318,18 +318,23 @@ class Im2VecModule(pl.LightningModule):
         if connector is not None and not connector.should_update_logs:
             return
         w, now, n = self.worker, time.perf_counter(), max(1, acc["batches"])
-        logs = {"train/loss": loss.detach(), "train/pos_score": s_pos, "train/neg_score": s_neg,
+        # one read-back from the device for this log step; every value logged is a CPU tensor, which Lightning
+        # keeps on the CPU (the progress bar reads the last values every batch: from a device tensor, a sync)
+        loss, s_pos, s_neg = torch.stack([torch.as_tensor(x).detach().float().reshape(())
+                                          for x in (loss, s_pos, s_neg)]).cpu()
+        logs = {"train/loss": loss, "train/pos_score": s_pos, "train/neg_score": s_neg,
                 "train/table_update_ms": w.update_ms / n, "train/table_prepare_ms": acc["prepare_ms"] / n,
                 "train/table_wait_ms": w.wait_ms / n, "train/lr": opt_dense.param_groups[0]["lr"], **table_logs}
-        for i, reason in enumerate(SKIP_REASONS):  # bad data is skipped, never fatal
-            logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         if self._last_log_time is not None:
             logs["train/images_per_s"] = acc["images"] / (now - self._last_log_time)
+        logs = {k: torch.tensor(float(v)) for k, v in logs.items()}
+        for i, reason in enumerate(SKIP_REASONS):  # bad data is skipped, never fatal
+            logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         self._last_log_time = now
         w.update_ms = w.wait_ms = 0.0
         self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch_size)
 
     def _all_ranks(self, skipped: Tensor) -> Tensor:
         """This batch's skipped samples summed over the ranks; with them, whether any rank got a stop signal
@@ -437,8 +442,10 @@ class Im2VecModule(pl.LightningModule):
                   f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} "
                   "tag table"
                   + (f", sharded by rows over {self.table.world} ranks" if self.sharded else ""))
+        # on a GPU the fused kernel: one launch for all parameters, no step counter read back to the host
+        fused = {"fused": True} if self.device.type == "cuda" else {}
         opt_dense = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, **fused)
         opt_table = make_table_optimizer(o.table_optimizer, [self.table.weight], o.table_lr)
         f = warmup_cosine(o.warmup_batches, self.total_batches, o.min_lr_ratio)
         scheds = [torch.optim.lr_scheduler.LambdaLR(opt, f) for opt in (opt_dense, opt_table)]

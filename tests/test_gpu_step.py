@@ -265,3 +265,28 @@ def test_train_with_decode_on_the_trunks_device(make_cfg):
     metrics, objs = train(make_cfg("data.decode=gpu", "trainer.max_epochs=1"))
     assert 0.0 <= metrics["val/precision@5"] <= 1.0
     assert int(objs["module"].skipped.sum()) == 0
+
+
+def test_logging_reads_the_device_only_on_log_steps(make_cfg, monkeypatch):
+    """Lightning turns a logged Python float into a tensor on the module's device (a blocking copy) and reads
+    logged device tensors back for the progress bar every batch: the step logs only every log_every_n_steps
+    batches, and only CPU tensors."""
+    calls = []
+    real_log_dict, real_log = Im2VecModule.log_dict, Im2VecModule.log
+
+    def log_dict(self, d, *a, **k):
+        if self.trainer.training:
+            calls.append((self.trainer.fit_loop.epoch_loop._batches_that_stepped, list(d.values())))
+        return real_log_dict(self, d, *a, **k)
+
+    def log(self, name, value, *a, **k):
+        if self.trainer.training:
+            calls.append((self.trainer.fit_loop.epoch_loop._batches_that_stepped, [value]))
+        return real_log(self, name, value, *a, **k)
+
+    monkeypatch.setattr(Im2VecModule, "log_dict", log_dict)
+    monkeypatch.setattr(Im2VecModule, "log", log)
+    train(make_cfg("trainer.max_epochs=1", "data.batches_per_epoch=9", "trainer.log_every_n_steps=4"))
+    assert {b for b, _ in calls} == {3, 7}  # batches 4 and 8 (0-based counts before the step)
+    values = [v for _, vs in calls for v in vs]
+    assert values and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
