@@ -36,7 +36,8 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
     """Every held-out image once: each model's vectors, the observed and clean tag ids (in the first
     model's vocabulary), keys, small thumbnails for pictures, and the skip counts."""
     vocab = Vocabulary(models[0].tags, models[0].log_counts.exp().round().long().tolist())
-    loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images, rank=0, world_size=1)  # all of them, here
+    # all of them, here
+    loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images, rank=0, world_size=1)
     us, obs, clean, keys, thumbs, skipped = [[] for _ in models], [], [], [], [], 0
     for m in models:
         m.encoder.to(device)
@@ -59,37 +60,37 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
 
 
 def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,
-                noise_ids: Tensor | None, queries: Tensor | None, prefix: str) -> tuple[dict, Tensor]:
+                noise_ids: Tensor | None, queries: Tensor | None, prefix: str,
+                device: str | torch.device | None = None) -> tuple[dict, Tensor]:
     """All tagging and retrieval metrics of one scorer -> (flat metrics, top-10 tag ids). ``u`` None is
     the frequency prior: s = log count(t) for every image, and every image ties in retrieval.
     Per-tag metrics are also given over the rarer half of the vocabulary (``tag_precision@5/rare``:
-    the tags whose training count is at most the median count)."""
+    the tags whose training count is at most the median count). The passes over the tags and the
+    retrieval rankings run on ``device`` (default: the CPU), the table going there in chunks of rows."""
     rare = {"rare": log_counts <= log_counts.median()}
     truths = [obs] + ([clean] if clean is not None else [])
     if u is None:
         r = rank_prior(log_counts, truths, kmax=max(KS))
-        u, table = torch.zeros(obs.shape[0], 1), torch.zeros(table.shape[0], 1)
+        u, table = torch.zeros(obs.shape[0], 1), torch.zeros(table.shape[0], 1)  # in retrieval every image ties
     else:
-        r = rank_tags(u, table, log_counts, gamma, truths, kmax=max(KS))
+        r = rank_tags(u, table, log_counts, gamma, truths, kmax=max(KS), device=device)
     v = table.shape[0]
     m = tagging_metrics(r, 0, KS, noise_ids, v, prefix=f"{prefix}tagging/", groups=rare)
     if clean is not None:
         m.update(tagging_metrics(r, 1, KS, None, v, prefix=f"{prefix}tagging/clean/", groups=rare))
-    m.update(retrieval_metrics(u, table, obs, queries, prefix=f"{prefix}retrieval/")[0])
+    m.update(retrieval_metrics(u, table, obs, queries, prefix=f"{prefix}retrieval/", device=device)[0])
     if clean is not None:
-        m.update(retrieval_metrics(u, table, clean, queries, prefix=f"{prefix}retrieval/clean/")[0])
+        m.update(retrieval_metrics(u, table, clean, queries, prefix=f"{prefix}retrieval/clean/", device=device)[0])
     return m, r.top_ids
 
 
 def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float], obs: Tensor, clean: Tensor | None,
-                noise_ids: Tensor | None, k: int = 5) -> dict[str, float]:
+                noise_ids: Tensor | None, k: int = 5, device: str | torch.device | None = None) -> dict[str, float]:
     """precision@k on observed and clean tags and the noise share of the top k, for each γ, from one
-    pass of top-k lists (equal scores in torch.topk's order)."""
-    out, tops = {}, {g: [] for g in gammas}
-    for b0 in range(0, u.shape[0], 256):  # a batch of images at a time: memory does not grow with N
-        for g, (_, top) in topk_tags(u[b0 : b0 + 256], table, log_counts, gammas, k).items():
-            tops[g].append(top)
-    for g, top in ((g, torch.cat(t)) for g, t in tops.items()):
+    pass of top-k lists over the table on ``device`` (default: the CPU; equal scores in torch.topk's
+    order). topk_tags takes the images in batches: memory does not grow with N."""
+    out = {}
+    for g, (_, top) in topk_tags(u, table, log_counts, gammas, k, device=device).items():
         out[f"gamma_sweep/precision@{k}/{g:g}"] = precision_at_k(top, obs, k)
         if clean is not None:
             out[f"gamma_sweep/clean_precision@{k}/{g:g}"] = precision_at_k(top, clean, k)
@@ -107,8 +108,9 @@ def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor,
     training's closing test figures (``test/tagging/precision@5``, ``test/prior/tagging/map``, …) and
     the test γ sweep (``test/gamma_sweep/…``: a diagnostic, not a choice). At most ``max_images``
     images, chosen by key hash (YFCC's 1 % test split is a million photos: evaluate.py scores more).
-    ``device``: where to embed (default: where the encoder is; Lightning moves the module to the CPU
-    when ``fit`` ends, so training passes its root device)."""
+    ``device``: where to embed and score (default: where the encoder is; Lightning moves the module to
+    the CPU when ``fit`` ends, so training passes its root device). The table stays on the host and
+    goes to the device a chunk of rows at a time."""
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     model = TrainedModel(encoder.eval(), table.detach().float().cpu(), log_counts.float().cpu(), tags, gamma,
@@ -118,10 +120,12 @@ def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor,
     finally:
         encoder.train(was_training)
     clean = data["clean"] if bool((data["clean"] != PAD).any()) else None
-    m, _ = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids, None, "")
-    m.update(score_model(None, model.table, model.log_counts, 1.0, data["obs"], clean, noise_ids, None, "prior/")[0])
+    m, _ = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids, None, "",
+                       device)
+    m.update(score_model(None, model.table, model.log_counts, 1.0, data["obs"], clean, noise_ids, None, "prior/",
+                         device)[0])
     m.update(gamma_sweep(data["u"][0], model.table, model.log_counts, sorted(set(gammas) | {gamma}), data["obs"],
-                         clean, noise_ids))
+                         clean, noise_ids, device=device))
     m.update({"images": float(len(data["keys"])), "skipped_images": float(data["skipped"]), "gamma": gamma})
     return {prefix + k: v for k, v in m.items()}
 
@@ -142,7 +146,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.baseline_ckpt:
         base = load_model(cfg.baseline_ckpt)
         if base.tags != model.tags:
-            raise BadValue("evaluate: baseline_ckpt was trained on another vocabulary", "compare models of one vocabulary")
+            raise BadValue("evaluate: baseline_ckpt was trained on another vocabulary",
+                           "compare models of one vocabulary")
         models.append(base)
     datamodule = make(cfg.data)
     # the test split (uploaders seen neither in training nor where γ was chosen), else validation's
@@ -166,23 +171,25 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         index, names = model.index, [str(q) for q in cfg.queries]  # Hydra reads `2015` as a number
         missing = [q for q in names if q not in index]
         if missing:
-            raise BadValue(f"evaluate: query tags not in the vocabulary: {missing[:5]}", "query tags of this checkpoint")
+            raise BadValue(f"evaluate: query tags not in the vocabulary: {missing[:5]}",
+                           "query tags of this checkpoint")
         queries = torch.tensor([index[q] for q in names])
     gamma = model.gamma if cfg.gamma is None else float(cfg.gamma)
     t_scoring = time.perf_counter()
     metrics, top = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids,
-                               queries, "")
+                               queries, "", cfg.device)
     n = len(data["keys"])
     prior, prior_top = score_model(None, model.table, model.log_counts, 1.0, data["obs"], clean, noise_ids, queries,
-                                   "prior/")
+                                   "prior/", cfg.device)
     metrics.update(prior)
     if len(models) > 1:
         b = models[1]
         bm, _ = score_model(data["u"][1], b.table, b.log_counts, b.gamma if cfg.gamma is None else gamma,
-                            data["obs"], clean, noise_ids, queries, "baseline/")
+                            data["obs"], clean, noise_ids, queries, "baseline/", cfg.device)
         metrics.update(bm)
     gammas = sorted(set(cfg.gammas) | {gamma})
-    metrics.update(gamma_sweep(data["u"][0], model.table, model.log_counts, gammas, data["obs"], clean, noise_ids))
+    metrics.update(gamma_sweep(data["u"][0], model.table, model.log_counts, gammas, data["obs"], clean, noise_ids,
+                               device=cfg.device))
     if len(models) > 1:
         metrics["info/baseline_gamma"] = models[1].gamma if cfg.gamma is None else gamma
     metrics.update({"info/images": float(n), "info/tags": float(len(model.tags)), "info/gamma": gamma,
@@ -223,7 +230,8 @@ def table(m: dict, has_clean: bool, has_baseline: bool, gamma: float) -> str:
             lines.append(f"    {r:28s}" + "".join(fmt.format(v) for v in vals))
     gammas = sorted({float(k.rsplit("/", 1)[1]) for k in m if k.startswith("gamma_sweep/precision@5/")})
     if gammas:
-        names = [n for n in ("precision@5", "clean_precision@5", "noise_share@5") if f"gamma_sweep/{n}/{gammas[0]:g}" in m]
+        names = [n for n in ("precision@5", "clean_precision@5", "noise_share@5")
+                 if f"gamma_sweep/{n}/{gammas[0]:g}" in m]
         lines.append(f"  γ sweep of the model on these images (a diagnostic: the figures above use γ={gamma:g}, "
                      "the checkpoint's, chosen on validation, or gamma=)")
         lines.append("                    γ" + "".join(f"{n:>19s}" for n in names))
@@ -241,7 +249,8 @@ def make_pictures(model: TrainedModel, data: dict, top: Tensor, prior_top: Tenso
     tiles = []
     for i in range(min(grid_images, len(thumbs))):
         true = set(obs[i][obs[i] != PAD].tolist()) | set(data["clean"][i][data["clean"][i] != PAD].tolist())
-        tiles.append(labelled_tile(thumbs[i], [("* " if t in true else "  ") + tags[t][:18] for t in top[i, :5].tolist()]))
+        lines = [("* " if t in true else "  ") + tags[t][:18] for t in top[i, :5].tolist()]
+        tiles.append(labelled_tile(thumbs[i], lines))
     if tiles:
         pics["top5_tags"] = make_grid(torch.stack(tiles), nrow=8, padding=2)
     pics["precision_recall_at_k"] = _plot_pr(m, "clean" if "tagging/clean/precision@5" in m else None)

@@ -396,7 +396,8 @@ class Im2VecModule(pl.LightningModule):
             self.report.gather(self.table.group, self.table.rank, self.table.world)
         metrics = None
         if zero and self.report.size:
-            metrics = self.report.compute(table, self.table.log_counts, self.global_step, max_images)
+            metrics = self.report.compute(table, self.table.log_counts, self.global_step, max_images,
+                                          device=self.device)
         if self.sharded:  # the same figures and γ on every rank (γ goes into every rank's checkpoint state)
             box = [metrics, self.report.gamma, self.report.step, self.report.size]
             dist.broadcast_object_list(box, src=0, group=self.table.group)

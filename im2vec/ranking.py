@@ -30,7 +30,7 @@ from torch import Tensor
 
 from im2vec.metrics import hits
 from im2vec.sampler import PAD
-from im2vec.scoring import check_finite
+from im2vec.scoring import IMAGES, ROWS, FiniteCheck, as_device, check_finite, fp32_scores, row_chunks
 
 KS = (1, 3, 5, 10)
 
@@ -46,46 +46,83 @@ class TagRanks:
 
 @torch.no_grad()
 def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths: list[Tensor],
-              kmax: int = 10, batch: int = 256, budget: int = 1 << 22) -> TagRanks:
+              kmax: int = 10, batch: int = 256, budget: int | None = None, device: str | torch.device | None = None,
+              rows: int | None = None, images: int = IMAGES) -> TagRanks:
     """One chunked pass over the V tags for every image of ``u`` (N, d); see the module docstring.
 
-    ``budget`` bounds the scores held at once (batch × chunk of tags)."""
-    u, table, log_counts = u.float().cpu(), table.float().cpu(), log_counts.float().cpu()
-    check_finite(u=u, table=table, log_counts=log_counts, gamma=gamma)
+    ``budget`` bounds the scores held at once (a batch of at most ``batch`` images × a chunk of tags,
+    budget // images of the batch; default 2^22 on the CPU, 2^24 on another device). The pass runs on
+    ``device`` (default: the CPU): the table goes there ``rows`` rows at a time (default: 65,536
+    rounded to whole chunks of a full batch; on the CPU the whole table, a view, so that the products
+    are those of a pass without copies, to the last bit), once for up to ``images`` images; the
+    results come back to the CPU. A chunk of tags never spans two copies (a last, smaller batch's
+    wider chunks are cut at their ends)."""
+    dev = as_device(device)
+    budget = budget or (1 << 22 if dev.type == "cpu" else 1 << 24)
+    u, log_counts = u.float().cpu(), log_counts.float().cpu()
+    check_finite(u=u, log_counts=log_counts, gamma=gamma)  # the table: chunk by chunk, on the device
     n, v = u.shape[0], table.shape[0]
     kmax = min(kmax, v)
     widths = [t.shape[1] for t in truths]
+    ids = torch.cat([t.cpu() for t in truths], 1)  # (N, T)
+    cols = max(1, budget // max(1, min(batch, n)))  # tags per product of a full batch
+    if rows is None and dev.type == "cpu":
+        rows = max(1, v)  # the whole table, a view: every batch's chunks of tags are those of before
+    else:
+        rows = cols * max(1, (rows or ROWS) // cols)  # table rows per copy: whole chunks of a full batch
+    images = batch * max(1, images // batch)  # groups of whole batches
     out_top = torch.empty(n, kmax, dtype=torch.long)
     out = [torch.zeros(n, sum(widths), dtype=torch.long) for _ in range(2)] + [torch.zeros(n, sum(widths))]
-    for b0 in range(0, n, batch):
-        ub = u[b0 : b0 + batch]  # (B, d)
-        ids = torch.cat([t[b0 : b0 + batch] for t in truths], 1)  # (B, T)
-        valid = ids != PAD
-        safe = ids.clamp(min=0)
-        st = torch.einsum("bd,btd->bt", ub, table[safe]) + gamma * log_counts[safe]  # (B, T)
-        gt = torch.zeros_like(ids)
-        ge = torch.zeros_like(ids)
-        best_s = torch.full((ub.shape[0], 0), -torch.inf)
-        best_i = torch.zeros(ub.shape[0], 0, dtype=torch.long)
-        chunk = max(1, budget // ub.shape[0])
-        # thresholds: each true score, and the float just below it (s > that ⟺ s ≥ the true score)
-        thr, order = torch.sort(torch.cat([st, torch.nextafter(st, torch.tensor(-torch.inf))], 1), dim=1)
-        for c0 in range(0, v, chunk):
-            s = ub @ table[c0 : c0 + chunk].t() + gamma * log_counts[c0 : c0 + chunk]  # (B, C)
-            check_finite(scores=s)  # finite inputs can still overflow
-            ts, ti = _topk_by_index(s, min(kmax, s.shape[1]))
-            best_s, best_i = _first_k(torch.cat([best_s, ts], 1), torch.cat([best_i, ti + c0], 1), kmax)
-            above = _count_above(s, thr, order)  # (B, 2T): scores strictly above each threshold
-            gt += above[:, : st.shape[1]]
-            ge += above[:, st.shape[1] :]
-            # a tag against itself is a tie, whatever rounding the two products took
-            own = valid & (safe >= c0) & (safe < c0 + s.shape[1])
-            s_own = s.gather(1, (safe - c0).clamp(0, s.shape[1] - 1))
-            gt -= (own & (s_own > st)).long()
-            ge += (own & (s_own < st)).long()
-        out_top[b0 : b0 + batch] = best_i
-        for o, x in zip(out, (gt, ge, st)):
-            o[b0 : b0 + batch] = torch.where(valid, x, torch.zeros_like(x))
+    with fp32_scores(dev):
+        for i0 in range(0, n, images):  # a group of images on the device: one pass over the table
+            ug = u[i0 : i0 + images].to(dev)
+            state = []  # per batch of images: what the pass over the tags needs and accumulates
+            for b0 in range(0, ug.shape[0], batch):
+                ub = ug[b0 : b0 + batch]  # (B, d)
+                idb = ids[i0 + b0 : i0 + b0 + ub.shape[0]]  # (B, T)
+                safe = idb.clamp(min=0)
+                true_rows = table[safe].float().to(dev)  # (B, T, d): the true tags' rows, gathered on the host
+                st = torch.einsum("bd,btd->bt", ub, true_rows) + gamma * log_counts[safe].to(dev)  # (B, T)
+                # thresholds: each true score, and the float just below it (s > that ⟺ s ≥ the true score)
+                below = torch.nextafter(st, torch.full_like(st, -torch.inf))
+                thr, order = torch.sort(torch.cat([st, below], 1), dim=1)
+                state.append({"ub": ub, "cols": max(1, budget // ub.shape[0]),  # a last, smaller batch: wider
+                              "valid": (idb != PAD).to(dev), "safe": safe.to(dev), "st": st, "thr": thr,
+                              "order": order, "gt": torch.zeros(idb.shape, dtype=torch.long, device=dev),
+                              "ge": torch.zeros(idb.shape, dtype=torch.long, device=dev),
+                              "best_s": torch.full((ub.shape[0], 0), -torch.inf, device=dev),
+                              "best_i": torch.zeros(ub.shape[0], 0, dtype=torch.long, device=dev)})
+            finite = FiniteCheck(dev)
+            for r0, (trows, tlc) in row_chunks(dev, rows, table, log_counts):
+                trows = trows.float()
+                finite(table=trows)
+                r1 = r0 + trows.shape[0]
+                for b in state:
+                    c0 = r0
+                    while c0 < r1:  # chunks of tags at multiples of the batch's width, cut at the copy's end
+                        c1 = min((c0 // b["cols"] + 1) * b["cols"], r1)
+                        s = b["ub"] @ trows[c0 - r0 : c1 - r0].t() + gamma * tlc[c0 - r0 : c1 - r0]  # (B, C)
+                        finite(scores=s)  # finite inputs can still overflow
+                        ts, ti = _topk_by_index(s, min(kmax, s.shape[1]))
+                        b["best_s"], b["best_i"] = _first_k(torch.cat([b["best_s"], ts], 1),
+                                                            torch.cat([b["best_i"], ti + c0], 1), kmax)
+                        above = _count_above(s, b["thr"], b["order"])  # (B, 2T): scores strictly above each threshold
+                        t = b["st"].shape[1]
+                        b["gt"] += above[:, :t]
+                        b["ge"] += above[:, t:]
+                        # a tag against itself is a tie, whatever rounding the two products took
+                        valid, safe, st = b["valid"], b["safe"], b["st"]
+                        own = valid & (safe >= c0) & (safe < c0 + s.shape[1])
+                        s_own = s.gather(1, (safe - c0).clamp(0, s.shape[1] - 1))
+                        b["gt"] -= (own & (s_own > st)).long()
+                        b["ge"] += (own & (s_own < st)).long()
+                        c0 = c1
+            finite.done()
+            for b0, b in zip(range(i0, n, batch), state):
+                sl = slice(b0, b0 + b["ub"].shape[0])
+                out_top[sl] = b["best_i"].cpu()
+                for o, x in zip(out, (b["gt"], b["ge"], b["st"])):
+                    o[sl] = torch.where(b["valid"], x, torch.zeros_like(x)).cpu()
     split = lambda x: list(torch.split(x, widths, dim=1))  # noqa: E731
     return TagRanks(out_top, list(truths), split(out[0]), split(out[1]), split(out[2]))
 
@@ -136,7 +173,8 @@ def _count_above(s: Tensor, thr: Tensor, order: Tensor) -> Tensor:
     per row: much cheaper than comparing every score with every threshold."""
     b, m = thr.shape
     bucket = torch.searchsorted(thr, s, right=False)  # (B, C): thresholds strictly below each score
-    hist = torch.bincount((bucket + torch.arange(b)[:, None] * (m + 1)).flatten(), minlength=b * (m + 1))
+    rows = torch.arange(b, device=s.device)[:, None] * (m + 1)
+    hist = torch.bincount((bucket + rows).flatten(), minlength=b * (m + 1))
     above_sorted = hist.view(b, m + 1).flip(1).cumsum(1).flip(1)[:, 1:]  # scores in buckets > j: above thr j
     return torch.empty_like(above_sorted).scatter_(1, order, above_sorted)
 
@@ -165,8 +203,8 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
     ap = (rel_ge / last * valid).sum(1) / n_true.clamp(min=1)
     m[f"{prefix}map"] = _mean(ap[has])
     m[f"{prefix}map_all_images"] = float(ap[has].sum() / max(1, truth.shape[0]))
-    v = num_tags if num_tags is not None else int(max(r.top_ids.max(), truth.max(),
-                                                      noise_ids.max() if noise_ids is not None and len(noise_ids) else 0)) + 1
+    most_noise = noise_ids.max() if noise_ids is not None and len(noise_ids) else 0
+    v = num_tags if num_tags is not None else int(max(r.top_ids.max(), truth.max(), most_noise)) + 1
     for k in ks:
         top = r.top_ids[:, :k]
         hit = hits(top, truth) & has[:, None]  # (N, k)
@@ -190,34 +228,44 @@ def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise
 
 @torch.no_grad()
 def retrieval_metrics(u: Tensor, table: Tensor, truth: Tensor, queries: Tensor | None = None, k: int = 10,
-                      chunk: int = 256, prefix: str = "", budget: int = 1 << 24) -> tuple[dict[str, float], Tensor, Tensor]:
+                      chunk: int = 256, prefix: str = "", budget: int = 1 << 24,
+                      device: str | torch.device | None = None) -> tuple[dict[str, float], Tensor, Tensor]:
     """For each query tag (default: every tag true for at least one image) rank the N images by
     v_t·u: -> ({map, precision@k, queries, queries_without_images}, per-query AP, per-query
     precision@k). A given query tag that no image has is left out (AP is undefined) and counted.
-    At most ``chunk`` queries at once, fewer where N × T × queries would pass ``budget``."""
+    At most ``chunk`` queries at once, fewer where N × T × queries would pass ``budget``. The
+    ranking runs on ``device`` (default: the CPU) with the image vectors and the query tags' rows
+    only (never the table); the results come back to the CPU."""
+    dev = as_device(device)
     u, table = u.float().cpu(), table.float().cpu()
     check_finite(u=u, table=table)
     chunk = max(1, min(chunk, budget // max(1, truth.numel())))
+    truth = truth.cpu()
     valid = truth != PAD
     present = torch.unique(truth[valid])
     asked = len(queries) if queries is not None else len(present)
-    queries = present if queries is None else queries[torch.isin(queries, present)]
+    queries = present if queries is None else queries.cpu()[torch.isin(queries.cpu(), present)]
+    ud, truth_d, valid_d = u.to(dev), truth.to(dev), valid.to(dev)
     aps, pks = [], []
-    for q0 in range(0, len(queries), chunk):
-        q = queries[q0 : q0 + chunk]  # (Q,)
-        rel = ((truth[:, :, None] == q[None, None, :]) & valid[:, :, None]).any(1).t()  # (Q, N)
-        s = (u @ table[q].t()).t()  # (Q, N)
-        check_finite(scores=s)
-        order = torch.argsort(s, dim=1, descending=True, stable=True)
-        neg = -s.gather(1, order)  # ascending
-        rel_sorted = rel.gather(1, order)
-        cum = torch.cumsum(rel_sorted.long(), 1)
-        ge = torch.searchsorted(neg, neg, right=True)  # (Q, N): images scoring ≥ this one
-        rel_ge = cum.gather(1, ge - 1)
-        n_rel = rel.sum(1)
-        aps.append(((rel_ge / ge) * rel_sorted).sum(1) / n_rel.clamp(min=1))
-        pks.append(_expected_hits(neg, cum, k) / k)
-    ap, pk = (torch.cat(aps), torch.cat(pks)) if aps else (torch.zeros(0), torch.zeros(0))
+    finite = FiniteCheck(dev)
+    with fp32_scores(dev):
+        for q0 in range(0, len(queries), chunk):
+            q = queries[q0 : q0 + chunk]  # (Q,)
+            qd = q.to(dev)
+            rel = ((truth_d[:, :, None] == qd[None, None, :]) & valid_d[:, :, None]).any(1).t()  # (Q, N)
+            s = (ud @ table[q].to(dev).t()).t()  # (Q, N)
+            finite(scores=s)
+            order = torch.argsort(s, dim=1, descending=True, stable=True)
+            neg = -s.gather(1, order)  # ascending
+            rel_sorted = rel.gather(1, order)
+            cum = torch.cumsum(rel_sorted.long(), 1)
+            ge = torch.searchsorted(neg, neg, right=True)  # (Q, N): images scoring ≥ this one
+            rel_ge = cum.gather(1, ge - 1)
+            n_rel = rel.sum(1)
+            aps.append(((rel_ge / ge) * rel_sorted).sum(1) / n_rel.clamp(min=1))
+            pks.append(_expected_hits(neg, cum, k) / k)
+    finite.done()
+    ap, pk = (torch.cat(aps).cpu(), torch.cat(pks).cpu()) if aps else (torch.zeros(0), torch.zeros(0))
     return ({f"{prefix}map": _mean(ap), f"{prefix}precision@{k}": _mean(pk), f"{prefix}queries": float(len(ap)),
              f"{prefix}queries_without_images": float(asked - len(ap))}, ap, pk)
 
@@ -231,7 +279,7 @@ def _expected_hits(neg: Tensor, cum: Tensor, k: int) -> Tensor:
     kth = neg[:, k - 1 : k].contiguous()
     above = torch.searchsorted(neg, kth, right=False).squeeze(1)  # items strictly better than the k-th
     upto = torch.searchsorted(neg, kth, right=True).squeeze(1)  # ... and the k-th's whole tie group
-    zero = torch.zeros(neg.shape[0], 1, dtype=cum.dtype)
+    zero = torch.zeros(neg.shape[0], 1, dtype=cum.dtype, device=cum.device)
     cum0 = torch.cat([zero, cum], 1)  # cum0[:, j]: relevant among the first j
     rel_above = cum0.gather(1, above[:, None]).squeeze(1).float()
     rel_group = (cum0.gather(1, upto[:, None]) - cum0.gather(1, above[:, None])).squeeze(1).float()

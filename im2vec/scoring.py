@@ -2,16 +2,26 @@
 
 s(t|x) = v_t·u + γ·log count(t)   (shared/DESIGN.md, "Scoring"): a negative-sampling model's raw
 score v_t·u is PMI-like and buries every frequent tag; γ adds back the tag's prior.
+
+Scoring runs on ``device`` (default: the CPU). The table stays in host memory: it goes to the device
+one chunk of rows at a time (through pinned buffers, asynchronously, on CUDA), so device memory is
+bounded by the chunk and the score budget whatever V is; on the CPU a chunk is a view of the table
+(no copy) and the same code runs.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from im2vec.errors import BadValue
+
+ROWS = 65536  # table rows sent to the device at once: 64 MB at d = 256
+IMAGES = 1 << 16  # images held on the device at once (more: one more pass over the table per group)
 
 
 def check_finite(**named: Tensor | float) -> None:
@@ -24,46 +34,135 @@ def check_finite(**named: Tensor | float) -> None:
             bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
         else:
             bad = 0 if math.isfinite(float(x)) else 1
-        if bad:
-            raise BadValue(f"ranking: {name} has {bad:,} NaN or infinite value(s)",
-                           "a diverged model (check the training loss) or a bad γ; scores must be finite")
+        _refuse(name, bad)
+
+
+def _refuse(name: str, bad: int) -> None:
+    if bad:
+        raise BadValue(f"ranking: {name} has {bad:,} NaN or infinite value(s)",
+                       "a diverged model (check the training loss) or a bad γ; scores must be finite")
+
+
+def as_device(device: str | torch.device | None) -> torch.device:
+    """None: the CPU (scoring's default)."""
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+class FiniteCheck:
+    """check_finite on tensors of a scoring pass: at once on the CPU; on another device the counts add up
+    there and ``done`` raises, so that the pass never waits for the device in between."""
+
+    def __init__(self, device: torch.device):
+        self.eager = device.type == "cpu"
+        self.bad: dict[str, Tensor] = {}
+
+    def __call__(self, **named: Tensor) -> None:
+        if self.eager:
+            check_finite(**named)
+            return
+        for name, x in named.items():
+            n = (~torch.isfinite(x)).sum()
+            self.bad[name] = self.bad[name] + n if name in self.bad else n
+
+    def done(self) -> None:
+        for name, n in self.bad.items():
+            _refuse(name, int(n))
+        self.bad = {}
+
+
+@contextmanager
+def fp32_scores(device: torch.device) -> Iterator[None]:
+    """Products in IEEE fp32 on a CUDA device: not TF32 (whatever torch.set_float32_matmul_precision
+    asked for the trunk) and not under autocast; a ranking is decided by small differences. No-op on
+    the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        with torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+def row_chunks(device: torch.device, rows: int, *tensors: Tensor) -> Iterator[tuple[int, list[Tensor]]]:
+    """(start, [rows start:start+rows of each tensor, on ``device``]) over host tensors of V rows.
+
+    On the CPU the chunks are views (nothing is copied). On CUDA each chunk goes through one of two
+    pinned buffers with an asynchronous copy: the host fills the next buffer while the device works on
+    the last chunk; a buffer is refilled only once its previous copy has finished. Nothing of the
+    tensors but two chunks ever sits on the device (the caller drops each chunk when it is done)."""
+    v = tensors[0].shape[0]
+    rows = max(1, min(rows, v))
+    if device.type != "cuda":
+        for start in range(0, v, rows):
+            yield start, [t[start : start + rows].to(device) for t in tensors]
+        return
+    stage = [[torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=True) for t in tensors] for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    for j, start in enumerate(range(0, v, rows)):
+        c, slot = min(rows, v - start), j % 2
+        if copied[slot] is not None:
+            copied[slot].synchronize()  # the copy out of this buffer (two chunks ago) has finished
+        out = []
+        for buf, t in zip(stage[slot], tensors):
+            buf[:c].copy_(t[start : start + c])
+            out.append(buf[:c].to(device, non_blocking=True))
+        copied[slot] = torch.cuda.Event()
+        copied[slot].record()
+        yield start, out
 
 
 @torch.no_grad()
 def topk_tags(
-    u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float], k: int, chunk: int = 65536,
-    budget: int = 1 << 23,
+    u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float], k: int, chunk: int = ROWS,
+    budget: int | None = None, device: str | torch.device | None = None, images: int = IMAGES,
 ) -> dict[float, tuple[Tensor, Tensor]]:
-    """u (N, d), table (V, d), log_counts (V,) -> {γ: (scores (N, k), tag ids (N, k))}.
+    """u (N, d), table (V, d), log_counts (V,) -> {γ: (scores (N, k), tag ids (N, k))}, on the CPU.
 
-    One matrix product per chunk of tags serves every γ: only the cheap add and top-k are repeated.
-    ``budget`` bounds the scores held at once (images × tags of one product): the images go through in
-    batches, so memory does not grow with N (5,000 images × 65,536 tags would be 1.3 GB per matrix).
+    One pass over the table, ``chunk`` rows at a time (copied to ``device``, default the CPU, once per
+    pass), and one matrix product per chunk and batch of images serves every γ: only the cheap add and
+    top-k are repeated per γ. ``budget`` bounds the scores held at once (images × tags of one
+    product; default 2^23 on the CPU, 2^26 on another device): the images go through in batches, so
+    memory does not grow with N (5,000 images × 65,536 tags would be 1.3 GB per matrix). At most
+    ``images`` image vectors are on the device at once (more: one pass over the table per group).
     """
+    dev = as_device(device)
+    budget = budget or (1 << 23 if dev.type == "cpu" else 1 << 26)
     u = u.float().cpu()
-    check_finite(u=u, table=table, log_counts=log_counts, **{f"gamma {g}": g for g in gammas})
+    check_finite(u=u, log_counts=log_counts, **{f"gamma {g}": g for g in gammas})  # the table: chunk by chunk
     n, v = u.shape[0], table.shape[0]
     k = min(k, v)
     chunk = max(1, min(chunk, v, budget))
     batch = max(1, budget // chunk)
+    images = batch * max(1, images // batch)  # groups of whole batches: the products of a pass without groups
     out = {g: (torch.empty(n, k), torch.empty(n, k, dtype=torch.long)) for g in gammas}
-    for b0 in range(0, n, batch):
-        ub = u[b0 : b0 + batch]  # (B, d)
-        best = {g: (torch.full((ub.shape[0], 0), -torch.inf), torch.zeros(ub.shape[0], 0, dtype=torch.long))
-                for g in gammas}
-        for start in range(0, v, chunk):
-            raw = ub @ table[start : start + chunk].t()  # (B, c)
-            check_finite(scores=raw)  # finite inputs can still overflow
-            lc = log_counts[start : start + chunk]  # (c,)
+    with fp32_scores(dev):
+        for i0 in range(0, n, images):
+            ug = u[i0 : i0 + images].to(dev)  # (G, d)
+            starts = range(0, ug.shape[0], batch)
+            empty = (torch.full((0,), -torch.inf, device=dev), torch.zeros(0, dtype=torch.long, device=dev))
+            best = {g: [tuple(e.expand(min(batch, ug.shape[0] - b0), 0) for e in empty) for b0 in starts]
+                    for g in gammas}
+            finite = FiniteCheck(dev)
+            for start, (rows, lc) in row_chunks(dev, chunk, table, log_counts):
+                finite(table=rows)
+                for j, b0 in enumerate(starts):
+                    raw = ug[b0 : b0 + batch] @ rows.t()  # (B, c)
+                    finite(scores=raw)  # finite inputs can still overflow
+                    for g in gammas:
+                        s, i = torch.topk(raw + g * lc, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
+                        # raw, γ and lc finite: a sum that overflows is ±inf, and decides the top k only if in it
+                        finite(scores=s)
+                        s, i = torch.cat([best[g][j][0], s], 1), torch.cat([best[g][j][1], i + start], 1)
+                        top = torch.topk(s, min(k, s.shape[1]), dim=1)  # merge with the best so far (chunks may be < k)
+                        best[g][j] = (top.values, i.gather(1, top.indices))
+            finite.done()
             for g in gammas:
-                s, i = torch.topk(raw + g * lc, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
-                # raw, γ and lc finite: a sum that overflows is ±inf, and decides the top k only if it is in it
-                check_finite(scores=s)
-                s, i = torch.cat([best[g][0], s], 1), torch.cat([best[g][1], i + start], 1)
-                top = torch.topk(s, min(k, s.shape[1]), dim=1)  # merge with the best so far (chunks may be < k)
-                best[g] = (top.values, i.gather(1, top.indices))
-        for g in gammas:
-            out[g][0][b0 : b0 + batch], out[g][1][b0 : b0 + batch] = best[g]
+                out[g][0][i0 : i0 + ug.shape[0]] = torch.cat([s for s, _ in best[g]]).cpu()
+                out[g][1][i0 : i0 + ug.shape[0]] = torch.cat([i for _, i in best[g]]).cpu()
     return out
 
 

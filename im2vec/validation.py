@@ -108,16 +108,22 @@ class ValidationReport:
             self.images = torch.cat(pool)[torch.tensor(best, dtype=torch.long)]
             self.image_keys = [pool_keys[i] for i in best]
 
-    def compute(self, table: Tensor, log_counts: Tensor, step: int, max_images: int | None = None) -> dict[str, float]:
-        """The figures on the ``max_images`` images with the smallest key hashes (all when None)."""
+    def compute(self, table: Tensor, log_counts: Tensor, step: int, max_images: int | None = None,
+                device: str | torch.device | None = None) -> dict[str, float]:
+        """The figures on the ``max_images`` images with the smallest key hashes (all when None).
+
+        The scores of every tag are computed on ``device`` (default: the CPU; training passes the
+        trunk's), the host table going there a chunk of rows at a time: one pass for every γ of the
+        sweep. Everything after the top-10 lists (metrics, the choice of γ) is on the CPU."""
         keep = first_by_key(self.keys, max_images)  # the same subset whatever the loader's settings
         u, obs, clean = torch.cat(self.u)[keep], _cat_padded(self.obs)[keep], _cat_padded(self.clean)[keep]
-        top = {g: ids for g, (_, ids) in topk_tags(u, table, log_counts, self.gammas, K_MAX).items()}  # γ -> (N, 10)
+        top = {g: ids for g, (_, ids) in topk_tags(u, table, log_counts, self.gammas, K_MAX, device=device).items()}
         prior = prior_topk(self.counts, len(u), K_MAX)
         has_clean = bool((clean >= 0).any())
         crit = self.gamma_by
         if crit == "auto":
-            crit = "recall@10" if not has_clean else "clean_precision@5" if self.noise_ids is None else "clean_minus_noise@5"
+            crit = ("recall@10" if not has_clean else "clean_precision@5" if self.noise_ids is None
+                    else "clean_minus_noise@5")
         if crit.startswith("clean_") and self.choose_gamma and not has_clean:
             raise BadValue(f"validation.gamma_by={crit}: the validation images have no clean tags "
                            "(a clean_tags field in their JSON)", "use recall@10 or auto")
@@ -149,7 +155,8 @@ class ValidationReport:
             if has_clean:
                 m[f"val_gamma/clean_precision@5/{g:g}"] = by[g]["clean_precision@5"]
             if self.noise_ids is not None:
-                m[f"val_gamma/noise_share@5/{g:g}"] = by[g]["noise_share@5"] if has_clean else noise_share(top[g], self.noise_ids, K)
+                m[f"val_gamma/noise_share@5/{g:g}"] = (by[g]["noise_share@5"] if has_clean
+                                                       else noise_share(top[g], self.noise_ids, K))
         self.metrics, self.step = m, step
         self._top = top[g0]
         self._obs = obs
