@@ -221,10 +221,12 @@ class Im2VecModule(pl.LightningModule):
 
     def _prepare(self, tags: Tensor) -> HeadInputs:
         """The CPU side of a step (on the worker thread with overlap): draw the ids, dedup, gather, copy."""
-        s = self.sampler_cfg
+        s, t0 = self.sampler_cfg, time.perf_counter()
         pos_ids, neg_ids, weight = draw_ids(s, self.pos_sampler, self.neg_sampler, tags, self.gen)
         extras = head_extras(s, self.table.log_counts, pos_ids, neg_ids, weight)
-        return self.worker.prepare(self.table.weight, pos_ids, neg_ids, extras)
+        prep = self.worker.prepare(self.table.weight, pos_ids, neg_ids, extras)
+        prep.prepare_ms = (time.perf_counter() - t0) * 1e3  # the draw included
+        return prep
 
     def _pipelined_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The sampled head of an unsharded table through the TableWorker (serial or overlapped)."""
