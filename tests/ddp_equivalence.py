@@ -72,6 +72,9 @@ class ConcatenatedRanks(Im2VecModule):
         super().__init__(**kw)
         self.gens = [torch.Generator().manual_seed(rank_seed(SEED, r)) for r in range(world)]
 
+    def _pipelined_loss(self, u, tags):  # a one-device table's step goes through the TableWorker: draw here instead
+        return self.head_loss(u, tags)
+
     def head_loss(self, u, tags):
         s = self.sampler_cfg
         parts = [draw_ids(s, self.pos_sampler, self.neg_sampler, tags[r * B:(r + 1) * B], g)
