@@ -268,7 +268,9 @@ class Im2VecModule(pl.LightningModule):
         if batch["image"].shape[0] == 0 and not self.sharded:  # data.decode=gpu: not one decodable image left
             self.skipped += batch["skipped"]  # counted; no step (with a sharded table every rank must step)
             return None
-        pipelined = not self.sharded and self.sampler_cfg.head == "sampled"
+        # a one-device table's sampled head goes through the TableWorker; a subclass's own head_loss is respected
+        pipelined = (not self.sharded and self.sampler_cfg.head == "sampled"
+                     and type(self).head_loss is Im2VecModule.head_loss)
         self._pending_prep = None
         if pipelined and self.overlap:  # draw, dedup, gather and copy on the worker while the trunk runs
             self._pending_prep = self.worker.submit(self._prepare, batch["tags"])
@@ -296,6 +298,7 @@ class Im2VecModule(pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.optim_cfg.grad_clip)
         opt_dense.step()
         deferred = pipelined and self.overlap
+        stepped = self.table.weight.grad is not None  # (a subclass's head may not touch the table)
         t0 = time.perf_counter()
         opt_table.step()  # with overlap: only Lightning's bookkeeping, the update itself is queued (_table_step)
         table_ms = (time.perf_counter() - t0) * 1e3
@@ -305,7 +308,8 @@ class Im2VecModule(pl.LightningModule):
             self.worker.submit(table_sched.step)  # after this step's update, before the next one's
         else:
             table_sched.step()
-            self.worker.update_ms += table_ms
+            if stepped:
+                self.worker.update_ms += table_ms
         self.skipped += self._all_ranks(batch["skipped"])
         self._log_step(loss, s_pos, s_neg, u.shape[0], opt_dense, table_logs)
         return loss
