@@ -197,6 +197,13 @@ class Im2VecModule(pl.LightningModule):
             return sampled_loss(s, self.table, u, *ids)
 
     @property
+    def pipelined(self) -> bool:
+        """Whether the step's head goes through the TableWorker: a one-device table's sampled head (a subclass's
+        own head_loss is respected)."""
+        return (not self.sharded and self.sampler_cfg.head == "sampled"
+                and type(self).head_loss is Im2VecModule.head_loss)
+
+    @property
     def overlap(self) -> bool:
         o = self.optim_cfg.overlap
         if o == "auto":
@@ -268,9 +275,7 @@ class Im2VecModule(pl.LightningModule):
         if batch["image"].shape[0] == 0 and not self.sharded:  # data.decode=gpu: not one decodable image left
             self.skipped += batch["skipped"]  # counted; no step (with a sharded table every rank must step)
             return None
-        # a one-device table's sampled head goes through the TableWorker; a subclass's own head_loss is respected
-        pipelined = (not self.sharded and self.sampler_cfg.head == "sampled"
-                     and type(self).head_loss is Im2VecModule.head_loss)
+        pipelined = self.pipelined
         self._pending_prep = None
         if pipelined and self.overlap:  # draw, dedup, gather and copy on the worker while the trunk runs
             self._pending_prep = self.worker.submit(self._prepare, batch["tags"])
@@ -461,7 +466,7 @@ class Im2VecModule(pl.LightningModule):
     def on_train_start(self) -> None:
         raw = self.optimizers()[1].optimizer
         self._table_step = raw.step
-        if self.overlap and not self.sharded and self.sampler_cfg.head == "sampled":
+        if self.pipelined and self.overlap:
             # Lightning's opt_table.step() runs its bookkeeping and hooks (the closure) on this thread; the update
             # itself was queued on the worker when the gradient arrived (_update_table)
             raw.step = self._deferred_table_step

@@ -290,3 +290,22 @@ def test_logging_reads_the_device_only_on_log_steps(make_cfg, monkeypatch):
     assert {b for b, _ in calls} == {3, 7}  # batches 4 and 8 (0-based counts before the step)
     values = [v for _, vs in calls for v in vs]
     assert values and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
+
+
+def test_a_subclass_head_loss_is_used_and_stepped_with_overlap_on(make_cfg, monkeypatch):
+    """A subclass with its own head_loss keeps it (the pipelined step replaces only the stock head), and its
+    table gradient is stepped even with optim.overlap=true (no deferred step for a head that is not queued)."""
+    import im2vec.training as training
+
+    calls = []
+
+    class Own(Im2VecModule):
+        def head_loss(self, u, tags):
+            calls.append(1)
+            return super().head_loss(u, tags)
+
+    monkeypatch.setattr(training, "Im2VecModule", Own)
+    _, objs = train(make_cfg("optim.overlap=true", "trainer.max_epochs=1"))
+    mod = objs["module"]
+    assert isinstance(mod, Own) and len(calls) == 3 and not mod.pipelined
+    assert mod.optimizers()[1].optimizer.state[mod.table.weight]["step"] == 3  # every batch updated the table
