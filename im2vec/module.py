@@ -121,7 +121,7 @@ class Im2VecModule(pl.LightningModule):
         self._worker: TableWorker | None = None  # the table's CPU side of the step (im2vec/pipeline.py)
         self._pending_prep = None  # the next step's HeadInputs being prepared (a Future)
         self._table_step = None  # the table optimizer's own step, called on the worker thread with overlap
-        self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
+        self._since_log = {"images": 0, "prepare_ms": 0.0, "batches": 0}
         self._last_log_time: float | None = None
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
@@ -320,8 +320,8 @@ class Im2VecModule(pl.LightningModule):
         return loss
 
     def _log_step(self, loss, s_pos, s_neg, batch_size: int, opt_dense, table_logs: dict) -> None:
-        """Log every trainer.log_every_n_steps batches only: every logged value is a device tensor Lightning
-        reads back (a GPU synchronization), and every Python float one it creates on the device."""
+        """Log every trainer.log_every_n_steps batches only, CPU tensors only: Lightning makes a device tensor of
+        each logged Python float (a blocking copy) and reads logged device tensors back (a synchronization)."""
         acc = self._since_log
         acc["images"] += batch_size
         acc["batches"] += 1
@@ -343,7 +343,7 @@ class Im2VecModule(pl.LightningModule):
             logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         self._last_log_time = now
         w.update_ms = w.wait_ms = 0.0
-        self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
+        self._since_log = {"images": 0, "prepare_ms": 0.0, "batches": 0}
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch_size)
 
@@ -360,7 +360,7 @@ class Im2VecModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._last_log_time = None  # don't count the loader's restart as step time
-        self._since_log = {"images": 0, "prepare_ms": 0.0, "wait_ms": 0.0, "batches": 0}
+        self._since_log = {"images": 0, "prepare_ms": 0.0, "batches": 0}
 
     def on_train_epoch_end(self) -> None:
         self.drain()
