@@ -253,10 +253,17 @@ def test_overlap_worker_error_surfaces(make_cfg, tmp_path, monkeypatch):
 
 
 def test_overlap_refused_with_a_sharded_table():
+    from im2vec.model import ImageEncoder
     from im2vec.module import OptimConfig
 
-    with pytest.raises(BadValue):
+    with pytest.raises(BadValue, match="optim.overlap"):
         OptimConfig(overlap="sometimes")
+    kw = dict(encoder=ImageEncoder("small_cnn", 16), tags=[str(i) for i in range(500)], counts=_counts(),
+              total_batches=10, shard=(0, 2))  # rank 0 of 2: a sharded table
+    with pytest.raises(BadValue, match="sharded"):
+        Im2VecModule(optim=OptimConfig(overlap=True), **kw).overlap
+    mod = Im2VecModule(optim=OptimConfig(overlap="auto"), **kw)
+    assert mod.sharded and not mod.overlap and not mod.pipelined
 
 
 def test_train_with_decode_on_the_trunks_device(make_cfg):
