@@ -130,28 +130,28 @@ def _text(f, dim: int | None):
         yield word, vec
 
 
-def _binary(f, dim: int):
+def _binary(f, dim: int, chunk: int = 1 << 20):
+    """(word, vector) per record, read through a buffer (not a byte at a time: a 3M-word file is 3.6 GB)."""
     size = 4 * dim
+    buf, pos, eof = b"", 0, False
     while True:
-        word = bytearray()
-        while True:
-            c = f.read(1)
-            if not c:
-                if word.strip():
-                    yield "", None  # a word with no vector: the file was cut short
-                return
-            if c == b" ":
-                break
-            if c != b"\n" or word:  # the newline some writers put after each record
-                word += c
-        data = f.read(size)
-        if len(data) < size:
-            yield "", None
+        space = buf.find(b" ", pos)
+        while (space < 0 or len(buf) - space - 1 < size) and not eof:  # the word and its vector in the buffer
+            more = f.read(max(chunk, size + 1))
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+            space = buf.find(b" ", pos)
+        word = buf[pos:space if space >= 0 else len(buf)].lstrip(b"\n")  # some writers end each record in \n
+        if space < 0 or len(buf) - space - 1 < size:
+            if word.strip():
+                yield "", None  # a word with no (whole) vector: the file was cut short
             return
+        data = buf[space + 1:space + 1 + size]
+        pos = space + 1 + size
         try:
-            text = bytes(word).decode("utf-8")
+            text = word.decode("utf-8")
         except UnicodeDecodeError:
             yield "", None
             continue
         vec = np.frombuffer(data, dtype="<f4").copy()
-        yield (text, vec) if np.isfinite(vec).all() else ("", None)
+        yield (text, vec) if text and np.isfinite(vec).all() else ("", None)
