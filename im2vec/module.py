@@ -84,6 +84,11 @@ def _deferred_table_step(closure=None, **kwargs):
 _deferred_table_step._wrapped_by_lr_sched = True  # torch's LR scheduler: the real (queued) step is still wrapped
 
 
+def _fresh_log_window() -> dict:
+    """What the step accumulates between two log steps."""
+    return {"images": 0, "prepare_ms": 0.0, "batches": 0}
+
+
 class Im2VecModule(pl.LightningModule):
     def __init__(self, encoder: nn.Module, tags: list[str], counts: Tensor, total_batches: int,
                  sampler: SamplerConfig | None = None, optim: OptimConfig | None = None,
@@ -121,7 +126,7 @@ class Im2VecModule(pl.LightningModule):
         self._worker: TableWorker | None = None  # the table's CPU side of the step (im2vec/pipeline.py)
         self._pending_prep = None  # the next step's HeadInputs being prepared (a Future)
         self._table_step = None  # the table optimizer's own step, called on the worker thread with overlap
-        self._since_log = {"images": 0, "prepare_ms": 0.0, "batches": 0}
+        self._since_log = _fresh_log_window()
         self._last_log_time: float | None = None
 
     # ---- data on the right device: images go to the trunk, tag ids stay on the CPU for sampling
@@ -343,7 +348,7 @@ class Im2VecModule(pl.LightningModule):
             logs[f"data/skipped_{reason}"] = self.skipped[i].float()
         self._last_log_time = now
         w.update_ms = w.wait_ms = 0.0
-        self._since_log = {"images": 0, "prepare_ms": 0.0, "batches": 0}
+        self._since_log = _fresh_log_window()
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=batch_size)
 
@@ -360,7 +365,7 @@ class Im2VecModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._last_log_time = None  # don't count the loader's restart as step time
-        self._since_log = {"images": 0, "prepare_ms": 0.0, "batches": 0}
+        self._since_log = _fresh_log_window()
 
     def on_train_epoch_end(self) -> None:
         self.drain()

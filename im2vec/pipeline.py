@@ -110,7 +110,7 @@ class HeadInputs:
     neg_shape: tuple[int, ...]
     extras: dict[str, Tensor | None]  # negative weights, log sampling probabilities: on the device
     ready: object = None  # a CUDA event the head waits for (the side stream's copies), else None
-    prepare_ms: float = 0.0
+    prepare_ms: float = 0.0  # the CPU side's time, draw included (set by Im2VecModule._prepare)
 
 
 class TableWorker:
@@ -172,7 +172,6 @@ class TableWorker:
                 ) -> HeadInputs:
         """Dedup the ids, read each distinct row once into a staging buffer and send it, with the ``extras``
         (negative weights, log sampling probabilities: small CPU tensors), to the device."""
-        t0 = time.perf_counter()
         ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
         uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         b, s = self.buffers, self.stream
@@ -189,8 +188,7 @@ class TableWorker:
         if s is not None:
             ready = torch.cuda.Event()
             ready.record(s)
-        return HeadInputs(uniq, rows, inv, tuple(pos_ids.shape), tuple(neg_ids.shape), moved, ready,
-                          (time.perf_counter() - t0) * 1e3)
+        return HeadInputs(uniq, rows, inv, tuple(pos_ids.shape), tuple(neg_ids.shape), moved, ready)
 
     def grad_to_host(self, grad: Tensor) -> tuple[Tensor, object]:
         """The rows' gradient (n, d) to host fp32: into a pinned buffer without blocking on a GPU (returns
