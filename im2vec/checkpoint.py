@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from im2vec.errors import BadValue, NotFound
 from im2vec.model import ImageEncoder
+from im2vec.zeroshot import TagVectorMap
 
 
 @dataclass
@@ -31,6 +32,8 @@ class TrainedModel:
     image_size: int | None  # None in checkpoints written before it was recorded
     fingerprint: str
     path: str
+    tag_map: TagVectorMap | None = None  # model.tag_vectors: A and the tags' word vectors (table already includes A·w)
+    holdout_tags: list[str] = field(default_factory=list)  # tags kept out of training (zero-shot evaluation)
 
     @property
     def index(self) -> dict[str, int]:
@@ -94,7 +97,12 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
         table, log_counts = state["table.embedding.weight"].float(), state["table.log_counts"].float()
         tags, fingerprint = list(meta["tags"]), meta["fingerprint"]
         gamma = float(meta.get("gamma", meta["sampler"]["gamma"]))
-    except (KeyError, TypeError, RuntimeError) as e:  # an entry missing, or weights of another shape
+        tag_map, tv = None, meta.get("tag_vectors")
+        if tv:  # the tag vectors are r_t + A·w_t: the table given to Tagger and evaluation is those vectors
+            sub = {k[len("tag_map."):]: v for k, v in state.items() if k.startswith("tag_map.")}
+            tag_map = TagVectorMap.from_state(sub, len(tags), bool(tv["freeze"]), tv.get("path", ""))
+            table = tag_map.full(table)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:  # an entry missing, or weights of another shape
         raise BadValue(f"checkpoint: {path} is incomplete or inconsistent ({type(e).__name__}: {_first_line(e)})",
                        f"give {WRITTEN_BY}") from None
     if table.shape[0] != len(tags):
@@ -102,7 +110,8 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
                        f"give {WRITTEN_BY}")
     encoder.eval()
     return TrainedModel(encoder=encoder, table=table, log_counts=log_counts, tags=tags, gamma=gamma,
-                        image_size=meta.get("image_size"), fingerprint=fingerprint, path=str(path))
+                        image_size=meta.get("image_size"), fingerprint=fingerprint, path=str(path), tag_map=tag_map,
+                        holdout_tags=list(meta.get("holdout_tags") or []))
 
 
 def set_gamma(path: str | os.PathLike, gamma: float) -> None:

@@ -264,10 +264,20 @@ def write_word_vectors(path: str | os.PathLike, words: list[str], dim: int = 50,
     renamed. Words containing whitespace are left out (the format has no room for them)."""
     vecs = {w: v for w, v in word_vectors(words, dim, spread, seed).items() if w and len(w.split()) == 1}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # ranks or tests writing the same file at once
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(f"{len(vecs)} {dim}\n")
         for w, v in vecs.items():
             f.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def ensure_word_vectors(root: str | os.PathLike, dim: int = 50) -> Path:
+    """The corpus's word-vector file (``model.tag_vectors=corpus``): every tag of its vocabulary, the held-out
+    ones included, and every content name, written once beside the shards."""
+    path = Path(root) / f"word_vectors-{dim}.txt"
+    if not path.is_file():
+        words = [line.split("\t", 1)[0] for line in (Path(root) / "vocab.tsv").read_text(encoding="utf-8").splitlines()]
+        write_word_vectors(path, list(dict.fromkeys(content_tags() + words)), dim)
     return path

@@ -13,6 +13,7 @@ from im2vec.corpus import CorpusSpec, ensure_corpus
 from im2vec.data import MAX_PIXELS, balance_users, check_decode, eval_loader, expand_shards, train_loader, user_counts
 from im2vec.errors import BadValue, NotFound
 from im2vec.vocab import Vocabulary
+from im2vec.yfcc import normalize_tag
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -38,6 +39,7 @@ class ShardDataModule(pl.LightningDataModule):
         interleave: int = 4,  # shards each loader worker reads at once (data.interleaved)
         decode: str = "cpu",  # gpu: workers leave JPEGs encoded; gpu_decode.finish_batch decodes them on the device
         pin_memory: bool = False,  # batches in page-locked memory (train() sets it when the trunk is on a GPU)
+        holdout_tags: list[str] | str | None = None,  # kept out of the vocabulary (zero-shot): a list or a file
         seed: int = 0,
     ):
         super().__init__()
@@ -59,7 +61,10 @@ class ShardDataModule(pl.LightningDataModule):
         for s in self.train_shards[:1] + self.val_shards[:1]:
             if not re.match(r"^[a-z][a-z0-9+.-]+:", s) and not Path(s).exists():  # pipe:, s3:, http:// pass
                 raise NotFound(f"data: shard not found: {s}", "check data.train_shards / data.val_shards")
-        self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count)
+        self.holdout_tags = read_holdout(holdout_tags)
+        self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count,
+                                     exclude=self.holdout_tags)
+        self.corpus_dir: Path | None = None  # the generated corpus's folder (default_corpus), else None
         self.noise_ids, self.content_tags = None, None
         if content_tags_path:
             if not Path(content_tags_path).is_file():
@@ -118,11 +123,23 @@ class ShardDataModule(pl.LightningDataModule):
                            pin_memory=self.pin_memory, **self._rank())
 
 
+def read_holdout(spec: list[str] | str | None) -> list[str]:
+    """data.holdout_tags: a list of tags, or a file of them (one per line); normalized as ingest does."""
+    if not spec:
+        return []
+    if isinstance(spec, str):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise NotFound(f"data.holdout_tags: no file {path}", "give a list of tags or a file with one tag a line")
+        spec = path.read_text(encoding="utf-8").splitlines()
+    return list(dict.fromkeys(t for t in (normalize_tag(str(x)) for x in spec) if t))
+
+
 def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> ShardDataModule:
     """The embedded, generated YFCC-like corpus (written once into ``cache_dir``)."""
     check_decode(kwargs.get("decode", "cpu"))  # before a first corpus is generated
     root = ensure_corpus(cache_dir, CorpusSpec(**(corpus or {})))
-    return ShardDataModule(
+    dm = ShardDataModule(
         train_shards=sorted(str(p) for p in root.glob("train-*.tar")),
         val_shards=sorted(str(p) for p in root.glob("val-*.tar")),
         test_shards=sorted(str(p) for p in root.glob("test-*.tar")),
@@ -130,3 +147,5 @@ def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> Shar
         content_tags_path=str(root / "content_tags.txt"),
         **kwargs,
     )
+    dm.corpus_dir = root  # model.tag_vectors=corpus: the corpus's generated word vectors (corpus.ensure_word_vectors)
+    return dm

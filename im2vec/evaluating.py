@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 
 from im2vec.checkpoint import TrainedModel, load_model
 from im2vec.data import eval_loader, expand_shards, first_by_key, normalize
+from im2vec.datamodule import read_holdout
 from im2vec.errors import BadValue, NotFound, make
 from im2vec.metrics import noise_share, precision_at_k
 from im2vec.ranking import KS, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
@@ -28,14 +29,18 @@ from im2vec.sampler import PAD
 from im2vec.scoring import topk_tags
 from im2vec.validation import _cat_padded, labelled_tile
 from im2vec.vocab import Vocabulary
+from im2vec.wordvec import read_vectors
+from im2vec.zeroshot import split_truths, unseen_figures
 
 
 @torch.no_grad()
 def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int, batch_size: int, num_workers: int,
-                 max_images: int | None, device: str = "cpu", thumb: int = 64) -> dict:
+                 max_images: int | None, device: str = "cpu", thumb: int = 64, extra_tags: list[str] = ()) -> dict:
     """Every held-out image once: each model's vectors, the observed and clean tag ids (in the first
-    model's vocabulary), keys, small thumbnails for pictures, and the skip counts."""
-    vocab = Vocabulary(models[0].tags, models[0].log_counts.exp().round().long().tolist())
+    model's vocabulary, followed by ``extra_tags``: unseen tags get ids from V on), keys, small thumbnails
+    for pictures, and the skip counts."""
+    vocab = Vocabulary(models[0].tags + list(extra_tags),
+                       models[0].log_counts.exp().round().long().tolist() + [1] * len(extra_tags))
     # all of them, here
     loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images, rank=0, world_size=1)
     us, obs, clean, keys, thumbs, skipped = [[] for _ in models], [], [], [], [], 0
@@ -163,9 +168,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if len(models) > 1 and (models[1].image_size or image_size) != image_size:
         raise BadValue(f"evaluate: baseline_ckpt was trained at {models[1].image_size} px, the model at "
                        f"{image_size} px", "both are scored on the same images: evaluate them separately")
-    data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images, cfg.device)
+    unseen, words, prior_counts = unseen_tags(cfg, model, datamodule)
+    data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images, cfg.device,
+                        extra_tags=unseen)
+    truths_unseen = {}
+    if unseen:  # the seen tags' figures below see only the vocabulary's tags
+        data["obs"], truths_unseen[""] = split_truths(data["obs"], len(model.tags))
+        data["clean"], truths_unseen["clean/"] = split_truths(data["clean"], len(model.tags))
     has_clean = bool((data["clean"] != PAD).any())
     clean = data["clean"] if has_clean else None
+    if unseen and not bool((truths_unseen["clean/"] != PAD).any()):
+        del truths_unseen["clean/"]
     queries = None
     if cfg.queries:
         index, names = model.index, [str(q) for q in cfg.queries]  # Hydra reads `2015` as a number
@@ -192,6 +205,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                device=cfg.device))
     if len(models) > 1:
         metrics["info/baseline_gamma"] = models[1].gamma if cfg.gamma is None else gamma
+    if unseen:
+        zs = unseen_figures(data["u"][0], model.tag_map.proj.weight.detach(), words, prior_counts, truths_unseen,
+                            cfg.seed, cfg.device)
+        metrics.update({f"zeroshot/{k}": v for k, v in zs.items()})
+        metrics["zeroshot/info/unseen_tags"] = float(len(unseen))
     metrics.update({"info/images": float(n), "info/tags": float(len(model.tags)), "info/gamma": gamma,
                     "info/skipped_images": float(data["skipped"]),
                     "info/scoring_seconds": time.perf_counter() - t_scoring,
@@ -204,7 +222,50 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         _save_png(img, out / f"{name}.png")
     _tensorboard(out, metrics, pictures)
     print(table(metrics, has_clean, len(models) > 1, gamma))
+    if unseen:
+        print(zero_shot_table(metrics, unseen))
     return metrics
+
+
+def unseen_tags(cfg: DictConfig, model: TrainedModel, datamodule) -> tuple[list[str], Tensor | None, Tensor | None]:
+    """The tags to score zero-shot (zero_shot.unseen_tags, else those the checkpoint held out of training) that
+    are outside its vocabulary and in the word-vector file, with their vectors w (n, d_w) and their counts in
+    the data's vocabulary file (the prior's). ([], None, None) when there are none."""
+    zs = cfg.get("zero_shot") or {}
+    names = read_holdout(zs.get("unseen_tags")) if zs.get("unseen_tags") else list(model.holdout_tags)
+    if not names:
+        return [], None, None
+    if model.tag_map is None:
+        print(f"evaluate: {len(names)} unseen tag(s) but the checkpoint has no word vectors (train with "
+              "model.tag_vectors=PATH): no unseen-tag figures", file=sys.stderr)
+        return [], None, None
+    trained = [t for t in names if t in model.index]
+    names = [t for t in names if t not in model.index]
+    path = zs.get("word_vectors") or model.tag_map.path
+    wv = read_vectors(path, names) if names else None
+    if trained or (wv is not None and wv.missing):
+        print(f"evaluate: unseen tags left out: {len(trained)} in the checkpoint's vocabulary "
+              f"{trained[:5]}, {len(wv.missing) if wv else 0} without a vector in {path} "
+              f"{wv.missing[:5] if wv else []}", file=sys.stderr)
+    if wv is None or not len(wv.rows):
+        return [], None, None
+    names = [names[i] for i in wv.rows.tolist()]
+    vocab = datamodule.vocab
+    counts = {**dict(zip(vocab.tags, vocab.counts.tolist())), **getattr(vocab, "held_out", {})}
+    return names, wv.vectors, torch.tensor([float(counts.get(t, 1)) for t in names])
+
+
+def zero_shot_table(m: dict, unseen: list[str]) -> str:
+    """The unseen tags' figures beside the random-vector control and the frequency prior."""
+    lines = [f"  unseen tags ({len(unseen)}: {', '.join(unseen[:6])}{', …' if len(unseen) > 6 else ''}), ranked "
+             "among themselves by A·w" + " " * 2 + "".join(f"{c:>10s}" for c in ("model", "random w", "prior"))]
+    for truth, title in (("", "observed"), ("clean/", "clean")):
+        if f"zeroshot/{truth}precision@5" not in m:
+            continue
+        for r in ("precision@1", "precision@5", "recall@5", "map"):
+            vals = [m.get(f"zeroshot/{p}{truth}{r}", math.nan) for p in ("", "random/", "prior/")]
+            lines.append(f"    {title + ' ' + r:56s}" + "".join(f"{v:10.3f}" for v in vals))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the printed table

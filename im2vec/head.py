@@ -68,15 +68,18 @@ def draw_ids(s: SamplerConfig, pos_sampler: PositiveSampler, neg_sampler: Negati
 
 
 def sampled_loss(s: SamplerConfig, table: CPUTagTable, u: Tensor, pos_ids: Tensor, neg_ids: Tensor,
-                 weight: Tensor | None, dedupe: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                 weight: Tensor | None, dedupe: bool = True, row_map=None) -> tuple[Tensor, Tensor, Tensor]:
     """Negative-sampling loss of u (B, d) on the trunk's device against the drawn rows.
 
     One gather for all rows: each distinct row is read and sent once, and the table receives one
     coalesced sparse gradient per step. ``dedupe=False`` reads the rows with a plain sparse
     ``nn.Embedding`` lookup instead (duplicates and all: the stock path, for the benchmark).
+    ``row_map(ids, rows) -> rows``: the tag vectors from the rows (``im2vec.zeroshot.TagVectorMap``).
     """
     ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
     rows = (table.gather if dedupe else table.lookup)(ids, u.device, u.dtype)  # (B·P + #neg, d)
+    if row_map is not None:
+        rows = row_map(ids, rows)
     extras = {k: None if v is None else v.to(u.device) for k, v in head_extras(s, table.log_counts, pos_ids, neg_ids,
                                                                                weight).items()}
     return loss_on_rows(s, u, rows, tuple(pos_ids.shape), tuple(neg_ids.shape), extras)

@@ -28,6 +28,7 @@ from im2vec.sampler import NegativeSampler, PositiveSampler
 from im2vec.sharded_table import ShardedTagTable, assemble_rows, exchange_group, map_row_state, rank_seed, shard_of
 from im2vec.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.validation import ValidationReport
+from im2vec.zeroshot import TagVectorMap
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Im2VecModule(pl.LightningModule):
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
                  projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224,
-                 choose_gamma: bool = True, gamma_by: str = "auto", shard: tuple[int, int] | None = None):
+                 choose_gamma: bool = True, gamma_by: str = "auto", shard: tuple[int, int] | None = None,
+                 tag_map: TagVectorMap | None = None, holdout_tags: tuple[str, ...] = ()):
         super().__init__()
         self.encoder = encoder
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
@@ -107,6 +109,11 @@ class Im2VecModule(pl.LightningModule):
             self.table = CPUTagTable(counts, encoder.dim, o.table_init_std)
         # DDP syncs the trunk only: the table (sharded across ranks) and its CPU buffers are this module's business
         self._ddp_params_and_buffers_to_ignore = ["table.embedding.weight", "table.log_counts"]
+        # model.tag_vectors: v_t = r_t + A·w_t for tags with a word vector; A beside the trunk, the w in host memory
+        self.tag_map = tag_map
+        if tag_map is not None:
+            self._ddp_params_and_buffers_to_ignore += ["tag_map.store.slot", "tag_map.store.vectors"]
+        self.holdout_tags = list(holdout_tags)  # tags kept out of training (zero-shot evaluation), recorded
         self.counts, self.seed = counts, seed
         self.tags, self.fingerprint, self.total_batches = tags, fingerprint, total_batches
         self.image_size = image_size  # what the trunk was trained on: prediction resizes to it
@@ -186,7 +193,10 @@ class Im2VecModule(pl.LightningModule):
         """The whole (V, d) table: the table itself on one device; assembled on rank 0 when sharded (every
         rank must call it; None on the others)."""
         self.drain()
-        return self.table.assemble() if self.sharded else self.table.weight.detach()
+        table = self.table.assemble() if self.sharded else self.table.weight.detach()
+        if table is not None and self.tag_map is not None:  # the tag vectors: r_t + A·w_t
+            table = self.tag_map.full(table)
+        return table
 
     # ---- the head: in fp32 whatever the trunk's precision (bf16 would sum a repeated row's gradient in bf16)
     def head_loss(self, u: Tensor, tags: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,10 +206,13 @@ class Im2VecModule(pl.LightningModule):
         with torch.autocast(u.device.type, enabled=False):
             u = u.float()
             if s.head == "full":
-                rows = self.table.lookup(torch.arange(self.table.num_tags), u.device, torch.float32)  # (V, d)
+                every = torch.arange(self.table.num_tags)
+                rows = self.table.lookup(every, u.device, torch.float32)  # (V, d)
+                if self.tag_map is not None:
+                    rows = self.tag_map(every, rows)
                 return full_bce_loss(u, rows, multi_hot(tags, self.table.num_tags).to(u.device))
             ids = draw_ids(s, self.pos_sampler, self.neg_sampler, tags, self.gen)
-            return sampled_loss(s, self.table, u, *ids)
+            return sampled_loss(s, self.table, u, *ids, row_map=self.tag_map)
 
     @property
     def pipelined(self) -> bool:
@@ -258,7 +271,10 @@ class Im2VecModule(pl.LightningModule):
             return None
 
         with torch.autocast(u.device.type, enabled=False):
-            rows = attach_rows(weight, prep, sink).index_select(0, prep.inverse)
+            rows = attach_rows(weight, prep, sink)  # (n distinct, d)
+            if self.tag_map is not None:
+                rows = self.tag_map(prep.uniq, rows)
+            rows = rows.index_select(0, prep.inverse)
             return loss_on_rows(self.sampler_cfg, u.float(), rows, prep.pos_shape, prep.neg_shape, prep.extras)
 
     def _update_table(self, uniq: Tensor, host: Tensor, event) -> None:
@@ -305,7 +321,7 @@ class Im2VecModule(pl.LightningModule):
         else:
             self.manual_backward(loss)
         if self.optim_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.optim_cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.dense_parameters(), self.optim_cfg.grad_clip)
         opt_dense.step()
         deferred = pipelined and self.overlap
         stepped = self.table.weight.grad is not None  # (a subclass's head may not touch the table)
@@ -450,10 +466,17 @@ class Im2VecModule(pl.LightningModule):
         return self.report.gamma
 
     # ---- optimizers, schedules, checkpoints
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """What AdamW trains on the trunk's device: the encoder (trunk + W) and the word-vector map A."""
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        if self.tag_map is not None:
+            params += list(self.tag_map.proj.parameters())
+        return params
+
     def configure_optimizers(self):
         o = self.optim_cfg
-        decay = [p for p in self.encoder.parameters() if p.ndim >= 2]  # conv and linear weights
-        no_decay = [p for p in self.encoder.parameters() if p.ndim < 2]  # biases and norm scales
+        decay = [p for p in self.dense_parameters() if p.ndim >= 2]  # conv and linear weights
+        no_decay = [p for p in self.dense_parameters() if p.ndim < 2]  # biases and norm scales
         if self.trainer is None or self.trainer.is_global_zero:
             print(f"im2vec: AdamW on {sum(p.numel() for p in decay):,} decayed + {sum(p.numel() for p in no_decay):,} "
                   f"undecayed trunk parameters; {o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} "
@@ -506,6 +529,10 @@ class Im2VecModule(pl.LightningModule):
             "sampler": asdict(self.sampler_cfg), "optim": asdict(self.optim_cfg),
             "encoder": getattr(self.encoder, "spec", {}), "image_size": self.image_size,
             "gamma": self.gamma,  # what evaluation and prediction score with
+            "tag_vectors": None if self.tag_map is None else {
+                "path": self.tag_map.path, "freeze": self.tag_map.freeze, "dim": self.tag_map.word_dim,
+                "found": self.tag_map.found},
+            "holdout_tags": self.holdout_tags,  # kept out of training: evaluate.py's unseen tags by default
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

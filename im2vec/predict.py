@@ -2,7 +2,7 @@
 
 The Python API is ``Tagger``; the command line is
 
-    python -m im2vec.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G]
+    python -m im2vec.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G] [--vocabulary tags.txt]
     python -m im2vec.predict index  CKPT FOLDER --out index.pt
     python -m im2vec.predict search CKPT index.pt TAG [--k 10]
 
@@ -40,6 +40,9 @@ from im2vec.data import eval_view, normalize, to_uint8_tensor
 from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, run_cli
 from im2vec.images import MAX_PIXELS, TooLarge, open_image
 from im2vec.scoring import topk_tags
+from im2vec.wordvec import read_vectors
+from im2vec.yfcc import normalize_tag
+from im2vec.zeroshot import mapped_vectors
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})  # what the folder commands read
 INDEX_FORMAT = "im2vec-index-1"
@@ -101,6 +104,8 @@ class Tagger:
         self.tags, self.gamma, self.image_size = model.tags, model.gamma, int(image_size)
         self.fingerprint, self.path = model.fingerprint, model.path
         self.rows = model.index  # tag -> row; built once (TrainedModel.index builds a new dict per call)
+        self.tag_map = model.tag_map  # model.tag_vectors: A, for tags outside the vocabulary (vocabulary=)
+        self._vocabulary: tuple | None = None  # the last extended vocabulary's vectors, reused
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -152,17 +157,56 @@ class Tagger:
         return self.encoder(x).float().cpu()  # (B, d)
 
     # ---- vectors -> tags, tag -> tags, tag -> images
-    def tag(self, images: ImageInput, k: int = 5, gamma: float | None = None,
-            batch_size: int = 64) -> list[list[tuple[str, float]]]:
-        """The k best tags of every image, by s(t|x) = v_t·u + γ·log count(t), best first."""
-        return self.tag_vectors(self.embed(images, batch_size), k, gamma)
+    def tag(self, images: ImageInput, k: int = 5, gamma: float | None = None, batch_size: int = 64,
+            vocabulary: Sequence[str] | None = None, word_vectors: str | None = None) -> list[list[tuple[str, float]]]:
+        """The k best tags of every image, by s(t|x) = v_t·u + γ·log count(t), best first.
 
-    def tag_vectors(self, u: Tensor, k: int = 5, gamma: float | None = None) -> list[list[tuple[str, float]]]:
+        ``vocabulary``: rank these tags instead of the checkpoint's (see ``vocabulary_vectors``): tags it was
+        trained on, and, for a checkpoint trained with model.tag_vectors, any word of a word-vector file
+        (``word_vectors``, default: the file it was trained with) — tags never seen with an image."""
+        return self.tag_vectors(self.embed(images, batch_size), k, gamma, vocabulary, word_vectors)
+
+    def tag_vectors(self, u: Tensor, k: int = 5, gamma: float | None = None, vocabulary: Sequence[str] | None = None,
+                    word_vectors: str | None = None) -> list[list[tuple[str, float]]]:
         """``tag`` for image vectors already computed: u (N, d)."""
         g = self.gamma if gamma is None else float(gamma)
-        scores, ids = topk_tags(u, self.table, self.log_counts, [g], k, self.chunk)[g]  # (N, k) x2
-        return [[(self.tags[i], s) for i, s in zip(row_ids, row_scores)]
+        names, table, log_counts = self.tags, self.table, self.log_counts
+        if vocabulary is not None:
+            names, table, log_counts = self.vocabulary_vectors(vocabulary, word_vectors)
+        scores, ids = topk_tags(u, table, log_counts, [g], k, self.chunk)[g]  # (N, k) x2
+        return [[(names[i], s) for i, s in zip(row_ids, row_scores)]
                 for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
+
+    def vocabulary_vectors(self, vocabulary: Sequence[str], word_vectors: str | None = None
+                           ) -> tuple[list[str], Tensor, Tensor]:
+        """(tags, vectors (n, d), log counts (n,)) of an open vocabulary. A tag of the checkpoint keeps its
+        vector and count; another one gets A·w from the word-vector file and the smallest log count of the
+        vocabulary (it was never counted: rarer than any trained tag). A tag in neither is an UnknownTag.
+        The vectors of the last vocabulary asked for are kept (the file is read once per vocabulary)."""
+        names = list(dict.fromkeys(t for t in (normalize_tag(str(w)) for w in vocabulary) if t))
+        key = (tuple(names), word_vectors)
+        if self._vocabulary is not None and self._vocabulary[0] == key:
+            return self._vocabulary[1]
+        if not names:
+            raise BadValue("vocabulary: no tag given", "give a list of tags")
+        new = [t for t in names if t not in self.rows]
+        vectors: dict[str, Tensor] = {}
+        if new:
+            if self.tag_map is None:
+                raise UnknownTag(f"{len(new)} tag(s) not in this checkpoint's vocabulary ({', '.join(new[:5])}) and "
+                                 "it has no word vectors to place them: train with model.tag_vectors=PATH")
+            path = word_vectors or self.tag_map.path
+            wv = read_vectors(path, new)
+            if wv.missing:
+                raise UnknownTag(f"{len(wv.missing)} tag(s) neither in this checkpoint's vocabulary nor in {path}: "
+                                 f"{', '.join(wv.missing[:5])}")
+            mapped = mapped_vectors(self.tag_map.proj.weight, wv.vectors)
+            vectors = {new[i]: mapped[j] for j, i in enumerate(wv.rows.tolist())}
+        floor = self.log_counts.min()
+        table = torch.stack([vectors[t] if t in vectors else self.table[self.rows[t]] for t in names])
+        log_counts = torch.stack([floor if t in vectors else self.log_counts[self.rows[t]] for t in names])
+        self._vocabulary = (key, (names, table.float(), log_counts.float()))
+        return self._vocabulary[1]
 
     def row(self, tag: str) -> int:
         try:
@@ -257,10 +301,16 @@ def run_tag(args: argparse.Namespace) -> None:
     folder, out = Path(args.folder), Path(args.out)
     paths, ignored = find_images(folder)
     skipped, done = Counter(), 0
+    vocabulary = None
+    if args.vocabulary:  # an open vocabulary: checked (and its new tags' vectors read) before any image
+        if not Path(args.vocabulary).is_file():
+            raise NotFound(f"--vocabulary: no file {args.vocabulary}", "give a file with one tag a line")
+        vocabulary = Path(args.vocabulary).read_text(encoding="utf-8").splitlines()
+        tagger.vocabulary_vectors(vocabulary, args.word_vectors)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for names, u in embed_folder(tagger, folder, paths, args.batch_size, skipped):
-            for name, tags in zip(names, tagger.tag_vectors(u, args.k, args.gamma)):
+            for name, tags in zip(names, tagger.tag_vectors(u, args.k, args.gamma, vocabulary, args.word_vectors)):
                 f.write(json.dumps({"image": name, "tags": [[t, s] for t, s in tags]}) + "\n")
             done += len(names)
     print(folder_summary("tag", done, skipped, ignored, out), file=sys.stderr)
@@ -343,6 +393,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--k", type=_positive, default=5, help="tags per image")
     t.add_argument("--gamma", type=float, default=None, help="γ of the tagging score (default: the checkpoint's)")
     t.add_argument("--batch-size", type=_positive, default=64)
+    t.add_argument("--vocabulary", default=None, help="rank these tags (a file, one a line) instead of the "
+                   "checkpoint's; tags it never saw need a checkpoint trained with model.tag_vectors")
+    t.add_argument("--word-vectors", default=None, help="where --vocabulary's new tags' vectors are (default: "
+                   "the file the checkpoint was trained with)")
     i = command("index", run_index, "embed every image under a folder into an index file for search")
     i.add_argument("folder")
     i.add_argument("--out", required=True, help="the index file to write (e.g. index.pt)")

@@ -18,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from im2vec import threads
 from im2vec.allocator import tune_malloc
 from im2vec.checkpoint import check_checkpoint_file, set_gamma
+from im2vec.corpus import ensure_word_vectors
 from im2vec.errors import BadValue, UserError, make, one_line
 from im2vec.evaluating import heldout_figures
 from im2vec.module import Im2VecModule
 from im2vec.resilience import AtomicCheckpointIO, Preempted
+from im2vec.zeroshot import read_tag_vectors
 
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
@@ -60,11 +62,23 @@ def check_config(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = None) -> Im2VecModule:
     """The module for ``datamodule``'s vocabulary; ``shard=(rank, world)``: only this rank's rows of the table."""
     vocab = datamodule.vocab
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    path, freeze = model.pop("tag_vectors", None), bool(model.pop("freeze_tag_vectors", False))
+    tag_map = None
+    if path:
+        if path == "corpus":  # the generated corpus's own word vectors (synonyms across its languages sit close)
+            if getattr(datamodule, "corpus_dir", None) is None:
+                raise BadValue("model.tag_vectors=corpus: the data is not the generated corpus",
+                               "give the path of a word2vec or GloVe file")
+            path = str(ensure_word_vectors(datamodule.corpus_dir))
+        tag_map = read_tag_vectors(path, vocab.tags, model["dim"], freeze, cfg.optim.table_init_std)
+    elif freeze:
+        raise BadValue("model.freeze_tag_vectors=true without model.tag_vectors", "set model.tag_vectors=PATH")
     return Im2VecModule(
-        encoder=make(cfg.model), tags=vocab.tags, counts=vocab.counts, total_batches=schedule_length(cfg),
+        encoder=make(model), tags=vocab.tags, counts=vocab.counts, total_batches=schedule_length(cfg),
         sampler=make(cfg.sampler), optim=make(cfg.optim), noise_ids=datamodule.noise_ids,
         fingerprint=vocab.fingerprint(), seed=cfg.seed, image_size=datamodule.image_size, shard=shard,
-        **cfg.validation,
+        tag_map=tag_map, holdout_tags=tuple(getattr(datamodule, "holdout_tags", ())), **cfg.validation,
     )
 
 

@@ -39,6 +39,7 @@ class Vocabulary:
         self.tags = tags
         self.counts = torch.tensor(counts, dtype=torch.long)  # (V,)
         self.index = {t: i for i, t in enumerate(tags)}
+        self.held_out: dict[str, int] = {}  # tags excluded by ``load`` and their counts
 
     def __len__(self) -> int:
         return len(self.tags)
@@ -56,8 +57,12 @@ class Vocabulary:
         return from_counts(Counter(t for tags in tag_lists for t in set(tags)), min_count, max_size)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, max_size: int | None = None, min_count: int = 1) -> "Vocabulary":
+    def load(cls, path: str | os.PathLike, max_size: int | None = None, min_count: int = 1,
+             exclude: Iterable[str] = ()) -> "Vocabulary":
+        """``exclude``: tags kept out (zero-shot evaluation holds some out of training); their counts in the
+        file are kept in ``held_out`` ({tag: count}, the unseen tags' frequency prior)."""
         path = Path(path)
+        exclude, held = set(exclude), {}
         if not path.is_file():
             raise NotFound(f"vocabulary file not found: {path}", "check data.vocab_path, or build one: "
                            "python -m im2vec.vocab OUT.tsv --shards 'DIR/train/*.tar'")
@@ -81,6 +86,9 @@ class Vocabulary:
                                    "one line per tag: rebuild it with python -m im2vec.vocab")
                 seen[parts[0]] = n
                 last = count
+                if parts[0] in exclude:
+                    held[parts[0]] = count
+                    continue
                 cut = cut or count < min_count or bool(max_size and len(tags) >= max_size)
                 if not cut:  # sorted by count: nothing after the first line cut survives the cut
                     tags.append(parts[0])
@@ -88,7 +96,9 @@ class Vocabulary:
         if not tags:
             raise BadValue(f"{path}: no tag left (an empty file, or vocab_min_count={min_count} is above every count)",
                            "lower data.vocab_min_count or rebuild the file with python -m im2vec.vocab")
-        return cls(tags, counts)
+        vocab = cls(tags, counts)
+        vocab.held_out = held
+        return vocab
 
     def save(self, path: str | os.PathLike) -> None:
         """Written under a temporary name, then renamed: a killed run leaves no half vocabulary."""

@@ -20,6 +20,7 @@ from torch import nn
 from im2vec.head import SamplerConfig, draw_ids, sampled_loss
 from im2vec.module import Im2VecModule, OptimConfig
 from im2vec.sharded_table import ROW_STATE, rank_seed
+from im2vec.zeroshot import TagVectorMap
 
 V, D, B, T, SIDE, STEPS, SEED = 97, 16, 6, 4, 16, 4, 3
 warnings.filterwarnings("ignore")
@@ -80,7 +81,7 @@ class ConcatenatedRanks(Im2VecModule):
         parts = [draw_ids(s, self.pos_sampler, self.neg_sampler, tags[r * B:(r + 1) * B], g)
                  for r, g in enumerate(self.gens)]
         pos, neg, weight = (torch.cat(x) for x in zip(*parts))
-        return sampled_loss(s, self.table, u, pos, neg, weight)
+        return sampled_loss(s, self.table, u, pos, neg, weight, row_map=self.tag_map)
 
 
 def main() -> None:
@@ -89,12 +90,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--table-optimizer", default="sparse_adam")
+    ap.add_argument("--tag-vectors", action="store_true", help="v = r + A·w for a third of the tags")
     a = ap.parse_args()
     pl.seed_everything(SEED)
     counts = torch.randint(1, 100, (V,), generator=torch.Generator().manual_seed(0))
     kw = dict(encoder=TinyTrunk(), tags=[f"t{i}" for i in range(V)], counts=counts, total_batches=STEPS,
               sampler=SamplerConfig(num_negatives=5, num_positives=2), seed=SEED, projector_tags=0, grid_images=0,
               optim=OptimConfig(warmup_batches=2, table_optimizer=a.table_optimizer, table_lr=0.05))
+    if a.tag_vectors:  # the same map on every rank and in the reference (A synced by DDP, the w replicated)
+        g = torch.Generator().manual_seed(5)
+        kw["tag_map"] = TagVectorMap(V, D, torch.arange(0, V, 3), torch.randn(len(range(0, V, 3)), 7, generator=g),
+                                     init_std=0.2)
     module = ConcatenatedRanks(a.world, **kw) if a.reference else Im2VecModule(**kw)
     strategy = "auto" if a.reference else pl.strategies.DDPStrategy(process_group_backend="gloo")
     trainer = pl.Trainer(accelerator="cpu", devices=1 if a.reference else a.world, strategy=strategy,
@@ -111,7 +117,9 @@ class Save(pl.Callback):
     def on_train_end(self, trainer, module):
         opt = module.optimizers()[1].optimizer
         state = opt.state[module.table.weight]
-        whole = {"table": module.full_table()}
+        whole = {"table": module.full_table()}  # the tag vectors (r + A·w with --tag-vectors)
+        if module.tag_map is not None:
+            whole["A"] = module.tag_map.proj.weight.detach().clone()
         for k, v in state.items():
             if k in ROW_STATE:
                 whole[k] = module.table.assemble(v) if module.sharded else v.clone()

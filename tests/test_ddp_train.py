@@ -58,10 +58,13 @@ def assert_restored(dump: Path, checkpoint: Path) -> None:
     assert got["batches"] * 2 == c["global_step"]
 
 
-def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("tag_vectors", [[], ["--tag-vectors"]], ids=["table", "tag_vectors"])
+def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path, tag_vectors):
+    """With --tag-vectors, a third of the tags are r + A·w (model.tag_vectors): A trained by DDP beside the trunk."""
     script = ROOT / "tests" / "ddp_equivalence.py"
     for extra in ([], ["--reference"]):
-        r = subprocess.run([sys.executable, str(script), "--world", "2", "--out", str(tmp_path), *extra], cwd=ROOT,
+        r = subprocess.run([sys.executable, str(script), "--world", "2", "--out", str(tmp_path), *extra, *tag_vectors],
+                           cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     rank0, rank1, ref = (torch.load(tmp_path / f) for f in ("rank0.pt", "rank1.pt", "reference.pt"))
@@ -72,6 +75,7 @@ def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path):
         assert not torch.equal(v, torch.zeros_like(v)) or k.endswith("bias")
     for k, v in ref["whole"].items():
         torch.testing.assert_close(rank0["whole"][k].double(), v.double(), rtol=0, atol=1e-6, msg=f"table {k}")
+    assert ("A" in ref["whole"]) == bool(tag_vectors)
 
 
 def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
