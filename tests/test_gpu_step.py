@@ -213,8 +213,10 @@ def test_loader_pins_for_a_gpu_trunk(make_cfg):
 
 # ---- 6. the overlapped step equals the serial step
 def _fit(make_cfg, out, *overrides):
+    # the same thread counts in every run (the plan gives the trunk one thread fewer with overlap): torch's conv
+    # sums in another order with another thread count, which is not what these tests compare
     metrics, objs = train(make_cfg("trainer.max_epochs=2", "data.batches_per_epoch=4", "trainer.log_every_n_steps=3",
-                                   *overrides, out=out))
+                                   "threads.trunk=1", "threads.table=1", *overrides, out=out))
     mod = objs["module"]
     opt = mod.optimizers()[1].optimizer
     state = opt.state[mod.table.weight]
