@@ -129,8 +129,27 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
     return out
 
 
+def read_meta(sample: dict) -> dict:
+    """A sample's json as a dict with a "tags" list (and "clean_tags", where present, a list); raises one of
+    META_ERRORS on anything else (no json, one too large, not UTF-8, not an object, no tag list)."""
+    raw = sample["json"]
+    if not isinstance(raw, (bytes, str)) or len(raw) > MAX_META_BYTES:
+        raise ValueError("no json, or one too large to be metadata")
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise TypeError("the json is not an object")
+    if not isinstance(meta["tags"], list) or not isinstance(meta.get("clean_tags") or [], list):
+        raise TypeError("tags and clean_tags must be lists")
+    return meta
+
+
+META_ERRORS = (KeyError, ValueError, TypeError, RecursionError)  # what read_meta raises: a bad_meta skip
+
+
 class _Samples:
     """The stages after tar reading, sharing one skip counter per process."""
+
+    payloads = IMAGE_EXTS  # the sample's member that ``image`` reads (im2vec.features: the stored features)
 
     def __init__(self, vocab: Vocabulary, transform, size: int, seed: int, max_pixels: int = MAX_PIXELS,
                  draft: bool = True, rank: int = 0, user_keep: dict[str, float] | None = None,
@@ -179,19 +198,11 @@ class _Samples:
             # Whatever is in a sample's json (any type at any depth, any size, bytes that are not UTF-8,
             # NUL characters), it is a sample or one skip: tested by a property-based fuzz (tests/test_fuzz.py)
             try:
-                raw = s["json"]
-                if not isinstance(raw, (bytes, str)) or len(raw) > MAX_META_BYTES:
-                    raise ValueError("no json, or one too large to be metadata")
-                meta = json.loads(raw)
-                if not isinstance(meta, dict):
-                    raise TypeError("the json is not an object")
-                clean = meta.get("clean_tags") or []
-                if not isinstance(meta["tags"], list) or not isinstance(clean, list):
-                    raise TypeError("tags and clean_tags must be lists")
-                tags, clean_ids = self.vocab.ids(meta["tags"]), self.vocab.ids(clean)
+                meta = read_meta(s)
+                tags, clean_ids = self.vocab.ids(meta["tags"]), self.vocab.ids(meta.get("clean_tags") or [])
                 user = meta.get("user")
                 keep = self.user_keep.get(str(user), 1.0) if self.user_keep and user is not None else 1.0
-            except (KeyError, ValueError, TypeError, RecursionError):  # no json, bad json, no tag list
+            except META_ERRORS:  # no json, bad json, no tag list
                 self.skipped[SKIP_BAD_META] += 1
                 continue
             if not tags:
@@ -200,7 +211,7 @@ class _Samples:
             if self.user_keep and rng.random() >= keep:  # a draw whenever balancing is on: the stream issue 10 measured
                 continue  # a prolific uploader's sample, passed over this time (not bad data: not counted)
             try:
-                x = self.image(next(s[e] for e in IMAGE_EXTS if e in s), rng)
+                x = self.image(next(s[e] for e in self.payloads if e in s), rng)
             except TooLarge:
                 self.skipped[SKIP_TOO_LARGE] += 1
                 continue

@@ -85,6 +85,11 @@ def _deferred_table_step(closure=None, **kwargs):
 _deferred_table_step._wrapped_by_lr_sched = True  # torch's LR scheduler: the real (queued) step is still wrapped
 
 
+def _rows(batch: dict) -> int:
+    """Samples in a batch of images, or of stored trunk features (frozen-trunk mode, im2vec/features.py)."""
+    return (batch["features"] if "features" in batch else batch["image"]).shape[0]
+
+
 def _fresh_log_window() -> dict:
     """What the step accumulates between two log steps."""
     return {"images": 0, "prepare_ms": 0.0, "batches": 0}
@@ -140,10 +145,19 @@ class Im2VecModule(pl.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # uint8 over the bus (a quarter of float32's bytes; pinned by the loader when the trunk is on a GPU),
         # normalized on the trunk's device; with data.decode=gpu the JPEGs themselves, decoded there
+        if "features" in batch:  # frozen-trunk mode (im2vec/features.py): the trunk's stored outputs, fp16
+            return {**batch, "features": batch["features"].to(device, non_blocking=True)}
         if is_encoded(batch):
             batch = finish_batch(batch, device, self.image_size)  # undecodable rows dropped and counted
             return {**batch, "image": normalize(batch["image"])}
         return {**batch, "image": normalize(batch["image"].to(device, non_blocking=True))}
+
+    def embed_batch(self, batch: dict) -> Tensor:
+        """u (B, d): the batch's images through the encoder, or (frozen-trunk mode, im2vec/features.py) its
+        stored trunk features through the projection W alone."""
+        if "features" in batch:
+            return self.encoder.proj(batch["features"].float())
+        return self.encoder(batch["image"])
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
@@ -293,14 +307,14 @@ class Im2VecModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt_dense, opt_table = self.optimizers()
-        if batch["image"].shape[0] == 0 and not self.sharded:  # data.decode=gpu: not one decodable image left
+        if _rows(batch) == 0 and not self.sharded:  # data.decode=gpu: not one decodable image left
             self.skipped += batch["skipped"]  # counted; no step (with a sharded table every rank must step)
             return None
         pipelined = self.pipelined
         self._pending_prep = None
         if pipelined and self.overlap:  # draw, dedup, gather and copy on the worker while the trunk runs
             self._pending_prep = self.worker.submit(self._prepare, batch["tags"])
-        u = self.encoder(batch["image"])  # (B, d)
+        u = self.embed_batch(batch)  # (B, d)
         if pipelined:
             loss, s_pos, s_neg = self._pipelined_loss(u, batch["tags"])
         else:
@@ -406,11 +420,11 @@ class Im2VecModule(pl.LightningModule):
 
     # ---- validation: held-out precision@5 beside the frequency prior, γ sweep, pictures
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if batch["image"].shape[0] == 0:  # data.decode=gpu: every image of the batch undecodable
+        if _rows(batch) == 0:  # data.decode=gpu: every image of the batch undecodable
             self.val_skipped += batch["skipped"]
             return
-        u = self.encoder(batch["image"]).float().cpu()  # (B, d)
-        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch["image"])
+        u = self.embed_batch(batch).float().cpu()  # (B, d)
+        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch.get("image"))  # features: no grid
         self.val_skipped += batch["skipped"]
 
     def on_validation_epoch_start(self) -> None:

@@ -1,0 +1,523 @@
+"""Frozen-trunk fast mode: the trunk runs once over the images, then only W and the tag table train.
+
+    python -m im2vec.features CKPT 'SHARDS' --out DIR                 # the trunk of a training checkpoint
+    python -m im2vec.features --trunk resnet50 --weights resnet50.pth --image-size 224 'SHARDS' --out DIR
+    python -m im2vec.features --trunk small_cnn --image-size 64 'SHARDS' --out DIR   # random init (--seed 0)
+
+With a frozen trunk f = trunk(x) is the same at every epoch: computed once and stored, a training step
+costs the projection u = W·f and the tag head instead of the trunk's forward and backward. The images
+are seen as evaluation sees them (``data.eval_view``: the central square at ``--image-size``, no crops or
+flips, ``data.normalize``), the features stored as fp16. One split per call (SHARDS: a brace pattern or
+a glob, as data.train_shards takes); the generated corpus's three splits:
+
+    CORPUS=$(python -c "from im2vec.corpus import ensure_corpus; print(ensure_corpus('$HOME/.cache/im2vec'))")
+    for s in train val test; do
+        python -m im2vec.features --trunk small_cnn --image-size 64 "$CORPUS/$s-*.tar" --out data/features/corpus/$s
+    done
+    python train.py +experiment=features        # W and the table from data/features/corpus/{train,val}
+
+(``--trunk small_cnn`` draws the same random trunk at every call, from ``--seed``; ``--weights
+DIR/train/trunk.pt`` or a checkpoint gives every split the same trained one.) DIR then holds
+
+    <source shard's name>  one webdataset tar per source shard with a usable sample: KEY.f16 (the F
+                           features, fp16 little-endian) and KEY.json (the source json as it was: tags, user, …)
+    trunk.pt               the trunk's weights, weights-only loadable: a model trained from these features
+                           carries the same trunk, so its checkpoint tags images (Tagger) unchanged
+    features.json          the manifest: trunk, feature width, image size, digest of the trunk's weights,
+                           source shards, samples per shard, skipped samples by reason
+
+all written into a temporary folder beside DIR and renamed when complete: DIR is whole or as it was.
+A sample with a corrupt image or json is skipped and counted (``data.SKIP_REASONS``); which tags count
+is left to training's vocabulary, so one extraction serves any vocabulary, as the image shards do.
+
+Training (``+experiment=features``) reads them through ``FeatureDataModule`` (batches with "features"
+(B, F) where image batches have "image") and ``frozen_encoder`` (the real ImageEncoder with trunk.pt's
+weights, its trunk's parameters frozen: AdamW trains W alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch import Tensor, nn
+
+from im2vec import threads
+from im2vec.corpus import CorpusSpec, ensure_corpus
+from im2vec.data import (
+    IMAGE_EXTS,
+    MAX_PIXELS,
+    MAX_UNUSABLE,
+    META_ERRORS,
+    SKIP_BAD_META,
+    SKIP_IMAGE,
+    SKIP_REASONS,
+    SKIP_TOO_LARGE,
+    _NoSamples,
+    _Samples,
+    _worker_shuffle,
+    eval_view,
+    expand_shards,
+    interleaved,
+    normalize,
+    rank_info,
+    rank_shards,
+    read_meta,
+    resampled_shards,
+    worker_init,
+)
+from im2vec.datamodule import ShardDataModule
+from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
+from im2vec.images import TooLarge
+from im2vec.model import ImageEncoder, build_trunk
+from im2vec.predict import _positive
+
+# the frozen trunk stays in eval mode through fit (FrozenTrunkEncoder.train) on purpose: Lightning's warning is noise
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+
+FORMAT, TRUNK_FORMAT = "im2vec-features-1", "im2vec-trunk-1"
+MANIFEST, TRUNK_FILE = "features.json", "trunk.pt"
+EXT = "f16"  # a sample's features: F float16 values, little-endian, nothing else (the width is the manifest's)
+
+
+# ---------------------------------------------------------------- the trunk
+def trunk_digest(trunk: nn.Module) -> str:
+    """A hash of the trunk's weights and buffers (BatchNorm statistics included): features from two
+    extractions belong together only when their digests are equal."""
+    h = hashlib.sha256()
+    for name, t in sorted(trunk.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def read_trunk_file(path: str | os.PathLike) -> dict:
+    """A trunk.pt written by this command: {"format", "trunk", "width", "digest", "state_dict"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"features: no trunk file {path}", "give the trunk.pt an extraction wrote beside its features")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- unpickling refused, truncated, not a torch file: all one answer
+        raise BadValue(f"features: {path} cannot be read as a trunk file ({str(e).strip()[:120]})",
+                       "give the trunk.pt an extraction wrote (python -m im2vec.features)") from None
+    if not isinstance(saved, dict) or saved.get("format") != TRUNK_FORMAT:
+        raise BadValue(f"features: {path} is not a trunk file written by python -m im2vec.features",
+                       "give the trunk.pt an extraction wrote")
+    return saved
+
+
+def load_trunk(checkpoint: str | None = None, name: str | None = None, weights: str | None = None,
+               seed: int = 0) -> tuple[nn.Module, str, int, int | None]:
+    """(trunk, its name, feature width, the image size its checkpoint was trained at or None), from a training
+    checkpoint or by name: with ``weights`` a trunk.pt of an earlier extraction, a local torchvision .pth or a
+    weights name in torch's hub cache (nothing downloaded); without, a random init drawn from ``seed``."""
+    if checkpoint:
+        from im2vec.checkpoint import load_model
+
+        model = load_model(checkpoint)
+        return model.encoder.trunk, model.encoder.spec["trunk"], model.encoder.proj.in_features, model.image_size
+    if weights and Path(weights).is_file() and _is_trunk_file(weights):
+        saved = read_trunk_file(weights)
+        if saved["trunk"] != name:
+            raise BadValue(f"features: {weights} holds a {saved['trunk']} trunk, not {name}",
+                           f"use --trunk {saved['trunk']}")
+        trunk, width = build_trunk(name)
+        trunk.load_state_dict(saved["state_dict"])
+        return trunk, name, width, None
+    with torch.random.fork_rng():  # the same random trunk at every call: train, val and test extracted alike
+        torch.manual_seed(seed)
+        trunk, width = build_trunk(name, weights)
+    return trunk, name, width, None
+
+
+def _is_trunk_file(path: str) -> bool:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- not ours (a torchvision .pth may hold more than weights-only allows)
+        return False
+    return isinstance(saved, dict) and saved.get("format") == TRUNK_FORMAT
+
+
+class FrozenTrunkEncoder(ImageEncoder):
+    """ImageEncoder whose trunk never trains: parameters frozen (AdamW gets W alone) and always in eval mode
+    (were images ever run through it in training, BatchNorm's statistics would still not move). Its
+    checkpoint is an ordinary ImageEncoder's: ``load_model`` and ``Tagger`` rebuild it from ``spec``."""
+
+    def train(self, mode: bool = True) -> FrozenTrunkEncoder:
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+
+def frozen_encoder(features_dir: str, dim: int = 64) -> FrozenTrunkEncoder:
+    """The encoder of a features-mode run (``model=frozen``): trunk.pt of the training features, frozen, and a
+    fresh projection W (dim × F)."""
+    manifest = read_manifest(features_dir)
+    saved = read_trunk_file(Path(features_dir) / TRUNK_FILE)
+    if saved["digest"] != manifest["trunk_digest"]:
+        raise BadValue(f"features: {features_dir}/{TRUNK_FILE} is not the trunk its features were extracted with",
+                       "extract the features again")
+    encoder = FrozenTrunkEncoder(saved["trunk"], dim)
+    encoder.trunk.load_state_dict(saved["state_dict"])
+    encoder.trunk.requires_grad_(False)
+    return encoder.train()
+
+
+# ---------------------------------------------------------------- extraction
+class _Extraction(_Samples):
+    """Extraction's per-sample stage: the eval view of every readable image, its json kept byte for byte.
+    A sample is skipped (and counted) only for a bad json or image: tags are the training vocabulary's
+    business."""
+
+    def decode(self, samples):
+        for s in samples:
+            # each sample here: {"__key__", "__url__", "jpg"|"png"|…: bytes, "json": bytes}
+            try:
+                read_meta(s)
+            except META_ERRORS:
+                self.skipped[SKIP_BAD_META] += 1
+                continue
+            try:
+                x = self.image(next(s[e] for e in IMAGE_EXTS if e in s), None)
+            except TooLarge:
+                self.skipped[SKIP_TOO_LARGE] += 1
+                continue
+            except Exception:  # noqa: BLE001 -- PIL raises many kinds on bad bytes; none may stop the pass
+                self.skipped[SKIP_IMAGE] += 1
+                continue
+            yield x, s["json"], s["__key__"], s["__url__"]
+
+    def collate(self, items: list[tuple]) -> dict:
+        skipped, self.skipped = torch.tensor(self.skipped), [0] * len(SKIP_REASONS)
+        images, metas, keys, urls = zip(*items) if items else ((), (), (), ())
+        image = torch.stack(images) if images else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+        return {"image": image, "json": list(metas), "keys": list(keys), "urls": list(urls), "skipped": skipped}
+
+    def flush(self, batches):
+        """The batches, then one empty batch with the skips counted after the last one: every skip is reported."""
+        yield from batches
+        if any(self.skipped):
+            yield self.collate([])
+
+
+def extraction_loader(shards: list[str], image_size: int, batch_size: int, num_workers: int,
+                      max_pixels: int = MAX_PIXELS) -> wds.WebLoader:
+    stages = _Extraction(None, eval_view, image_size, seed=0, max_pixels=max_pixels)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.split_by_worker,  # worker w reads shards w, w+n, w+2n, … in that order (extract relies on it)
+        wds.tarfile_to_samples(handler=stages.read_error),
+        stages.decode,
+        # at this point each sample is (image (3, S, S) uint8, json bytes, key, source shard)
+        wds.batched(batch_size, collation_fn=stages.collate, partial=True),
+        stages.flush,
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
+                         worker_init_fn=functools.partial(worker_init, 0) if num_workers else None)
+
+
+def _local(url: str) -> bool:
+    return not re.match(r"^[a-z][a-z0-9+.-]+:", url)  # pipe:, s3:, http:// are not paths
+
+
+@torch.no_grad()
+def extract(trunk: nn.Module, name: str, width: int, shards: list[str], out: str | os.PathLike, image_size: int,
+            batch_size: int = 64, device: str = "cpu", num_workers: int = 1, source: dict | None = None) -> dict:
+    """Every usable sample of ``shards`` through ``trunk``: feature shards, trunk.pt and features.json in ``out``
+    (replacing an earlier extraction there). Returns the manifest."""
+    out = Path(out)
+    names = [Path(s).name for s in shards]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BadValue(f"features: two source shards named {twice[0]}: feature shards are named after them",
+                       "extract each folder into its own --out")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise BadValue(f"features: --out {out} exists and is not a features folder", "give a new or empty folder")
+    missing = [s for s in shards if _local(s) and not Path(s).is_file()]
+    if missing:
+        raise NotFound(f"features: shard not found: {missing[0]}", "check SHARDS")
+    trunk = trunk.to(device).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    where = {s: i for i, s in enumerate(shards)}
+    counts, skipped, writers, n = [0] * len(shards), torch.zeros(len(SKIP_REASONS), dtype=torch.long), {}, 0
+    lanes = max(1, num_workers)
+    t0 = time.perf_counter()
+    try:
+        for batch in extraction_loader(shards, image_size, batch_size, num_workers):
+            skipped += batch["skipped"]
+            if not batch["keys"]:
+                continue
+            f = trunk(normalize(batch["image"].to(device))).to(torch.float16).cpu()  # (B, F)
+            for key, meta, url, row in zip(batch["keys"], batch["json"], batch["urls"], f):
+                i = where[url]
+                if i not in writers:  # the worker that reads shard i has finished its earlier shards: close them
+                    for j in [j for j in writers if j % lanes == i % lanes and j < i]:
+                        writers.pop(j).close()
+                    writers[i] = wds.TarWriter(str(tmp / names[i]))
+                writers[i].write({"__key__": key, EXT: row.numpy().tobytes(), "json": meta})
+                counts[i] += 1
+            n += len(batch["keys"])
+        for w in writers.values():
+            w.close()
+        seconds = time.perf_counter() - t0
+        if n == 0:
+            raise BadValue(f"features: not one usable image in {len(shards)} shard(s) "
+                           f"({', '.join(f'{r} {k}' for r, k in zip(SKIP_REASONS, skipped.tolist()) if k) or 'empty'})",
+                           "check SHARDS: webdataset tars of KEY.jpg + KEY.json")
+        state = {k: v.detach().cpu() for k, v in trunk.state_dict().items()}
+        digest = trunk_digest(trunk)
+        torch.save({"format": TRUNK_FORMAT, "trunk": name, "width": width, "digest": digest, "state_dict": state},
+                   tmp / TRUNK_FILE)
+        manifest = {
+            "format": FORMAT, "trunk": name, "width": width, "dtype": "float16", "image_size": image_size,
+            "view": "eval", "trunk_digest": digest, "trunk_file": TRUNK_FILE, "source": source or {},
+            "source_shards": [str(Path(s).resolve()) if _local(s) else s for s in shards],
+            "shards": [{"name": names[i], "source": shards[i], "samples": c} for i, c in enumerate(counts) if c],
+            "samples": n, "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
+            "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace(tmp, out)
+    except BaseException:
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 -- already failing: the first error is the one to show
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an earlier extraction there is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading them back for training
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """An extraction's features.json, with "dir" (the folder) added."""
+    path = Path(folder).expanduser() / MANIFEST
+    if not path.is_file():
+        raise NotFound(f"features: no {MANIFEST} in {folder}",
+                       f"extract them first: python -m im2vec.features (CKPT | --trunk NAME) 'SHARDS' --out {folder}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise BadValue(f"features: {path} is not readable json ({e})", "extract the features again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BadValue(f"features: {path} is not a manifest written by python -m im2vec.features",
+                       "extract the features again")
+    return {**manifest, "dir": str(path.parent)}
+
+
+def feature_shards(manifest: dict) -> list[str]:
+    return [str(Path(manifest["dir"]) / s["name"]) for s in manifest["shards"]]
+
+
+class FeatureSamples(_Samples):
+    """Training's per-sample stages (json -> tag ids, skips counted, uploader balance) over feature shards:
+    what ``image`` reads is the stored feature vector, (F,) fp16; batches carry it as "features"."""
+
+    payloads = (EXT,)
+
+    def image(self, data: bytes, rng) -> Tensor:
+        if len(data) != 2 * self.size:  # self.size: the manifest's width
+            raise ValueError(f"{len(data)} bytes of features, not {self.size} fp16 values")
+        return torch.frombuffer(bytearray(data), dtype=torch.float16)  # (F,)
+
+    def collate(self, items: list[tuple]) -> dict:
+        batch = super().collate(items)
+        batch["features"] = batch.pop("image")  # (B, F) fp16
+        return batch
+
+
+def feature_train_loader(shards: list[str], vocab, width: int, batch_size: int, batches_per_epoch: int,
+                         num_workers: int, seed: int, shuffle_buffer: int = 2000, rank: int | None = None,
+                         world_size: int | None = None, user_keep: dict[str, float] | None = None,
+                         interleave: int = 4, pin_memory: bool = False) -> wds.WebLoader:
+    """data.train_loader's stream over feature shards: drawn endlessly with replacement, interleaved,
+    shuffled; ``batches_per_epoch`` batches of "features" (B, F), "tags", "clean", "skipped", "keys"."""
+    rank, world_size = rank_info(rank, world_size)
+    mine = rank_shards(shards, rank, world_size)
+    stages = FeatureSamples(vocab, None, width, seed, rank=rank, user_keep=user_keep,
+                            max_unusable=shuffle_buffer + MAX_UNUSABLE)
+    pipeline = wds.DataPipeline(
+        functools.partial(resampled_shards, mine, seed, rank, stages),
+        # at this point each sample is {"url": ...}: read `interleave` of them at once, a sample from each in turn
+        functools.partial(interleaved, interleave, stages.read_error, seed + 7919 * rank),
+        stages.seen,
+        # at this point each sample is {"__key__", "f16", "json"}
+        functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),
+        stages.decode,
+        # at this point each sample is (features (F,) fp16, tag ids, clean tag ids, key)
+        wds.batched(batch_size, collation_fn=stages.collate, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                           pin_memory=pin_memory,
+                           worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
+    return loader.with_epoch(batches_per_epoch).with_length(batches_per_epoch, silent=True)
+
+
+def feature_eval_loader(shards: list[str], vocab, width: int, batch_size: int, num_workers: int,
+                        rank: int | None = None, world_size: int | None = None,
+                        pin_memory: bool = False) -> wds.WebLoader | torch.utils.data.DataLoader:
+    """Every sample of this rank's feature shards once (the module keeps the val_max_images smallest key hashes)."""
+    rank, world_size = rank_info(rank, world_size)
+    mine = shards[rank::world_size]
+    if not mine:
+        return torch.utils.data.DataLoader(_NoSamples(), batch_size=None)
+    stages = FeatureSamples(vocab, None, width, seed=0)
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(mine),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=stages.read_error),
+        stages.decode,
+        wds.batched(batch_size, collation_fn=stages.collate, partial=True),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
+
+
+class FeatureDataModule(ShardDataModule):
+    """ShardDataModule over the feature shards of ``features_dir``/train and /val (one extraction each, one
+    trunk: their digests must agree). ``test_shards`` are IMAGE shards: training's closing figures run the
+    whole encoder (stored trunk + trained W) over them, so they are the figures of the Tagger the checkpoint
+    makes; by default the images ``features_dir``/test was extracted from. ``image_size`` is the features'."""
+
+    def __init__(self, features_dir: str, vocab_path: str, val: bool = True,
+                 test_shards: str | list[str] | None = None, content_tags_path: str | None = None, **kwargs):
+        root = Path(features_dir).expanduser()
+        train = read_manifest(root / "train")
+        val_m = read_manifest(root / "val") if val else None
+        test_m = read_manifest(root / "test") if (root / "test" / MANIFEST).is_file() else None
+        for split, m in (("val", val_m), ("test", test_m)):
+            if m is not None and m["trunk_digest"] != train["trunk_digest"]:
+                raise BadValue(f"features: {root / split} was extracted with another trunk than {root / 'train'}",
+                               "extract every split with the same checkpoint, --weights or --seed")
+        if test_shards is None and test_m is not None:
+            test_shards = test_m["source_shards"]
+        super().__init__(train_shards=feature_shards(train), val_shards=feature_shards(val_m) if val_m else None,
+                         vocab_path=vocab_path, test_shards=test_shards, content_tags_path=content_tags_path,
+                         image_size=train["image_size"], **kwargs)
+        if self.decode != "cpu":
+            raise BadValue("data.decode=gpu: feature shards hold no JPEGs", "use data.decode=cpu")
+        self.manifest, self.width = train, int(train["width"])
+
+    def train_dataloader(self):
+        # the stream per epoch and on resume as ShardDataModule's (a deterministic function of seed, epoch, done)
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+        seed = self.seed * 100003 + epoch + 7919 * self.resumed_at()
+        return feature_train_loader(self.train_shards, self.vocab, self.width, self.batch_size, self.batches_per_epoch,
+                                    self.num_workers, seed, self.shuffle_buffer, user_keep=self.user_keep,
+                                    interleave=self.interleave, pin_memory=self.pin_memory, **self._rank())
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        return feature_eval_loader(self.val_shards, self.vocab, self.width, self.val_batch_size, self.num_workers,
+                                   pin_memory=self.pin_memory, **self._rank())
+
+
+def corpus_features(cache_dir: str, features_dir: str, corpus: dict | None = None, image_size: int | None = None,
+                    min_scale: float | None = None, **kwargs) -> FeatureDataModule:
+    """FeatureDataModule for the generated corpus (``data=features``): its vocabulary and content tags, and its
+    test images for the closing figures. ``image_size``: null, or the features' own (set when they were
+    extracted); ``min_scale`` is unused (the features are of the eval view)."""
+    root = ensure_corpus(cache_dir, CorpusSpec(**(corpus or {})))
+    if not (Path(features_dir).expanduser() / "train" / MANIFEST).is_file():
+        raise NotFound(f"features: no features in {features_dir}/train",
+                       f"extract the corpus's splits first: for s in train val test; do python -m im2vec.features "
+                       f"--trunk small_cnn --image-size 64 \"{root}/$s-*.tar\" --out {features_dir}/$s; done "
+                       "(or a checkpoint in place of --trunk …)")
+    dm = FeatureDataModule(features_dir, vocab_path=str(root / "vocab.tsv"),
+                           test_shards=sorted(str(p) for p in root.glob("test-*.tar")),
+                           content_tags_path=str(root / "content_tags.txt"), **kwargs)
+    if image_size is not None and image_size != dm.image_size:
+        raise BadValue(f"data.image_size={image_size}: the features were extracted at {dm.image_size} px",
+                       "extract them again at that size, or leave data.image_size=null")
+    outside = [s for s in dm.manifest["source_shards"] if Path(s).parent != root.resolve()]
+    if outside:
+        print(f"features: warning: {features_dir}/train was extracted from shards outside this corpus "
+              f"({outside[0]}, …; the corpus is {root})", file=sys.stderr)
+    dm.corpus_dir = root  # model.tag_vectors=corpus reads the corpus's word vectors
+    return dm
+
+
+# ---------------------------------------------------------------- the command
+def parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m im2vec.features", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default=None, help="a training checkpoint whose trunk to run "
+                   "(else --trunk)")
+    p.add_argument("shards", help="image shards: a brace pattern ('train-{000000..000009}.tar') or a glob, quoted")
+    p.add_argument("--out", required=True, help="the folder to write (replaced if it holds an earlier extraction)")
+    p.add_argument("--trunk", default=None, help="a trunk by name (small_cnn, resnet50, …) instead of a checkpoint")
+    p.add_argument("--weights", default=None, help="with --trunk: a trunk.pt of an earlier extraction, a local "
+                   ".pth or a torchvision weights name in torch's hub cache (default: random init from --seed)")
+    p.add_argument("--seed", type=int, default=0, help="with --trunk and no --weights: the random init's seed")
+    p.add_argument("--image-size", type=_positive, default=None,
+                   help="side of the eval view (default: the checkpoint's training size; needed with --trunk)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--device", default="cpu", help="where the trunk runs (cpu, cuda, cuda:1, …)")
+    p.add_argument("--num-workers", type=int, default=1, help="decoding processes beside the trunk (0: in it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; 0, or 2 after one line `im2vec: error: …`; --debug shows the traceback instead."""
+    return run_cli(_run, argv, exit=False)
+
+
+def _run(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    if bool(args.checkpoint) == bool(args.trunk):
+        raise BadValue("features: give a checkpoint or --trunk NAME (one of them)",
+                       "see python -m im2vec.features --help")
+    if args.weights and not args.trunk:
+        raise BadValue("features: --weights goes with --trunk (a checkpoint has its own)", "drop --weights")
+    if args.num_workers < 0:
+        raise BadValue(f"features: --num-workers {args.num_workers}", "use 0 or more")
+    # torch's threads planned as training plans them: one core per loader worker (here two torch threads beside
+    # a decoding worker on 2 cores ran resnet18 at half the speed of one)
+    threads.apply(threads.plan(args.num_workers, 1, args.device.startswith("cuda"), False))
+    trunk, name, width, trained_at = load_trunk(args.checkpoint, args.trunk, args.weights, args.seed)
+    size = args.image_size or trained_at
+    if not size:
+        raise BadValue("features: no image size", "give --image-size S (the side the trunk should see)")
+    shards = expand_shards(args.shards)
+    if not shards:
+        raise NotFound(f"features: no shards match {args.shards!r}", "check SHARDS")
+    source = {"checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+              "weights": args.weights, "seed": None if (args.checkpoint or args.weights) else args.seed}
+    m = extract(trunk, name, width, shards, args.out, size, args.batch_size, args.device, args.num_workers, source)
+    why = ", ".join(f"{r}: {k}" for r, k in m["skipped"].items() if k)
+    print(f"im2vec.features: {m['samples']:,} samples of {len(shards)} shard(s) -> {args.out} ({name}, {width} "
+          f"features at {size} px, fp16; {m['images_per_s']:,.0f} images/s); {sum(m['skipped'].values())} skipped"
+          + (f" ({why})" if why else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
