@@ -21,6 +21,8 @@ training step maps only the sampled rows' vectors (B·(P+K) × d_w) on the trunk
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,6 +115,7 @@ class TagVectorMap(nn.Module):
 
 def read_tag_vectors(path: str, tags: list[str], dim: int, freeze: bool, init_std: float) -> TagVectorMap:
     """The TagVectorMap of a vocabulary from a word-vector file; says how many tags it found."""
+    path = str(Path(path).expanduser().resolve())  # recorded in checkpoints: Tagger reads new words from it
     wv = read_vectors(path, tags)
     if not len(wv.rows):
         raise BadValue(f"model.tag_vectors={path}: not one of the {len(tags):,} tags is in the file "
