@@ -183,10 +183,10 @@ class Tagger:
         vector and count; another one gets A·w from the word-vector file and the smallest log count of the
         vocabulary (it was never counted: rarer than any trained tag). A tag in neither is an UnknownTag.
         The vectors of the last vocabulary asked for are kept (the file is read once per vocabulary)."""
-        names = list(dict.fromkeys(t for t in (normalize_tag(str(w)) for w in vocabulary) if t))
-        key = (tuple(names), word_vectors)
+        key = (tuple(vocabulary), word_vectors)  # as given: the folder command asks again for every batch
         if self._vocabulary is not None and self._vocabulary[0] == key:
             return self._vocabulary[1]
+        names = list(dict.fromkeys(t for t in (normalize_tag(str(w)) for w in vocabulary) if t))
         if not names:
             raise BadValue("vocabulary: no tag given", "give a list of tags")
         new = [t for t in names if t not in self.rows]
@@ -200,7 +200,7 @@ class Tagger:
             if wv.missing:
                 raise UnknownTag(f"{len(wv.missing)} tag(s) neither in this checkpoint's vocabulary nor in {path}: "
                                  f"{', '.join(wv.missing[:5])}")
-            mapped = mapped_vectors(self.tag_map.proj.weight, wv.vectors)
+            mapped = mapped_vectors(self.tag_map.proj.weight.detach(), wv.vectors)
             vectors = {new[i]: mapped[j] for j, i in enumerate(wv.rows.tolist())}
         floor = self.log_counts.min()
         table = torch.stack([vectors[t] if t in vectors else self.table[self.rows[t]] for t in names])
