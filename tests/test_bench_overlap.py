@@ -3,6 +3,8 @@ consistent (no timing goal is asserted: timed assertions are flaky on a shared m
 
 import json
 
+import pytest
+
 from im2vec.bench.overlap import main
 
 
@@ -14,5 +16,6 @@ def test_overlap_benchmark_runs_every_case(tmp_path):
     assert [r["K"] for r in report["rows"]] == [5, 40]
     for r in report["rows"]:
         assert all(r[f"{c}_ms"] > 0 for c in ("trunk", "head", "serial", "overlap"))
-        assert 0 < r["table_side_ms"] < r["serial_ms"]
-        assert r["overlap_vs_bound"] == round(r["overlap_ms"] / max(r["trunk_ms"], r["head_ms"]), 3)
+        assert r["table_side_ms"] > 0  # (below serial_ms on a quiet machine: timed separately, not asserted)
+        # the ratio is of the unrounded times, the row holds rounded ones: equal to a rounding step
+        assert r["overlap_vs_bound"] == pytest.approx(r["overlap_ms"] / max(r["trunk_ms"], r["head_ms"]), abs=2e-3)
