@@ -379,16 +379,26 @@ def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_si
     crop = functools.partial(train_view, min_scale=min_scale)
     stages = _samples(decode, dict(train=True, min_scale=min_scale), vocab, crop, image_size, seed, max_pixels,
                       draft, rank, user_keep, max_unusable=shuffle_buffer + MAX_UNUSABLE)
+    return stream_loader(stages, mine, rank, batch_size, batches_per_epoch, num_workers, seed, shuffle_buffer,
+                         interleave, pin_memory)
+
+
+def stream_loader(stages: "_Samples", mine: list[str], rank: int, batch_size: int, batches_per_epoch: int,
+                  num_workers: int, seed: int, shuffle_buffer: int, interleave: int, pin_memory: bool
+                  ) -> wds.WebLoader:
+    """The training stream of this rank's shards ``mine`` through ``stages`` (images, or stored features:
+    im2vec.features): drawn endlessly with replacement, interleaved, shuffled, batched;
+    ``batches_per_epoch`` batches an epoch."""
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
         functools.partial(resampled_shards, mine, seed, rank, stages),
         # at this point each sample is {"url": ...}: read `interleave` of them at once, a sample from each in turn
         functools.partial(interleaved, interleave, stages.read_error, seed + 7919 * rank),
         stages.seen,
-        # at this point each sample is {"__key__", "jpg", "json"}
+        # at this point each sample is {"__key__", "jpg" (or stages.payloads), "json"}
         functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),
         stages.decode,
-        # at this point each sample is (image tensor, tag ids, clean tag ids)
+        # at this point each sample is (image tensor or features, tag ids, clean tag ids, key)
         wds.batched(batch_size, collation_fn=stages.collate, partial=False),
     )
     # pin_memory (a GPU trunk): batches land in page-locked memory, copied to the device without blocking

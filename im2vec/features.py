@@ -66,15 +66,13 @@ from im2vec.data import (
     SKIP_TOO_LARGE,
     _NoSamples,
     _Samples,
-    _worker_shuffle,
     eval_view,
     expand_shards,
-    interleaved,
     normalize,
     rank_info,
     rank_shards,
     read_meta,
-    resampled_shards,
+    stream_loader,
     worker_init,
 )
 from im2vec.datamodule import ShardDataModule
@@ -364,21 +362,8 @@ def feature_train_loader(shards: list[str], vocab, width: int, batch_size: int, 
     mine = rank_shards(shards, rank, world_size)
     stages = FeatureSamples(vocab, None, width, seed, rank=rank, user_keep=user_keep,
                             max_unusable=shuffle_buffer + MAX_UNUSABLE)
-    pipeline = wds.DataPipeline(
-        functools.partial(resampled_shards, mine, seed, rank, stages),
-        # at this point each sample is {"url": ...}: read `interleave` of them at once, a sample from each in turn
-        functools.partial(interleaved, interleave, stages.read_error, seed + 7919 * rank),
-        stages.seen,
-        # at this point each sample is {"__key__", "f16", "json"}
-        functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),
-        stages.decode,
-        # at this point each sample is (features (F,) fp16, tag ids, clean tag ids, key)
-        wds.batched(batch_size, collation_fn=stages.collate, partial=False),
-    )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                           pin_memory=pin_memory,
-                           worker_init_fn=functools.partial(worker_init, rank) if num_workers else None)
-    return loader.with_epoch(batches_per_epoch).with_length(batches_per_epoch, silent=True)
+    return stream_loader(stages, mine, rank, batch_size, batches_per_epoch, num_workers, seed, shuffle_buffer,
+                         interleave, pin_memory)
 
 
 def feature_eval_loader(shards: list[str], vocab, width: int, batch_size: int, num_workers: int,

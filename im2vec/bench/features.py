@@ -36,26 +36,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from im2vec.bench.overlap import BatchClock  # batch start to batch start, after a warmup
 from im2vec.errors import ArgumentParser, BadValue, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ sits beside the package
 DRY = {"data.corpus.num_train": 192, "data.corpus.num_val": 64, "data.corpus.num_test": 48,  # tests/conftest.py's
        "data.corpus.num_users": 12, "data.corpus.tail_size": 300, "data.corpus.shard_size": 64,
        "data.vocab_min_count": 1, "data.num_workers": 0, "data.shuffle_buffer": 50, "data.val_batch_size": 64}
-
-
-class _Clock(pl.Callback):
-    """Times batches warmup..end, batch start to batch start (a fit's steady state, loading included)."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.n = warmup, None, None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        now = time.perf_counter()
-        if batch_idx == self.warmup:
-            self.start = now
-        elif batch_idx > self.warmup:
-            self.end, self.n = now, batch_idx - self.warmup
 
 
 class FitClock(pl.Callback):
@@ -92,7 +79,7 @@ def _speed(cfg, warmup: int, steps: int, device: str) -> float:
     datamodule.pin_memory = device == "cuda"
     threads.apply(threads.plan(datamodule.num_workers, 1, device == "cuda", False))  # as train() plans them
     module = build_module(cfg, datamodule)
-    clock = _Clock(warmup)
+    clock = BatchClock(warmup)
     trainer = pl.Trainer(accelerator=device, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[clock], log_every_n_steps=max(1, steps // 2),

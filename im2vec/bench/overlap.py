@@ -36,7 +36,7 @@ from im2vec.errors import ArgumentParser, run_cli
 GOAL = 1.1
 
 
-class _Clock(pl.Callback):
+class BatchClock(pl.Callback):
     """Times batches warmup..end from batch start to batch start (an overlapped update is counted in the
     batch that waits for it)."""
 
@@ -92,7 +92,7 @@ def run_case(kind: str, args, negatives: int, counts: torch.Tensor, batches: lis
     module = cls(encoder, [str(i) for i in range(args.tags)], counts, len(batches),
                  SamplerConfig(num_negatives=negatives), OptimConfig(overlap=kind == "overlap", warmup_batches=1),
                  image_size=args.image_size)
-    clock = _Clock(args.warmup)
+    clock = BatchClock(args.warmup)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[clock], log_every_n_steps=max(1, args.steps // 2))
