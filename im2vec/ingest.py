@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -58,6 +59,10 @@ class Settings:
     max_side: int | None = None  # shrink images whose longest side is longer (re-encoded as JPEG)
     max_pixels: int = MAX_PIXELS
     quality: int = 90
+    # samples are written in a random order, seeded, within windows of this many samples of a split (0: the
+    # input's order): a manifest sorted by folder or uploader would otherwise give shards of one slice each
+    shuffle_window: int = 200_000
+    shuffle_seed: int = 0
 
     def __post_init__(self):
         if self.split_by not in SPLIT_BY:
@@ -69,6 +74,8 @@ class Settings:
             raise BadValue("ingest: val_fraction and test_fraction must be ≥ 0 and sum to less than 1", "change --val-fraction / --test-fraction")
         if self.shard_size < 1:
             raise BadValue("ingest: shard_size must be ≥ 1", "change --shard-size")
+        if self.shuffle_window < 0:
+            raise BadValue("ingest: shuffle_window must be ≥ 0", "change --shuffle-window (0: keep the input's order)")
 
 
 def split_of(value: str, val_fraction: float, test_fraction: float, salt: str = "im2vec") -> str:
@@ -295,9 +302,21 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
         if bar is not None:
             bar.set_postfix(shards=len(shards), written=written, refresh=False)
 
-    def flush(split: str) -> None:
-        index, samples = next_index[split], buffers[split]
-        next_index[split], buffers[split] = index + 1, []
+    # a window: whole shards' worth of samples (the split's whole input when smaller), permuted before cutting
+    window = s.shard_size * max(1, -(-s.shuffle_window // s.shard_size)) if s.shuffle_window else s.shard_size
+    windows = dict.fromkeys(SPLITS, 0)
+
+    def flush_window(split: str) -> None:
+        samples, buffers[split] = buffers[split], []
+        if s.shuffle_window:
+            random.Random(f"{s.shuffle_seed}/{split}/{windows[split]}").shuffle(samples)
+        windows[split] += 1
+        for i in range(0, len(samples), s.shard_size):
+            flush(split, samples[i: i + s.shard_size])
+
+    def flush(split: str, samples: list) -> None:
+        index = next_index[split]
+        next_index[split] = index + 1
         done = stats_name(shard_name(out, split, index))
         if done.exists():  # finished by an earlier run
             try:
@@ -325,11 +344,11 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
             key, path, meta, split_key = item
             split = split_key if s.split_by == "manifest" else split_of(split_key, s.val_fraction, s.test_fraction, s.salt)
             buffers[split].append((key, path, meta))
-            if len(buffers[split]) == s.shard_size:
-                flush(split)
+            if len(buffers[split]) == window:
+                flush_window(split)
         for split in SPLITS:
             if buffers[split]:
-                flush(split)
+                flush_window(split)
         for f in cf.as_completed(pending):
             finished(f.result())
     finally:
@@ -342,9 +361,12 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
     summary = {
         "written": {sp: sum(v["written"] for v in shards.values() if v["split"] == sp) for sp in SPLITS},
         "shards": {sp: sum(1 for v in shards.values() if v["split"] == sp and v["written"]) for sp in SPLITS},
+        "uploaders": {sp: len({u for v in shards.values() if v["split"] == sp for u in v.get("users", {})})
+                      for sp in SPLITS},
         "skipped": dict(sorted(skipped.items())),
         "examples": examples,
     }
+    summary["warnings"] = split_warnings(summary, s)
     _write_json(out / "summary.json", summary)
     if verbose:
         print(format_summary(summary, out), file=sys.stderr)
@@ -376,6 +398,31 @@ def _check_settings(out: Path, s: Settings) -> None:
         _write_json(path, {**mine, "input_stamps": [input_stamp(p) for p in s.inputs]})
 
 
+MIN_HELD_OUT = (500, 20)  # images, uploaders: fewer in a held-out split and its figures' intervals are too wide to
+# choose γ by or to compare settings on (im2vec/intervals.py: bootstrap over uploaders)
+
+
+def split_warnings(summary: dict, s: Settings) -> list[str]:
+    """With --split-by user: one line for each held-out split too small to choose or measure anything, with its
+    numbers and the fraction that would do (expected counts: the split takes that share of the uploaders)."""
+    if s.split_by != "user":
+        return []
+    n_img, n_up = sum(summary["written"].values()), sum(summary["uploaders"].values())
+    lines = []
+    for split, frac, flag in (("val", s.val_fraction, "--val-fraction"), ("test", s.test_fraction, "--test-fraction")):
+        img, up = summary["written"][split], summary["uploaders"][split]
+        if img >= MIN_HELD_OUT[0] and up >= MIN_HELD_OUT[1]:
+            continue
+        need = max(MIN_HELD_OUT[0] / max(n_img, 1), MIN_HELD_OUT[1] / max(n_up, 1))
+        fix = (f"{flag} {need:.2g} would give about {need * n_img:,.0f} images of {need * n_up:,.0f} uploaders"
+               if need < 0.5 else f"the collection has {n_img:,} images of {n_up:,} uploaders, too few to hold "
+               "uploaders out: use --split-by id (images held out at random)")
+        lines.append(f"ingest: warning: the {split} split has {img:,} images of {up:,} uploaders (--split-by user, "
+                     f"{flag} {frac:g}): too few to choose γ on or to measure anything (at least "
+                     f"{MIN_HELD_OUT[0]} images and {MIN_HELD_OUT[1]} uploaders) — {fix}")
+    return lines
+
+
 def format_summary(summary: dict, out: Path | str) -> str:
     w, n = summary["written"], summary["shards"]
     lines = [f"ingest: wrote {sum(w.values()):,} samples to {out}: "
@@ -383,7 +430,7 @@ def format_summary(summary: dict, out: Path | str) -> str:
     sk = summary["skipped"]
     lines.append(f"ingest: skipped {sum(sk.values()):,}" + (": " + ", ".join(f"{r} {c:,}" for r, c in sk.items()) if sk else ""))
     lines += [f"  e.g. {e}" for e in summary["examples"].values()]
-    return "\n".join(lines)
+    return "\n".join(lines + summary.get("warnings", []))
 
 
 def _progress_bar(paths: list[str], quiet: bool):
@@ -414,6 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.add_argument("--val-fraction", type=float, default=0.01)
         p.add_argument("--test-fraction", type=float, default=0.01)
         p.add_argument("--max-side", type=int, default=None, help="shrink longer images to this side (JPEG)")
+        p.add_argument("--shuffle-window", type=int, default=Settings.shuffle_window,
+                       help="samples of a split written in a seeded random order within windows of this many "
+                            "(the whole split when smaller); 0: the input's order")
+        p.add_argument("--shuffle-seed", type=int, default=0, help="the seed of that order")
         p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger images are skipped (decompression bombs)")
         p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shard-writing processes (0: in this one)")
         p.add_argument("--quiet", action="store_true")
@@ -425,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = Settings(source=a.source, inputs=inputs, shard_size=a.shard_size, split_by=a.split_by,
                  val_fraction=a.val_fraction, test_fraction=a.test_fraction, max_side=a.max_side,
                  max_pixels=a.max_pixels, machine_tags=getattr(a, "machine_tags", False),
+                 shuffle_window=a.shuffle_window, shuffle_seed=a.shuffle_seed,
                  template=getattr(a, "template", DEFAULT_TEMPLATE),
                  root=os.path.abspath(a.images if a.source == "yfcc" else (a.root or os.path.dirname(inputs[0]))))
     bar = _progress_bar(inputs, a.quiet)

@@ -155,7 +155,8 @@ def test_ingest_resumes_without_redoing_finished_shards(tmp_path, workers):
     data, mirror, expected = _mirror(tmp_path)
     (tmp_path / "meta.tsv").write_bytes(data)
     args = ["yfcc", str(tmp_path / "meta.tsv"), "--images", str(mirror), "--out", str(tmp_path / "out"),
-            "--shard-size", "3", "--workers", workers, "--max-pixels", "100000", "--val-fraction", "0", "--quiet"]
+            "--shard-size", "3", "--workers", workers, "--max-pixels", "100000", "--val-fraction", "0", "--quiet",
+            "--shuffle-window", "0"]  # the input's order: the bad images come last (test_ingest_shuffles_… below)
     first = main(args)
     shards = sorted((tmp_path / "out" / "train").glob("shard-*.tar"))
     # 12 good photos, then 4 with bad images: shards 4 and 5 hold only bad ones and keep no tar
@@ -390,3 +391,78 @@ def test_a_compressed_jsonl_manifest_is_read_as_jsonl(tmp_path):
     manifest.write_bytes(bz2.compress(json.dumps({"image": "trip/0.jpg", "tags": ["sea"]}).encode() + b"\n"))
     items = list(collection_samples(Settings(source="collection", inputs=[str(manifest)]), None))
     assert len(items) == 1 and not isinstance(items[0], Skip) and items[0][2]["tags"] == ["sea"]
+
+
+def _uploader_mix(tmp_path, window: int) -> tuple[list[Counter], list[Counter]]:
+    """A manifest sorted by uploader (4 uploaders × 50 images, as a folder per uploader gives), ingested into
+    shards of 100 with --shuffle-window ``window``: each shard's uploaders, and those of the training batches
+    the streaming loader makes of them (batches of 10, a shuffle buffer of 20: far smaller than a shard)."""
+    from im2vec.data import train_loader
+    from im2vec.vocab import Vocabulary
+
+    photos = tmp_path / f"photos{window}"
+    photos.mkdir()
+    rows = []
+    for u in range(4):
+        for i in range(50):
+            Image.new("RGB", (8, 8), (u * 60, i * 5, 0)).save(photos / f"u{u}_{i}.jpg")
+            rows.append({"image": f"u{u}_{i}.jpg", "tags": ["x"], "user": f"u{u}"})
+    (photos / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / f"out{window}"
+    main(["collection", str(photos / "m.jsonl"), "--out", str(out), "--shard-size", "100", "--val-fraction", "0",
+          "--test-fraction", "0", "--workers", "0", "--shuffle-window", str(window), "--quiet"])
+    shards = sorted(str(p) for p in (out / "train").glob("shard-*.tar"))
+    users = [_shard_users(s) for s in shards]  # key -> uploader, per shard
+    per_shard = [Counter(u.values()) for u in users]
+    user = {k: v for u in users for k, v in u.items()}
+    loader = train_loader(shards, Vocabulary(["x"], [200]), 8, 10, 40, 0, seed=1, shuffle_buffer=20, rank=0,
+                          world_size=1)
+    return per_shard, [Counter(user[k] for k in b["keys"]) for b in loader]
+
+
+def _shard_users(path: str) -> dict[str, str]:
+    with tarfile.open(path) as tar:
+        return {m.name[: -len(".json")]: json.loads(tar.extractfile(m).read())["user"]
+                for m in tar if m.name.endswith(".json")}
+
+
+def _tv(c: Counter) -> float:
+    """Total variation distance of a batch's uploader shares from the collection's (a quarter each)."""
+    n = sum(c.values())
+    return 0.5 * sum(abs(c.get(f"u{u}", 0) / n - 0.25) for u in range(4))
+
+
+def test_ingest_shuffles_a_sorted_manifest_so_shards_and_batches_mix_uploaders(tmp_path):
+    shards, batches = _uploader_mix(tmp_path, 200_000)
+    assert len(shards) == 2 and all(len(c) == 4 and max(c.values()) < 40 for c in shards)  # 25 each, ± chance
+    # random batches of 10 from four equal uploaders sit about 0.2 from the collection's shares
+    assert sum(map(_tv, batches)) / len(batches) < 0.3
+    # the input's order (what the ingest did before): each shard two uploaders, batches of one or two
+    shards, batches = _uploader_mix(tmp_path, 0)
+    assert all(len(c) == 2 for c in shards)
+    assert sum(map(_tv, batches)) / len(batches) > 0.4
+
+
+def test_the_shuffled_order_is_seeded_and_resumes_to_the_same_shards(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = []
+    for i in range(30):
+        Image.new("RGB", (8, 8), (i * 8, 0, 0)).save(photos / f"{i}.jpg")
+        rows.append({"image": f"{i}.jpg", "tags": ["x"], "user": f"u{i // 10}"})
+    (photos / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def ingest(out, *extra):
+        main(["collection", str(photos / "m.jsonl"), "--out", str(out), "--shard-size", "7", "--val-fraction", "0",
+              "--test-fraction", "0", "--workers", "0", "--quiet", *extra])
+        return {p.name: p.read_bytes() for p in sorted((out / "train").glob("shard-*"))}
+
+    first = ingest(tmp_path / "a")
+    assert ingest(tmp_path / "b") == first  # the same seed: the same order, byte for byte
+    assert json.loads((tmp_path / "a" / "ingest.json").read_text())["shuffle_seed"] == 0
+    (tmp_path / "a" / "train" / "shard-000002.tar").unlink()  # as if killed before shard 2 was finished
+    (tmp_path / "a" / "train" / "shard-000002.stats.json").unlink()
+    assert ingest(tmp_path / "a") == first
+    assert ingest(tmp_path / "c", "--shuffle-seed", "1") != first
+    ids = list(_read_shards(tmp_path / "a"))  # in the shards' order
+    assert sorted(ids) != ids and sorted(ids, key=lambda i: int(i.split(".")[0])) != ids

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -58,16 +59,14 @@ def _args(manifest: Path, out: Path, workers: int) -> list[str]:
 
 
 def _read_order() -> list[int]:
-    """The order the ingest reads the images in: shard by shard, a split's shard as soon as it holds
-    --shard-size samples, the unfilled ones at the end (ingest.run)."""
-    order, buffers = [], {s: [] for s in SPLITS}
+    """The order the ingest reads the images in: every split's samples at once (the 16 fit one shuffle
+    window), each split's in the seeded random order of ingest.run, shard by shard."""
+    buffers = {s: [] for s in SPLITS}
     for i in range(N_IMAGES):
-        split = split_of(f"img{i:02d}.jpg", 0.2, 0.2)
-        buffers[split].append(i)
-        if len(buffers[split]) == 3:
-            order += buffers[split]
-            buffers[split] = []
-    return order + [i for s in SPLITS for i in buffers[s]]
+        buffers[split_of(f"img{i:02d}.jpg", 0.2, 0.2)].append(i)
+    for split, ids in buffers.items():
+        random.Random(f"0/{split}/0").shuffle(ids)
+    return [i for s in SPLITS for i in buffers[s]]
 
 
 def _output(out: Path) -> dict:
