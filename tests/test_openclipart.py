@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from im2vec.bench.collections import random_split
 from im2vec.bench.openclipart import build, svg_metadata
 from im2vec.errors import UserError
 from im2vec.images import to_rgb
@@ -218,8 +219,8 @@ def _check_image(path: Path, png):
         assert np.abs(pad - white).max() < 30, (path, pad)
 
 
-def _manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+def _manifest(out: Path, kind: str = "users") -> list[dict]:
+    return [json.loads(line) for line in (out / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_build_writes_images_manifest_shards_and_vocabulary(tmp_path):
@@ -246,11 +247,16 @@ def test_build_writes_images_manifest_shards_and_vocabulary(tmp_path):
     assert all(len(s) == 1 for s in by_user.values()) and by_user["oscar"] == {"train"}
 
     assert info["left_out"] == PLANTED
-    assert info["ingest_skipped"] == {}
+    users = info["kinds"]["users"]
+    assert users["skipped"] == {}
     per_split = Counter(r["split"] for r in rows)
-    assert info["drawings"] == {sp: per_split[sp] for sp in ("train", "val", "test")}
-    assert info["uploaders"] == {sp: len({r["user"] for r in rows if r["split"] == sp}) for sp in ("train", "val", "test")}
+    assert users["images"] == {sp: per_split[sp] for sp in ("train", "val", "test")}
+    assert users["uploaders"] == {sp: len({r["user"] for r in rows if r["split"] == sp}) for sp in ("train", "val", "test")}
     assert json.loads((out / "openclipart.json").read_text()) == json.loads(json.dumps(info))
+    # the random split: the same drawings, each in the split a hash of its path gives, uploaders in several splits
+    random_rows = {r["image"]: r["split"] for r in _manifest(out, "random")}
+    assert random_rows == {r["image"]: random_split(r["image"], "openclipart") for r in rows}
+    assert sum(info["kinds"]["random"]["images"].values()) == len(rows)
 
     # the images: only the kept drawings', square JPEGs on white
     assert sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*")
@@ -260,11 +266,11 @@ def test_build_writes_images_manifest_shards_and_vocabulary(tmp_path):
 
     # the shards: every kept drawing once, in its manifest split, with its normalized tags
     for sp in ("train", "val", "test"):
-        stats = [json.loads(p.read_text()) for p in (out / sp).glob("shard-*.stats.json")]
+        stats = [json.loads(p.read_text()) for p in (out / "users" / sp).glob("shard-*.stats.json")]
         assert sum(s["written"] for s in stats) == per_split[sp]
-        assert len(list((out / sp).glob("shard-*.tar"))) == (1 if per_split[sp] else 0)
+        assert len(list((out / "users" / sp).glob("shard-*.tar"))) == (1 if per_split[sp] else 0)
     in_shards = {}
-    for shard in out.glob("*/shard-*.tar"):
+    for shard in out.glob("users/*/shard-*.tar"):
         with tarfile.open(shard) as tar:
             for name in tar.getnames():
                 if name.endswith(".json"):
@@ -274,22 +280,22 @@ def test_build_writes_images_manifest_shards_and_vocabulary(tmp_path):
 
     # the vocabulary: the training drawings' normalized tags seen at least min_count (2) times, most frequent first
     brute = Counter(t for r in rows if r["split"] == "train" for t in set(normalize_tags(r["tags"])))
-    vocab = [line.split("\t") for line in (out / "vocab.tsv").read_text(encoding="utf-8").splitlines()]
+    vocab = [line.split("\t") for line in (out / "users" / "vocab.tsv").read_text(encoding="utf-8").splitlines()]
     assert {t: int(c) for t, c in vocab} == {t: c for t, c in brute.items() if c >= 2}
     assert [t for t, _ in vocab] == sorted((t for t, c in brute.items() if c >= 2), key=lambda t: (-brute[t], t))
     assert {t for t, _ in vocab} == {"cat", "animal", "pet"}  # apple, fruit & food: bob, held out; woman: test only
-    assert info["tags"] == len(vocab)
+    assert users["tags"] == len(vocab)
 
 
 def test_build_resumes_on_the_same_folder(tmp_path):
     src, out = _source(tmp_path), tmp_path / "out"
     first = build(out, source=src, side=SIDE, heavy=HEAVY, workers=1)
-    manifest = (out / "manifest.jsonl").read_bytes()
-    done = sorted(out.glob("images/**/*.jpg")) + sorted(out.glob("*/shard-*.tar"))
+    manifest = (out / "users.jsonl").read_bytes()
+    done = sorted(out.glob("images/**/*.jpg")) + sorted(out.glob("*/*/shard-*.tar"))
     stamps = {p: p.stat().st_mtime_ns for p in done}
     second = build(out, source=src, side=SIDE, heavy=HEAVY, workers=1)
     assert second == first and second["left_out"] == PLANTED  # the bad PNG is tried again and still counted
-    assert (out / "manifest.jsonl").read_bytes() == manifest
+    assert (out / "users.jsonl").read_bytes() == manifest
     assert {p: p.stat().st_mtime_ns for p in done} == stamps  # nothing converted or written twice
     assert len(_manifest(out)) == len(KEPT)
 
@@ -297,14 +303,14 @@ def test_build_resumes_on_the_same_folder(tmp_path):
 def test_build_with_another_side_redraws_the_images_and_rebuilds_the_shards(tmp_path):
     src, out = _source(tmp_path), tmp_path / "out"
     build(out, source=src, side=SIDE, heavy=HEAVY, workers=1)
-    shards = {p: p.stat().st_mtime_ns for p in out.glob("*/shard-*.tar")}
+    shards = {p: p.stat().st_mtime_ns for p in out.glob("*/*/shard-*.tar")}
     info = build(out, source=src, side=SIDE // 2, heavy=HEAVY, workers=1)
     assert info["side"] == SIDE // 2
     for k in KEPT:
         with Image.open(out / "images" / f"{k}.jpg") as im:
             assert max(im.size) <= SIDE // 2
     assert shards and all(p.stat().st_mtime_ns != t for p, t in shards.items())  # written again
-    for shard in out.glob("*/shard-*.tar"):
+    for shard in out.glob("*/*/shard-*.tar"):
         with tarfile.open(shard) as tar:
             for name in tar.getnames():
                 if name.endswith(".jpg"):

@@ -10,27 +10,26 @@ beside ``apple``, ``flag`` or ``saturn``). Nothing is downloaded at run time: th
 two packages from Debian's archive once (``apt-get download``), or from an installed
 ``/usr/share/openclipart``, or from ``--source``.
 
-What it writes under ``--out``:
+What it writes under ``--out`` (``im2vec.bench.collections``: the same layout for every real collection):
 - ``images/…/NAME.jpg``: each PNG laid on white (the drawings have transparent backgrounds),
   padded to a square and shrunk to ``--side`` px (256);
-- ``manifest.jsonl``: {"image", "tags", "user", "title", "category", "split"};
-- ``train/ val/ test/``: shards written by ``im2vec.ingest`` with ``--split-by manifest``;
-- ``vocab.tsv``: the training split's tags seen at least ``--min-count`` (2) times.
+- ``users.jsonl``, ``random.jsonl``: {"image", "tags", "user", "title", "category", "split"};
+- ``users/`` and ``random/``, each with ``train/ val/ test/`` shards written by ``im2vec.ingest``
+  (``--split-by manifest``) and a ``vocab.tsv`` of the training split's tags seen at least
+  ``--min-count`` (2) times.
 
-The split is by uploader, so validation and test uploaders are never seen in training: an
-uploader is put in test (35 %) or val (25 %) by a hash of the name, except the 11 with more than
-``--heavy`` (100) drawings, who always train (one of them alone drew 1,375 stars; in a held-out
-split a few of them would be most of it, and the figures would say more about them than about new
-uploaders). No uploader then holds more than 13 % of a held-out split.
+The ``users`` split holds uploaders out, so validation and test uploaders are never seen in
+training: an uploader is put in test (35 %) or val (25 %) by a hash of the name, except the 11 with
+more than ``--heavy`` (100) drawings, who always train (one of them alone drew 1,375 stars; in a
+held-out split a few of them would be most of it, and the figures would say more about them than
+about new uploaders). No uploader then holds more than 13 % of a held-out split. The ``random`` split
+holds 10 % (val) and 20 % (test) of the drawings out at random, every uploader in every split.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import hashlib
 import html
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -40,10 +39,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from im2vec.bench import collections
 from im2vec.errors import ArgumentParser, NotFound, UserError, run_cli
 from im2vec.images import to_rgb
-from im2vec.ingest import Settings, collection_samples, run, split_of
-from im2vec.vocab import count_from_shards, from_counts
 
 PACKAGES = ("openclipart-svg", "openclipart-png")
 INSTALLED = Path("/usr/share/openclipart")
@@ -88,9 +86,8 @@ def fetch_packages(work: Path) -> Path:
     return root / "usr/share/openclipart"
 
 
-def read_records(source: Path, heavy: int = 100, val: float = 0.25, test: float = 0.35) -> tuple[list[dict], Counter]:
-    """One record per drawing with a PNG, tags and an uploader, and the split it belongs to;
-    what was left out, counted by reason."""
+def read_records(source: Path) -> tuple[list[dict], Counter]:
+    """One record per drawing with a PNG, tags and an uploader; what was left out, counted by reason."""
     skipped, records = Counter(), []
     for svg in sorted((source / "svg").rglob("*.svg")):
         rel = svg.relative_to(source / "svg").with_suffix("")
@@ -104,42 +101,19 @@ def read_records(source: Path, heavy: int = 100, val: float = 0.25, test: float 
             continue
         records.append({"image": rel.with_suffix(".jpg").as_posix(), "png": str(png), **meta,
                         "category": rel.parent.as_posix()})
-    drawings = Counter(r["user"] for r in records)
-    for r in records:  # a held-out uploader is never seen in training
-        r["split"] = "train" if drawings[r["user"]] > heavy else split_of(r["user"], val, test, salt="openclipart")
-    # in a fixed random order: the folders are categories, and shards cut from a sorted list would each hold
-    # a few categories (a shuffle buffer smaller than a shard cannot mix those back)
-    records.sort(key=lambda r: hashlib.blake2b(r["image"].encode(), digest_size=8).digest())
     return records, skipped
+
+
+def splits_of(records: list[dict], heavy: int = 100, val: float = 0.25, test: float = 0.35) -> dict[str, dict]:
+    """image -> split, for each split kind: uploaders held out (the heavy ones always train), or images."""
+    by_user = collections.users_split(records, val, test, salt="openclipart", heavy=heavy)
+    return {"users": {r["image"]: by_user[r["user"]] for r in records},
+            "random": {r["image"]: collections.random_split(r["image"], "openclipart") for r in records}}
 
 
 def square_on_white(png: str, out: str, side: int) -> None:
     """The drawing on white, padded to a square (nothing cropped away), at most side×side, as JPEG."""
-    img = to_rgb(Image.open(png))
-    edge = max(img.size)
-    canvas = Image.new("RGB", (edge, edge), "white")
-    canvas.paste(img, ((edge - img.width) // 2, (edge - img.height) // 2))
-    if edge > side:
-        canvas = canvas.resize((side, side), Image.LANCZOS)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, "JPEG", quality=90)
-
-
-def _convert(job: tuple[str, str, int]) -> tuple[str, str | None]:
-    """(png, None) or (png, why it could not be converted)."""
-    try:
-        square_on_white(*job)
-        return job[0], None
-    except Exception as e:  # noqa: BLE001 -- a bad PNG is left out and counted, never fatal
-        return job[0], f"{type(e).__name__}: {e}"
-
-
-def _drop_shards(out: Path) -> None:
-    """Shards of other images or another manifest: a resumed ingest would keep them."""
-    for split in ("train", "val", "test"):
-        shutil.rmtree(out / split, ignore_errors=True)
-    for name in ("ingest.json", "summary.json", "manifest.jsonl"):
-        (out / name).unlink(missing_ok=True)
+    collections.save_square(to_rgb(Image.open(png)), out, side)
 
 
 def build(out: Path, source: Path | None = None, side: int = 256, min_count: int = 2, heavy: int = 100,
@@ -149,34 +123,13 @@ def build(out: Path, source: Path | None = None, side: int = 256, min_count: int
     if not (source / "svg").is_dir() or not (source / "png").is_dir():
         raise NotFound(f"openclipart: {source} has no svg/ and png/ folders",
                        "pass --source with an unpacked openclipart-svg and openclipart-png")
-    records, skipped = read_records(source, heavy)
-    marker = out / "images.side"  # the images' size: another --side redraws them and rebuilds the shards
-    if (out / "images").is_dir() and (not marker.is_file() or marker.read_text().strip() != str(side)):
-        shutil.rmtree(out / "images")
-        _drop_shards(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{side}\n")
-    jobs = [(r["png"], str(out / "images" / r["image"]), side) for r in records
-            if not (out / "images" / r["image"]).is_file()]
-    with cf.ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        failed = {png: why for png, why in pool.map(_convert, jobs, chunksize=32) if why}
+    records, skipped = read_records(source)
+    failed = collections.draw_images(out, [(r["png"], r["image"]) for r in records], square_on_white, side, workers)
     skipped["bad_png"] += len(failed)
-    records = [r for r in records if r["png"] not in failed]
-    manifest = "".join(json.dumps({k: v for k, v in r.items() if k != "png"}, ensure_ascii=False) + "\n"
-                       for r in records)
-    if not (out / "manifest.jsonl").is_file() or (out / "manifest.jsonl").read_text(encoding="utf-8") != manifest:
-        _drop_shards(out)
-        (out / "manifest.jsonl").write_text(manifest, encoding="utf-8")
-    s = Settings(source="collection", inputs=[str((out / "manifest.jsonl").resolve())], root=str((out / "images").resolve()),
-                 split_by="manifest", shard_size=2000)
-    summary = run(s, collection_samples(s), out, workers=0, verbose=False)
-    counts, _ = count_from_shards(sorted(str(p) for p in (out / "train").glob("shard-*.tar")))
-    vocab = from_counts(counts, min_count=min_count)
-    vocab.save(out / "vocab.tsv")
-    users = {sp: len({r["user"] for r in records if r["split"] == sp}) for sp in ("train", "val", "test")}
-    info = {"source": str(source), "drawings": summary["written"], "uploaders": users, "tags": len(vocab),
-            "left_out": dict(skipped), "ingest_skipped": summary["skipped"], "side": side, "min_count": min_count,
-            "heavy": heavy}
+    records = [{k: v for k, v in r.items() if k != "png"} for r in records if r["png"] not in failed]
+    info = collections.write(out, records, splits_of(records, heavy), min_count=min_count)
+    info.update({"source": str(source), "left_out": dict(skipped), "side": side, "min_count": min_count,
+                 "heavy": heavy})
     (out / "openclipart.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -192,10 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=0, help="image conversion processes (0: every core)")
     a = ap.parse_args(argv)
     info = build(Path(a.out), Path(a.source) if a.source else None, a.side, a.min_count, a.heavy, a.workers)
-    d, u = info["drawings"], info["uploaders"]
-    print(f"openclipart: {sum(d.values()):,} drawings in {a.out}: " + ", ".join(
-        f"{sp} {d[sp]:,} by {u[sp]} uploaders" for sp in ("train", "val", "test"))
-        + f"; {info['tags']:,} tags in vocab.tsv; left out: {info['left_out'] or 'none'}", file=sys.stderr)
+    print(collections.describe(f"openclipart: {info['images']:,} drawings in {a.out}", info)
+          + f"\nleft out: {info['left_out'] or 'none'}", file=sys.stderr)
     return info
 
 
