@@ -6,6 +6,7 @@ A training batch is a dict:
     clean   (B, Tc) long, the same for clean tags where the corpus has them (else all PAD)
     skipped (4,) long, samples dropped since the previous batch, by reason (SKIP_REASONS)
     keys    list[str], the samples' keys (photo ids for YFCC shards)
+    users   list[str], the samples' uploaders ("" where the json names none)
 With ``decode="gpu"`` the workers leave JPEGs encoded: "image" is replaced by the keys that
 ``im2vec.gpu_decode`` describes, and its ``finish_batch`` makes "image" on the trunk's device.
 
@@ -146,17 +147,24 @@ def read_meta(sample: dict) -> dict:
 META_ERRORS = (KeyError, ValueError, TypeError, RecursionError)  # what read_meta raises: a bad_meta skip
 
 
+def user_of(meta: dict) -> str:
+    """A sample's uploader as a string ("" where the json names none, or names one by anything but a string or a
+    number: such a sample is still a sample, of no known uploader)."""
+    user = meta.get("user")
+    return str(user) if isinstance(user, (str, int, float)) and not isinstance(user, bool) else ""
+
+
 class _Samples:
     """The stages after tar reading, sharing one skip counter per process."""
 
     payloads = IMAGE_EXTS  # the sample's member that ``image`` reads (im2vec.features: the stored features)
 
     def __init__(self, vocab: Vocabulary, transform, size: int, seed: int, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True, rank: int = 0, user_keep: dict[str, float] | None = None,
+                 draft: bool = True, rank: int = 0, user_uses: dict[str, float] | None = None,
                  max_unusable: int | None = None):
         self.vocab, self.transform, self.size, self.seed, self.rank = vocab, transform, size, seed, rank
         self.max_pixels, self.draft = max_pixels, draft
-        self.user_keep = user_keep or {}  # uploader -> chance a drawn sample of theirs is used (balance_users)
+        self.user_uses = user_uses or {}  # uploader -> expected uses of each sample of theirs a pass (user_uses)
         self.skipped = [0] * len(SKIP_REASONS)
         self.draws_without_sample = 0
         # samples read since the last usable one: past max_unusable (the shuffle buffer's lag + MAX_UNUSABLE)
@@ -191,6 +199,24 @@ class _Samples:
                                 "and are their images readable?")
             yield s
 
+    def balanced(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """Each sample as often as its uploader's expected uses say (``user_uses``: m = 2.3 is 2 or 3 times,
+        0.4 is once or not at all, at random), before the shuffle buffer spreads the copies apart. Reads and
+        uses match on average (the uses sum to the samples read), so balancing costs no reading: a sample
+        passed over is paid for by another one used twice, never by reading on until one is kept."""
+        if not self.user_uses:
+            yield from samples
+            return
+        rng = random.Random(wds.utils.make_seed(self.seed, self.rank * 1000 + _worker_id() + 500))
+        for s in samples:
+            try:
+                m = self.user_uses.get(user_of(read_meta(s)), 1.0)
+            except META_ERRORS:
+                m = 1.0  # decode counts it (bad_meta)
+            n = int(m)
+            for _ in range(n + (rng.random() < m - n)):
+                yield s
+
     def decode(self, samples: Iterator[dict]) -> Iterator[dict]:
         # each sample here: {"__key__", "jpg"|"png"|…: bytes, "json": bytes}
         rng = random.Random(wds.utils.make_seed(self.seed, self.rank * 1000 + _worker_id()))
@@ -200,16 +226,13 @@ class _Samples:
             try:
                 meta = read_meta(s)
                 tags, clean_ids = self.vocab.ids(meta["tags"]), self.vocab.ids(meta.get("clean_tags") or [])
-                user = meta.get("user")
-                keep = self.user_keep.get(str(user), 1.0) if self.user_keep and user is not None else 1.0
+                user = user_of(meta)
             except META_ERRORS:  # no json, bad json, no tag list
                 self.skipped[SKIP_BAD_META] += 1
                 continue
             if not tags:
                 self.skipped[SKIP_NO_TAG] += 1
                 continue
-            if self.user_keep and rng.random() >= keep:  # a draw whenever balancing is on: the stream issue 10 measured
-                continue  # a prolific uploader's sample, passed over this time (not bad data: not counted)
             try:
                 x = self.image(next(s[e] for e in self.payloads if e in s), rng)
             except TooLarge:
@@ -218,9 +241,9 @@ class _Samples:
             except Exception:  # noqa: BLE001 -- PIL raises many kinds on bad bytes; none may stop training
                 self.skipped[SKIP_IMAGE] += 1
                 continue
-            # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids, key)
+            # each sample here: (image (3, S, S) uint8, tag ids, clean tag ids, key, uploader)
             self.read_since_usable = 0
-            yield x, tags, clean_ids, s["__key__"]
+            yield x, tags, clean_ids, s["__key__"], user
 
     def image(self, data: bytes, rng: random.Random) -> torch.Tensor:
         """A sample's image as its batch carries it: here decoded, (3, S, S) uint8 (gpu_decode.EncodedSamples
@@ -230,9 +253,9 @@ class _Samples:
 
     def collate(self, items: list[tuple]) -> dict:
         skipped, self.skipped = torch.tensor(self.skipped), [0] * len(SKIP_REASONS)
-        images, tags, clean, keys = zip(*items)
+        images, tags, clean, keys, users = zip(*items)
         return {"image": torch.stack(images), "tags": _pad(list(tags)), "clean": _pad(list(clean)),
-                "skipped": skipped, "keys": list(keys)}
+                "skipped": skipped, "keys": list(keys), "users": list(users)}
 
 
 def interleaved(streams: int, handler, seed: int, urls: Iterator[dict]) -> Iterator[dict]:
@@ -327,25 +350,30 @@ def _shard_users(url: str) -> Counter:
             for member in tar:
                 if member.name.endswith(".json"):
                     try:
-                        user = json.loads(tar.extractfile(member).read()).get("user")
+                        user = user_of(json.loads(tar.extractfile(member).read()))
                     except (ValueError, AttributeError, RecursionError):
                         continue  # the loader counts such samples (bad_meta) when it meets them
-                    if user not in (None, ""):
-                        counts[str(user)] += 1
+                    if user:
+                        counts[user] += 1
     except (OSError, tarfile.TarError, EOFError):
         pass  # a truncated shard: what was read counts; the loader counts the read error
     return counts
 
 
-def balance_users(counts: Counter, max_per_user: int | None) -> dict[str, float]:
-    """uploader -> the chance each drawn sample of theirs is used, so that in expectation no uploader
-    gives more than ``max_per_user`` samples per pass over the data (uploaders at or under it: always,
-    left out of the map). Each draw decides anew: over many passes every sample is seen."""
-    if not max_per_user:
+def user_uses(counts: Counter, temperature: float | None) -> dict[str, float]:
+    """uploader -> how often each of their samples is used per pass over the data, so that uploader u's
+    share of a pass is ∝ n_u^τ (τ = ``temperature``): τ = 1 is no balance (every sample once: an empty
+    map), τ = 0 gives every uploader the same share, τ = 0.5 shares ∝ √n_u. The uses sum to the samples,
+    so a pass uses as many samples as it reads, whatever the collection's shape (4 uploaders of 1,900
+    images or 500 of a few): the prolific uploaders' samples are used less than once a pass, the others'
+    more. Samples without an uploader are used once."""
+    if temperature is None or temperature == 1:
         return {}
-    if max_per_user < 1:
-        raise BadValue(f"data.max_per_user={max_per_user}", "use a positive number of samples, or null (off)")
-    return {u: max_per_user / n for u, n in counts.items() if n > max_per_user}
+    if not 0 <= temperature <= 1:
+        raise BadValue(f"data.user_temperature={temperature}", "use a number in [0, 1] (1 or null: no balance)")
+    mass = {u: float(n) ** temperature for u, n in counts.items() if n > 0}
+    scale = sum(counts.values()) / max(sum(mass.values()), 1e-12)
+    return {u: scale * m / counts[u] for u, m in mass.items()}
 
 
 def resampled_shards(urls: list[str], seed: int, rank: int = 0, stages: "_Samples | None" = None) -> Iterator[dict]:
@@ -367,18 +395,18 @@ def resampled_shards(urls: list[str], seed: int, rank: int = 0, stages: "_Sample
 def train_loader(shards: list[str], vocab: Vocabulary, image_size: int, batch_size: int, batches_per_epoch: int,
                  num_workers: int, seed: int, shuffle_buffer: int = 2000, min_scale: float = 0.35,
                  rank: int | None = None, world_size: int | None = None, max_pixels: int = MAX_PIXELS,
-                 draft: bool = True, user_keep: dict[str, float] | None = None, interleave: int = 4,
+                 draft: bool = True, user_uses: dict[str, float] | None = None, interleave: int = 4,
                  decode: str = "cpu", pin_memory: bool = False) -> wds.WebLoader:
     """Training batches: random-resized crops and flips of images drawn endlessly from this rank's
-    shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang). ``user_keep``
-    (``balance_users``) passes over each prolific uploader's samples with the given chance. Each
+    shards; ``batches_per_epoch`` batches on every rank (equal counts: no DDP hang). ``user_uses``
+    (from ``user_uses``) says how often each uploader's samples are used a pass (uploader balance). Each
     worker reads ``interleave`` shards at once (``interleaved``). ``decode="gpu"``: JPEGs stay encoded
     with their crop box and flip drawn, for ``gpu_decode.finish_batch`` (the batch format is there)."""
     rank, world_size = rank_info(rank, world_size)
     mine = rank_shards(shards, rank, world_size)
     crop = functools.partial(train_view, min_scale=min_scale)
     stages = _samples(decode, dict(train=True, min_scale=min_scale), vocab, crop, image_size, seed, max_pixels,
-                      draft, rank, user_keep, max_unusable=shuffle_buffer + MAX_UNUSABLE)
+                      draft, rank, user_uses, max_unusable=shuffle_buffer + MAX_UNUSABLE)
     return stream_loader(stages, mine, rank, batch_size, batches_per_epoch, num_workers, seed, shuffle_buffer,
                          interleave, pin_memory)
 
@@ -395,7 +423,9 @@ def stream_loader(stages: "_Samples", mine: list[str], rank: int, batch_size: in
         # at this point each sample is {"url": ...}: read `interleave` of them at once, a sample from each in turn
         functools.partial(interleaved, interleave, stages.read_error, seed + 7919 * rank),
         stages.seen,
-        # at this point each sample is {"__key__", "jpg" (or stages.payloads), "json"}
+        # at this point each sample is {"__key__", "jpg" (or stages.payloads), "json"}: each as often as its
+        # uploader's share says (uploader balance; once each without it), then shuffled
+        stages.balanced,
         functools.partial(_worker_shuffle, shuffle_buffer, seed + 7919 * rank),
         stages.decode,
         # at this point each sample is (image tensor or features, tag ids, clean tag ids, key)

@@ -10,8 +10,10 @@ import pytorch_lightning as pl
 import torch
 
 from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import MAX_PIXELS, balance_users, check_decode, eval_loader, expand_shards, train_loader, user_counts
+from im2vec.data import (MAX_PIXELS, SKIP_REASONS, check_decode, eval_loader, expand_shards, rank_info, shard_sizes, train_loader,
+                         user_counts, user_uses)
 from im2vec.errors import BadValue, NotFound
+from im2vec.memory import MemoryBatches, decode_split, decoded_bytes, memory_loader, store_side
 from im2vec.vocab import Vocabulary
 from im2vec.yfcc import normalize_tag
 
@@ -28,14 +30,16 @@ class ShardDataModule(pl.LightningDataModule):
         vocab_min_count: int = 1,
         image_size: int = 64,
         batch_size: int = 64,
-        batches_per_epoch: int = 100,
+        batches_per_epoch: int | None = 100,  # None: one pass over the training split (its size from the ingest)
         val_batch_size: int = 256,
         val_max_images: int | None = 5000,
         num_workers: int = 0,
         shuffle_buffer: int = 2000,
         min_scale: float = 0.35,  # RandomResizedCrop's smallest area fraction
         max_pixels: int = MAX_PIXELS,  # larger images (decompression bombs) are skipped and counted
-        max_per_user: int | None = None,  # at most about this many samples of one uploader per pass (balance_users)
+        user_temperature: float | None = None,  # uploader balance: uploader u's share of a pass ∝ n_u^τ (1/None: off)
+        in_memory: str | bool = "auto",  # decode the training split once and keep it (im2vec/memory.py); auto: if it fits
+        memory_mb: int = 2048,  # auto: the decoded training images of one rank must fit in this
         interleave: int = 4,  # shards each loader worker reads at once (data.interleaved)
         decode: str = "cpu",  # gpu: workers leave JPEGs encoded; gpu_decode.finish_batch decodes them on the device
         pin_memory: bool = False,  # batches in page-locked memory (train() sets it when the trunk is on a GPU)
@@ -77,15 +81,49 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_batch_size, self.val_max_images = val_batch_size, val_max_images
         self.num_workers, self.shuffle_buffer, self.min_scale, self.seed = num_workers, shuffle_buffer, min_scale, seed
         self.max_pixels, self.interleave = max_pixels, interleave
-        self.user_keep = balance_users(user_counts(self.train_shards), max_per_user) if max_per_user else {}
-        if self.user_keep:
-            print(f"data: {len(self.user_keep):,} uploaders with more than {max_per_user:,} training samples: "
-                  f"each of their samples is used with chance {max_per_user:,}/n (data.max_per_user)")
+        self.user_uses = user_uses(user_counts(self.train_shards), user_temperature) if user_temperature not in (
+            None, 1) else {}
+        if self.user_uses:
+            uses = sorted(self.user_uses.values())
+            print(f"data: uploader balance τ={user_temperature:g} over {len(uses):,} uploaders: each sample used "
+                  f"{uses[0]:.2g} to {uses[-1]:.2g} times a pass (data.user_temperature)")
+        if in_memory not in ("auto", True, False):
+            raise BadValue(f"data.in_memory={in_memory!r}", "use auto, true or false")
+        self.in_memory, self.memory_mb, self._decoded = in_memory, memory_mb, None
 
     def _rank(self) -> dict:
         if self.trainer is None:
             return {}  # torch.distributed or RANK/WORLD_SIZE decide
         return {"rank": getattr(self.trainer, "global_rank", 0), "world_size": getattr(self.trainer, "world_size", 1)}
+
+    def train_size(self) -> int | None:
+        """Samples in the training split, from the ingest's ``.stats.json`` files (None where a shard has none)."""
+        sizes = shard_sizes(self.train_shards)
+        return sum(sizes) if sizes else None
+
+    def resolve_epoch(self, world_size: int = 1) -> int:
+        """``batches_per_epoch``, and with None one pass of this rank's share of the training split."""
+        if self.batches_per_epoch is None:
+            n = self.train_size()
+            if n is None:
+                raise BadValue("data.batches_per_epoch=null (one pass) needs the training shards' sizes: a shard "
+                               "has no .stats.json beside it", "write the shards with python -m im2vec.ingest, or "
+                               "set data.batches_per_epoch=N")
+            self.batches_per_epoch = max(1, -(-n // (self.batch_size * world_size)))
+        return self.batches_per_epoch
+
+    def memory_side(self) -> int:
+        return store_side(self.image_size, self.min_scale)
+
+    def uses_memory(self, world_size: int = 1) -> bool:
+        """Whether training batches come from the split decoded once (in_memory: true, or auto and this rank's
+        decoded images fit in memory_mb) rather than from the stream."""
+        if self.in_memory is not True and self.in_memory != "auto":
+            return False
+        n = self.train_size()
+        if self.in_memory == "auto" and n is None:
+            return False  # its size is unknown until it is read: stream
+        return self.in_memory is True or decoded_bytes(-(-n // world_size), self.memory_side()) <= self.memory_mb << 20
 
     def train_dataloader(self):
         # A fresh, deterministic stream every epoch (the trainer reloads dataloaders each epoch).
@@ -96,11 +134,33 @@ class ShardDataModule(pl.LightningDataModule):
         done = self.resumed_at()
         if done:  # resumed mid-epoch: the rest of the epoch is a new stream, determined by (seed, epoch, done)
             seed += 7919 * done
+        rank = self._rank() or dict(zip(("rank", "world_size"), rank_info()))
+        self.resolve_epoch(rank["world_size"])
+        if self.uses_memory(rank["world_size"]):
+            return self._memory_loader(seed, **rank)
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=seed, shuffle_buffer=self.shuffle_buffer,
-                            min_scale=self.min_scale, max_pixels=self.max_pixels, user_keep=self.user_keep,
-                            interleave=self.interleave, decode=self.decode, pin_memory=self.pin_memory,
-                            **self._rank())
+                            min_scale=self.min_scale, max_pixels=self.max_pixels, user_uses=self.user_uses,
+                            interleave=self.interleave, decode=self.decode, pin_memory=self.pin_memory, **rank)
+
+    def _memory_loader(self, seed: int, rank: int, world_size: int):
+        """This epoch's batches from the training split decoded once (decoded at the first epoch)."""
+        skipped = None
+        if self._decoded is None:
+            self._decoded = decode_split(self.train_shards, self.vocab, self.memory_side(), self.num_workers, rank,
+                                         world_size, self.max_pixels)
+            skipped = self._decoded.skipped  # counted once, with the first batch
+            if rank == 0:
+                print(f"data: {len(self._decoded):,} training images decoded once into memory at "
+                      f"{self.memory_side()} px ({self._decoded.nbytes / 2**20:,.0f} MB on this rank; data.in_memory)")
+        if not len(self._decoded):
+            raise BadValue(f"data: not one usable training image in {len(self.train_shards)} shard(s) (rank {rank}); "
+                           f"skipped: {dict(zip(SKIP_REASONS, self._decoded.skipped.tolist()))}",
+                           "does data.vocab_path belong to these shards, and are their images readable?")
+        weights = torch.tensor([self.user_uses.get(u, 1.0) for u in self._decoded.users]) if self.user_uses else None
+        batches = MemoryBatches(self._decoded, self.batch_size, self.batches_per_epoch, self.image_size,
+                                self.min_scale, seed, weights, skipped)
+        return memory_loader(batches, self.pin_memory)
 
     def resumed_at(self) -> int:
         """Batches of the current epoch a mid-epoch checkpoint had trained (0 when not resuming mid-epoch).

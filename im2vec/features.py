@@ -354,13 +354,13 @@ class FeatureSamples(_Samples):
 
 def feature_train_loader(shards: list[str], vocab, width: int, batch_size: int, batches_per_epoch: int,
                          num_workers: int, seed: int, shuffle_buffer: int = 2000, rank: int | None = None,
-                         world_size: int | None = None, user_keep: dict[str, float] | None = None,
+                         world_size: int | None = None, user_uses: dict[str, float] | None = None,
                          interleave: int = 4, pin_memory: bool = False) -> wds.WebLoader:
     """data.train_loader's stream over feature shards: drawn endlessly with replacement, interleaved,
     shuffled; ``batches_per_epoch`` batches of "features" (B, F), "tags", "clean", "skipped", "keys"."""
     rank, world_size = rank_info(rank, world_size)
     mine = rank_shards(shards, rank, world_size)
-    stages = FeatureSamples(vocab, None, width, seed, rank=rank, user_keep=user_keep,
+    stages = FeatureSamples(vocab, None, width, seed, rank=rank, user_uses=user_uses,
                             max_unusable=shuffle_buffer + MAX_UNUSABLE)
     return stream_loader(stages, mine, rank, batch_size, batches_per_epoch, num_workers, seed, shuffle_buffer,
                          interleave, pin_memory)
@@ -416,7 +416,7 @@ class FeatureDataModule(ShardDataModule):
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         seed = self.seed * 100003 + epoch + 7919 * self.resumed_at()
         return feature_train_loader(self.train_shards, self.vocab, self.width, self.batch_size, self.batches_per_epoch,
-                                    self.num_workers, seed, self.shuffle_buffer, user_keep=self.user_keep,
+                                    self.num_workers, seed, self.shuffle_buffer, user_uses=self.user_uses,
                                     interleave=self.interleave, pin_memory=self.pin_memory, **self._rank())
 
     def val_dataloader(self):

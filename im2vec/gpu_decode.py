@@ -101,7 +101,7 @@ class EncodedSamples(_Samples):
 
     def collate(self, items: list[tuple]) -> dict:
         skipped, self.skipped = torch.tensor(self.skipped), [0] * len(self.skipped)
-        images, tags, clean, keys = zip(*items)
+        images, tags, clean, keys, users = zip(*items)
         jpeg_rows = [i for i, x in enumerate(images) if isinstance(x, Encoded)]
         decoded_rows = [i for i, x in enumerate(images) if not isinstance(x, Encoded)]
         data = [images[i].data for i in jpeg_rows]
@@ -115,6 +115,7 @@ class EncodedSamples(_Samples):
                         else torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)),
             "decoded_rows": torch.tensor(decoded_rows, dtype=torch.long),
             "tags": _pad(list(tags)), "clean": _pad(list(clean)), "skipped": skipped, "keys": list(keys),
+            "users": list(users),
         }
 
 

@@ -605,7 +605,7 @@ def test_loader_decode_never_raises_and_counts_every_sample(samples):
     assert skipped["bad_meta"] == sum(1 for w in want.values() if w == "bad_meta")
     assert skipped["no_tag"] == sum(1 for w in want.values() if w == "no_tag")
     assert skipped["read_error"] == 0
-    by_key = {key: (x, tags, clean) for x, tags, clean, key in got}
+    by_key = {key: (x, tags, clean) for x, tags, clean, key, _ in got}
     for s in samples:
         w, key = want[s["__key__"]], s["__key__"]
         image = next((s[e] for e in data.IMAGE_EXTS if e in s), None)
@@ -632,7 +632,8 @@ def test_loader_decode_a_well_formed_sea_sample_is_always_used():
                {"__key__": "c", "json": BIG_JSON[data.MAX_META_BYTES + 1], "jpg": JPEG}]
     stages = data._Samples(VOCAB, data.eval_view, 16, seed=0)
     got = list(stages.decode(iter(samples)))
-    assert [key for *_, key in got] == ["a", "b"] and got[0][1] == [0]
+    assert [key for _, _, _, key, _ in got] == ["a", "b"] and got[0][1] == [0]
+    assert [user for *_, user in got] == ["", ""]  # a list is no uploader's name
     assert stages.skipped[data.SKIP_BAD_META] == 1
 
 
