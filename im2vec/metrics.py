@@ -12,21 +12,32 @@ def hits(pred: Tensor, truth: Tensor) -> Tensor:
     return ((pred.unsqueeze(2) == truth.unsqueeze(1)) & valid.unsqueeze(1)).any(2)  # (N, k, T) -> (N, k)
 
 
+def precision_per_image(pred: Tensor, truth: Tensor, k: int) -> Tensor:
+    """(N,) float64: |top-k ∩ truth| / k per image, NaN for an image without any true tag."""
+    out = hits(pred[:, :k], truth).double().sum(1).div(k)
+    return out.masked_fill_(~(truth >= 0).any(1), float("nan"))
+
+
+def recall_per_image(pred: Tensor, truth: Tensor, k: int) -> Tensor:
+    """(N,) float64: |top-k ∩ truth| / |truth| per image, NaN for an image without any true tag."""
+    n_true = (truth >= 0).sum(1)
+    return hits(pred[:, :k], truth).double().sum(1) / n_true  # 0 / 0 = NaN
+
+
+def image_mean(values: Tensor) -> float:
+    """The mean over the images that have a value (NaN when none has)."""
+    values = values[~values.isnan()]
+    return values.mean().item() if len(values) else float("nan")
+
+
 def precision_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
     """Mean over images of |top-k ∩ truth| / k (images without any true tag are left out)."""
-    has = (truth >= 0).any(1)
-    if not has.any():
-        return float("nan")
-    return hits(pred[has, :k], truth[has]).double().sum(1).div(k).mean().item()  # float64: equal hits, equal figures
+    return image_mean(precision_per_image(pred, truth, k))  # float64: equal hits, equal figures
 
 
 def recall_at_k(pred: Tensor, truth: Tensor, k: int) -> float:
     """Mean over images of |top-k ∩ truth| / |truth| (images without any true tag are left out)."""
-    n_true = (truth >= 0).sum(1)
-    has = n_true > 0
-    if not has.any():
-        return float("nan")
-    return (hits(pred[has, :k], truth[has]).double().sum(1) / n_true[has]).mean().item()
+    return image_mean(recall_per_image(pred, truth, k))
 
 
 def noise_share(pred: Tensor, noise_ids: Tensor, k: int) -> float:

@@ -12,7 +12,8 @@ from torchvision.utils import make_grid
 
 from im2vec.data import MEAN, STD, first_by_key, key_rank
 from im2vec.errors import BadValue
-from im2vec.metrics import noise_share, precision_at_k, recall_at_k
+from im2vec.intervals import GAMMA_RULES, bootstrap_means, choose, interval
+from im2vec.metrics import image_mean, noise_share, precision_at_k, precision_per_image, recall_at_k, recall_per_image
 from im2vec.sampler import PAD
 from im2vec.scoring import prior_topk, topk_tags
 
@@ -29,6 +30,21 @@ def _observed(top: Tensor, obs: Tensor) -> dict[str, float]:
 def _cat_padded(rows: list[Tensor]) -> Tensor:
     width = max(r.shape[1] for r in rows)
     return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=PAD) for r in rows])
+
+
+def per_image(crit: str, top: Tensor, obs: Tensor, clean: Tensor, noise_ids: Tensor | None) -> Tensor:
+    """(N,) float64: one image's value of a γ criterion (NaN where the image has no true tag of that kind)."""
+    name, _, k = crit.rpartition("@")
+    k = int(k)
+    if name in ("precision", "recall"):
+        return (precision_per_image if name == "precision" else recall_per_image)(top, obs, k)
+    if name == "clean_precision":
+        return precision_per_image(top, clean, k)
+    if name == "clean_minus_noise":
+        if noise_ids is None:
+            return precision_per_image(top, clean, k)
+        return precision_per_image(top, clean, k) - torch.isin(top[:, :k], noise_ids).double().mean(1)
+    raise BadValue(f"validation.gamma_by={crit!r}", f"use one of {', '.join(GAMMA_CRITERIA)}")
 
 
 # what the γ on validation is chosen by. auto: where the images have clean tags (the generated corpus, a
@@ -48,30 +64,34 @@ class ValidationReport:
 
     def __init__(self, tags: list[str], counts: Tensor, noise_ids: Tensor | None, gamma: float,
                  gammas: list[float], projector_tags: int, grid_images: int, choose_gamma: bool = True,
-                 gamma_by: str = "auto"):
+                 gamma_by: str = "auto", gamma_rule: str = "within"):
         if gamma_by not in GAMMA_CRITERIA:
             raise BadValue(f"validation.gamma_by={gamma_by!r}", f"use one of {', '.join(GAMMA_CRITERIA)}")
+        if gamma_rule not in GAMMA_RULES:
+            raise BadValue(f"validation.gamma_rule={gamma_rule!r}", f"use one of {', '.join(GAMMA_RULES)}")
         self.tags, self.counts, self.noise_ids = tags, counts, noise_ids
         self.gamma, self.gammas = gamma, sorted(set(gammas) | {gamma})
-        self.choose_gamma, self.gamma_by = choose_gamma, gamma_by
+        self.choose_gamma, self.gamma_by, self.gamma_rule = choose_gamma, gamma_by, gamma_rule
         self.projector_tags, self.grid_images = min(projector_tags, 100_000, len(tags)), grid_images
         self.metrics: dict[str, float] = {}
         self.step = -1  # global step of the last computed figures
         self.reset()
 
     def reset(self) -> None:
-        self.u, self.obs, self.clean, self.keys = [], [], [], []
+        self.u, self.obs, self.clean, self.keys, self.users = [], [], [], [], []
         self.images, self.image_keys = None, []  # the grid: the held-out images of smallest key rank so far
 
     @property
     def size(self) -> int:
         return sum(len(u) for u in self.u)
 
-    def add(self, u: Tensor, tags: Tensor, clean: Tensor, keys: list[str], images: Tensor | None) -> None:
+    def add(self, u: Tensor, tags: Tensor, clean: Tensor, keys: list[str], images: Tensor | None,
+            users: list[str] | None = None) -> None:
         self.u.append(u)
         self.obs.append(tags)
         self.clean.append(clean)
         self.keys += keys
+        self.users += list(users) if users is not None else [""] * len(keys)  # the intervals resample uploaders
         if images is not None and self.grid_images > 0:  # keep the grid_images smallest key ranks: inside any subset
             pool = self.image_keys + list(keys)
             best = sorted(range(len(pool)), key=lambda i: key_rank(pool[i]))[: self.grid_images]
@@ -88,18 +108,19 @@ class ValidationReport:
         emptied. Every rank must call it."""
         import torch.distributed as dist
 
-        mine = (self.u, self.obs, self.clean, self.keys, self.images, self.image_keys)
+        mine = (self.u, self.obs, self.clean, self.keys, self.users, self.images, self.image_keys)
         every = [None] * world if rank == 0 else None
         dist.gather_object(mine, every, dst=0, group=group)
         self.reset()
         if rank != 0:
             return
         pool, pool_keys = [], []
-        for u, obs, clean, keys, images, image_keys in every:
+        for u, obs, clean, keys, users, images, image_keys in every:
             self.u += u
             self.obs += obs
             self.clean += clean
             self.keys += keys
+            self.users += users
             if images is not None:
                 pool.append(images)
                 pool_keys += image_keys
@@ -137,10 +158,23 @@ class ValidationReport:
                 if self.noise_ids is not None:
                     by[g]["noise_share@5"] = noise_share(ids, self.noise_ids, K)
                     by[g]["clean_minus_noise@5"] = by[g]["clean_precision@5"] - by[g]["noise_share@5"]
-        if self.choose_gamma:  # the best γ on these images; the smallest of equals (rounding: equal hits, one value)
-            self.gamma = max(self.gammas, key=lambda g: (round(by[g][crit], 9), -g))
+        # each γ's criterion per image, and its mean over uploaders resampled with replacement (intervals.py)
+        users, keys = [self.users[i] for i in keep.tolist()], [self.keys[i] for i in keep.tolist()]
+        values = torch.stack([per_image(crit, top[g], obs, clean, self.noise_ids) for g in self.gammas], 1)  # (N, G)
+        boot = bootstrap_means(values, users, keys)
+        point = torch.tensor([image_mean(values[:, j]) for j in range(len(self.gammas))])
+        chosen, info = choose(self.gammas, point, boot, self.gamma_rule)
+        if self.choose_gamma:  # the γ the rule picks on these images (best: ties go to the smaller γ)
+            self.gamma = self.gammas[chosen]
         g0 = self.gamma
         m = {f"val/{name}": v for name, v in by[g0].items() if name != "clean_minus_noise@5"}
+        j0 = self.gammas.index(g0)
+        m.update({f"val/{crit}_lo": float(info["lo"][j0]), f"val/{crit}_hi": float(info["hi"][j0]),
+                  "val/images": float(len(users)), "val/uploaders": float(len({u for u in users if u})),
+                  "val/best_gamma": self.gammas[info["best"]]})
+        if crit != "precision@5":  # the headline figure's interval too
+            lo, hi = interval(bootstrap_means(precision_per_image(top[g0], obs, K).unsqueeze(1), users, keys))
+            m.update({"val/precision@5_lo": float(lo[0]), "val/precision@5_hi": float(hi[0])})
         m.update({f"val/{name}_prior": v for name, v in _observed(prior, obs).items()})
         m["val/gamma"] = g0
         if has_clean:
@@ -148,10 +182,13 @@ class ValidationReport:
         if self.noise_ids is not None:
             m["val/noise_share@5"] = noise_share(top[g0], self.noise_ids, K)
             m["val/noise_share@5_prior"] = noise_share(prior, self.noise_ids, K)
-        for g in self.gammas:  # the sweep: what γ would have given, a diagnostic
+        for j, g in enumerate(self.gammas):  # the sweep: what γ would have given, a diagnostic
             m[f"val_gamma/precision@5/{g:g}"] = by[g]["precision@5"]
             if crit not in ("precision@5", "clean_precision@5"):
                 m[f"val_gamma/{crit}/{g:g}"] = by[g][crit]
+            # the criterion's interval, and that of its difference to the best γ's (paired: the same resamples)
+            for name in ("lo", "hi", "diff_lo", "diff_hi", "diff_sd"):
+                m[f"val_gamma/{crit}_{name}/{g:g}"] = float(info[name][j])
             if has_clean:
                 m[f"val_gamma/clean_precision@5/{g:g}"] = by[g]["clean_precision@5"]
             if self.noise_ids is not None:

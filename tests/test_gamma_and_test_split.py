@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import statistics
 import tarfile
 from fractions import Fraction
@@ -125,7 +126,7 @@ def _brute(u, table, counts, lc, obs, clean, noise_ids, gamma, choose, by) -> tu
 def _report(counts, noise_ids, gamma=START_GAMMA, choose=True, by="precision@5") -> ValidationReport:
     return ValidationReport([f"t{i}" for i in range(N_TAGS)], torch.tensor(counts, dtype=torch.long),
                             torch.tensor(noise_ids, dtype=torch.long), gamma, list(SWEEP), projector_tags=10,
-                            grid_images=0, choose_gamma=choose, gamma_by=by)
+                            grid_images=0, choose_gamma=choose, gamma_by=by, gamma_rule="best")
 
 
 def _add(report, u, obs, clean, keys, rows, cuts=(0, 7, 15, None)):
@@ -138,8 +139,12 @@ def _add(report, u, obs, clean, keys, rows, cuts=(0, 7, 15, None)):
                    _padded([clean[i] for i in part]), [keys[i] for i in part], None)
 
 
+INTERVAL_KEYS = re.compile(r"^(val/.*_(lo|hi)|val/(images|uploaders|best_gamma)|val_gamma/.*_(lo|hi|diff_lo|diff_hi|diff_sd)/.*)$")
+
+
 def _assert_same(got: dict, want: dict):
-    assert set(got) == set(want)
+    """The figures equal, and besides them only the intervals over uploaders (tests/test_intervals.py)."""
+    assert set(want) <= set(got) and all(INTERVAL_KEYS.match(k) for k in set(got) - set(want))
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-6), k
 
@@ -354,9 +359,8 @@ def _train_cfg(cache_dir, out, *overrides):
 
 
 def _eval_cfg(cache_dir, out, *overrides):
-    data = [o for o in TINY if o.startswith("data.")]
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("evaluate", overrides=[*data, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):  # the checkpoint's own data
+        return compose("evaluate", overrides=[f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
                                               "num_workers=0", "grid_images=4", "query_pictures=2", *overrides])
 
 
@@ -534,7 +538,7 @@ def test_gamma_chosen_after_fit_is_written_to_the_checkpoint(cache_dir, tmp_path
     from im2vec.training import train
 
     m, objs = train(_train_cfg(cache_dir, tmp_path, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=2",
-                               "sampler.gamma=7.0"))
+                               "sampler.gamma=7.0", "validation.gamma_rule=best"))  # 64 images: any γ "within"
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert m["val/gamma"] != 7.0  # the premise: the chosen γ is not the starting one
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["im2vec"]["gamma"] == m["val/gamma"]
@@ -580,16 +584,16 @@ def test_quality_table_shows_mean_and_sd_over_seeds_and_the_prior():
         recs.append({"data": "corpus", "variant": "lr3", "overrides": ["optim.lr=3e-3"], "seed": seed,
                      "metrics": _metrics(rng, prior_c, 1.0)})
     for seed in (5, 6):
-        recs.append({"data": "openclipart", "variant": "full BCE head", "overrides": ["sampler.head=full"],
+        recs.append({"data": "openclipart", "variant": "BCE head", "overrides": ["sampler.head=full"],
                      "seed": seed, "metrics": _metrics(rng, prior_o, 0.75)})
     recs.append({"data": "openclipart", "variant": "one", "overrides": ["x=1"], "seed": 0,
                  "metrics": _metrics(rng, prior_o, 0.1)})
     text = quality.table(recs)
     head = [c.strip() for c in text.splitlines()[0].strip().strip("|").split("|")]
-    assert head == ["data", "head / setting", "seeds"] + [c for c, _ in quality.COLUMNS] + ["γ", "minutes"]
+    assert head == ["data", "head / setting", "seeds"] + [c for c, _ in quality.COLUMNS] + ["× prior", "γ", "minutes"]
     for data, label, variant in (("corpus", "sampled (defaults)", "sampled (defaults)"),
                                  ("corpus", "lr3 (optim.lr=3e-3)", "lr3"),
-                                 ("openclipart", "full BCE head", "full BCE head"),
+                                 ("openclipart", "BCE head", "BCE head"),
                                  ("openclipart", "one (x=1)", "one")):
         ms = [r["metrics"] for r in recs if r["data"] == data and r["variant"] == variant]
         row = _row(text, data, label)
@@ -603,12 +607,14 @@ def test_quality_table_shows_mean_and_sd_over_seeds_and_the_prior():
                 assert float(sd) != pytest.approx(statistics.pstdev(xs), abs=5e-4)
         assert row[-2] == ", ".join(f"{g:g}" for g in sorted({mm["test/gamma"] for mm in ms}))
         assert row[-1] == f"{statistics.fmean(mm['info/seconds'] for mm in ms) / 60:.1f}"
+        p5 = (prior_c if data == "corpus" else prior_o)["tagging/precision@5"]
+        assert row[-3] == f"{statistics.fmean(mm['test/tagging/precision@5'] for mm in ms) / p5:.2f}"
     assert _row(text, "corpus", "sampled (defaults)")[3 + 3] == _mean_sd(  # mAP: the NaN seed left out
         [r["metrics"]["test/tagging/map"] for r in recs[:3]])
     for data, prior in (("corpus", prior_c), ("openclipart", prior_o)):
         row = _row(text, data, "frequency prior")
-        assert row[2] == "–" and row[-2:] == ["–", "–"]
-        assert row[3:-2] == [f"{prior[k]:.3f}" for _, k in quality.COLUMNS]
+        assert row[2] == "–" and row[-3:] == ["1.00", "–", "–"]
+        assert row[3:-3] == [f"{prior[k]:.3f}" for _, k in quality.COLUMNS]
     assert "frequency prior" not in quality.table(recs, prior=False)
 
 
@@ -630,13 +636,14 @@ def test_from_multirun_groups_the_seeds_of_the_same_overrides(tmp_path):
     _job(tmp_path, "2", ["seed=1", "optim.lr=0.1"], ms[2])
     _job(tmp_path, "3", ["seed=2", "optim.lr=0.1"], ms[3])
     _job(tmp_path, "10", ["seed=3", "optim.lr=0.01"], ms[4])
-    _job(tmp_path, "4", ["+experiment=openclipart", "paths.data_dir=/d", "seed=0", "optim.lr=0.01"], ms[5])
+    _job(tmp_path, "4", ["+experiment=openclipart", "paths.data_dir=/d", "seed=0", "optim.lr=0.01",
+                         "split_kind=random"], ms[5])
     _job(tmp_path, "5", ["seed=4", "optim.lr=0.01"], None)  # unfinished: no metrics.json
     _job(tmp_path, "6", None, ms[0])  # no overrides.yaml
     recs = quality.from_multirun(tmp_path)
     got = [(r["data"], r["variant"], r["seed"]) for r in recs]
     assert got == [("corpus", "optim.lr=0.01", 1), ("corpus", "optim.lr=0.01", 2), ("corpus", "optim.lr=0.1", 1),
-                   ("corpus", "optim.lr=0.1", 2), ("openclipart", "optim.lr=0.01", 0),
+                   ("corpus", "optim.lr=0.1", 2), ("openclipart/random", "optim.lr=0.01", 0),
                    ("corpus", "optim.lr=0.01", 3)]  # job folders in numeric order: 10 after 4
     assert recs[0]["metrics"] == ms[0] and recs[-1]["metrics"] == ms[4]
     text = quality.table(recs)
@@ -644,7 +651,7 @@ def test_from_multirun_groups_the_seeds_of_the_same_overrides(tmp_path):
     assert row[2] == "3"
     assert row[3 + 1] == _mean_sd([ms[i]["test/tagging/precision@5"] for i in (0, 1, 4)])
     assert _row(text, "corpus", "optim.lr=0.1")[2] == "2"
-    assert _row(text, "openclipart", "optim.lr=0.01")[2] == "1"
+    assert _row(text, "openclipart/random", "optim.lr=0.01")[2] == "1"
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no finished jobs"):
@@ -684,7 +691,9 @@ def test_run_one_trains_and_returns_test_figures(cache_dir, tmp_path):
     assert 0.0 <= r["test/tagging/precision@5"] <= 1.0
     assert r["test/gamma"] == r["val/gamma"] and r["info/seconds"] > 0
     assert (tmp_path / "run" / "metrics.json").is_file()
-    assert not any(k.startswith(("train/", "val_gamma/")) for k in r)
+    assert not any(k.startswith("train/") for k in r)
+    assert any(k.startswith("val_gamma/recall@10_diff_hi/") or k.startswith("val_gamma/clean_minus_noise@5_diff_hi/")
+               for k in r)  # what quality.gamma_rules reads
 
 
 class _Board:
@@ -754,10 +763,41 @@ def test_auto_without_known_noise_tags_chooses_by_clean_precision_at_5():
     got = {}
     for by in ("auto", "clean_precision@5"):
         r = ValidationReport([f"t{i}" for i in range(N_TAGS)], torch.tensor(counts, dtype=torch.long), None,
-                             START_GAMMA, list(SWEEP), projector_tags=10, grid_images=0, gamma_by=by)
+                             START_GAMMA, list(SWEEP), projector_tags=10, grid_images=0, gamma_by=by, gamma_rule="best")
         _add(r, u, obs, clean, keys, list(range(N_IMG)))
         got[by] = (r.compute(torch.from_numpy(table), torch.from_numpy(lc), step=0), r.gamma)
     assert got["auto"] == got["clean_precision@5"]
     gammas = sorted(set(SWEEP) | {START_GAMMA})
     want = {g: _exact(_top10(u, table, lc, g), clean)["precision@5"] for g in gammas}
     assert got["auto"][1] == min(g for g in gammas if want[g] == max(want.values()))
+
+
+def test_quality_labels_and_data_overrides():
+    assert quality.labels(["openclipart", "corpus", "emoji"], ["users", "random"]) == [
+        "openclipart/users", "openclipart/random", "corpus", "emoji/users", "emoji/random"]
+    assert quality.data_overrides("emoji/random", "/d") == ["+experiment=emoji", "paths.data_dir=/d",
+                                                            "split_kind=random"]
+    assert quality.data_overrides("corpus", "/d") == []
+    for bad in ("emoji", "emoji/sideways", "nothing/users"):
+        with pytest.raises(UserError, match="unknown data set"):
+            quality.data_overrides(bad, "/d")
+
+
+def test_gamma_rules_pick_by_the_validation_sweep_and_score_on_the_test_sweep():
+    """rule_choices against a hand-made sweep: best is the validation best; within the largest γ whose paired
+    interval against it reaches 0; 1se the largest γ within one paired standard error; oracle the test's best."""
+    gammas = [0.0, 0.5, 1.0, 2.0, 4.0]
+    val = {0.0: 0.20, 0.5: 0.30, 1.0: 0.31, 2.0: 0.29, 4.0: 0.20}
+    diff_hi = {0.0: -0.05, 0.5: 0.01, 1.0: 0.0, 2.0: -0.001, 4.0: -0.02}  # within: 0.5 and 1 (the best)
+    sd = {0.0: 0.03, 0.5: 0.01, 1.0: 0.0, 2.0: 0.03, 4.0: 0.05}  # 1se: 0.29 ≥ 0.31 − 0.03, 0.20 < 0.31 − 0.05
+    test = {0.0: 0.1, 0.5: 0.2, 1.0: 0.25, 2.0: 0.3, 4.0: 0.28}
+    m = {"val/best_gamma": 1.0}
+    for g in gammas:
+        m[f"val_gamma/recall@10/{g:g}"] = val[g]
+        m[f"val_gamma/recall@10_diff_hi/{g:g}"] = diff_hi[g]
+        m[f"val_gamma/recall@10_diff_sd/{g:g}"] = sd[g]
+        m[f"test/gamma_sweep/precision@5/{g:g}"] = test[g]
+    assert quality.rule_choices(m) == {"best": 1.0, "within": 1.0, "1se": 2.0, "oracle": 2.0}
+    text = quality.gamma_rules([{"data": "emoji/users", "metrics": m}, {"data": "emoji/users", "metrics": {}}])
+    row = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
+    assert row[:2] == ["emoji/users", "1"] and row[2:] == ["0.250", "0.250", "0.300", "0.300"]
