@@ -34,6 +34,7 @@ class TrainedModel:
     path: str
     tag_map: TagVectorMap | None = None  # model.tag_vectors: A and the tags' word vectors (table already includes A·w)
     holdout_tags: list[str] = field(default_factory=list)  # tags kept out of training (zero-shot evaluation)
+    data: dict | None = None  # the data settings it was trained with (None in checkpoints before they were recorded)
 
     @property
     def index(self) -> dict[str, int]:
@@ -111,7 +112,7 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     encoder.eval()
     return TrainedModel(encoder=encoder, table=table, log_counts=log_counts, tags=tags, gamma=gamma,
                         image_size=meta.get("image_size"), fingerprint=fingerprint, path=str(path), tag_map=tag_map,
-                        holdout_tags=list(meta.get("holdout_tags") or []))
+                        holdout_tags=list(meta.get("holdout_tags") or []), data=meta.get("data"))
 
 
 def set_gamma(path: str | os.PathLike, gamma: float) -> None:

@@ -64,8 +64,17 @@ def as_user_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def error_line(exc: BaseException) -> str:
+    """``im2vec: error: …`` on a line of its own: a progress bar still drawn (tqdm's, Lightning's) ends without a
+    newline, and the message would otherwise land on the bar's line."""
+    tqdm = sys.modules.get("tqdm")  # bars exist only where tqdm was imported
+    bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)
+    return ("\n" if bars else "") + PREFIX + one_line(exc)
+
+
 def fail(exc: BaseException) -> NoReturn:
-    print(PREFIX + one_line(exc), file=sys.stderr, flush=True)
+    sys.stdout.flush()  # a bar drawn on stdout is on the screen before the message
+    print(error_line(exc), file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -178,7 +187,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None, 
         user = as_user_error(e)
         if user is None or debug:
             raise
-        print(PREFIX + one_line(user), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        print(error_line(user), file=sys.stderr, flush=True)
         code = 2
     if exit:
         sys.exit(code)

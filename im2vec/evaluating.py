@@ -20,7 +20,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from im2vec.checkpoint import TrainedModel, load_model
-from im2vec.data import eval_loader, expand_shards, first_by_key, normalize
+from im2vec.data import SKIP_NO_TAG, SKIP_REASONS, eval_loader, expand_shards, first_by_key, normalize
 from im2vec.datamodule import read_holdout
 from im2vec.errors import BadValue, NotFound, make
 from im2vec.metrics import noise_share, precision_at_k
@@ -43,7 +43,8 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
                        models[0].log_counts.exp().round().long().tolist() + [1] * len(extra_tags))
     # all of them, here
     loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images, rank=0, world_size=1)
-    us, obs, clean, keys, thumbs, skipped = [[] for _ in models], [], [], [], [], 0
+    us, obs, clean, keys, thumbs = [[] for _ in models], [], [], [], []
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for m in models:
         m.encoder.to(device)
     for batch in loader:
@@ -55,13 +56,26 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
         keys += batch["keys"]
         thumbs.append(torch.nn.functional.interpolate(batch["image"].float(), size=(thumb, thumb), mode="area")
                       .round().to(torch.uint8))
-        skipped += int(batch["skipped"].sum())
+        skipped += batch["skipped"]
     if not keys:
+        check_shared_tags({"keys": keys, "skipped_by": skipped}, len(vocab), len(shards))
         raise BadValue(f"evaluate: no usable held-out image in {len(shards)} shard(s)",
                        "check that the shards are readable and belong to the checkpoint's vocabulary")
     keep = first_by_key(keys, max_images)  # the max_images smallest key hashes: the same for any loader settings
     return {"u": [torch.cat(u)[keep] for u in us], "obs": _cat_padded(obs)[keep], "clean": _cat_padded(clean)[keep],
-            "keys": [keys[i] for i in keep.tolist()], "thumbs": torch.cat(thumbs)[keep], "skipped": skipped}
+            "keys": [keys[i] for i in keep.tolist()], "thumbs": torch.cat(thumbs)[keep], "skipped": int(skipped.sum()),
+            "skipped_by": skipped, "read": len(keys)}
+
+
+def check_shared_tags(data: dict, num_tags: int, num_shards: int) -> None:
+    """Refuse held-out images most of which share no tag with the checkpoint's vocabulary, in one line: they are
+    another collection's (a checkpoint scored on the built-in corpus printed 0.000 for every figure)."""
+    no_tag = int(data["skipped_by"][SKIP_NO_TAG])
+    usable = data.get("read", len(data["keys"]))
+    if no_tag > usable:
+        raise BadValue(f"evaluate: {no_tag:,} of {no_tag + usable:,} held-out images in {num_shards} shard(s) share no "
+                       f"tag with the checkpoint's {num_tags:,} tags", "are these the held-out images of the data it "
+                       "was trained on? (leave data= and shards= out to score its own)")
 
 
 def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: float, obs: Tensor, clean: Tensor | None,
@@ -154,11 +168,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             raise BadValue("evaluate: baseline_ckpt was trained on another vocabulary",
                            "compare models of one vocabulary")
         models.append(base)
-    datamodule = make(cfg.data)
+    data_cfg = cfg.get("data") or model.data  # data=…: the user's; else what the checkpoint was trained on
+    if not data_cfg:
+        raise BadValue(f"evaluate: {cfg.ckpt_path} records no data settings (written before checkpoints kept them)",
+                       "say which data it was trained on: data=default (the built-in corpus) or data=shards "
+                       "data.train_shards=… data.vocab_path=… (and shards=… for the held-out images)")
+    if not cfg.get("data"):
+        print(f"evaluate: the checkpoint's own data ({data_cfg.get('test_shards') or data_cfg.get('cache_dir')}); "
+              "data=… or shards=… for other images", file=sys.stderr)
+    datamodule = make(data_cfg)
     # the test split (uploaders seen neither in training nor where γ was chosen), else validation's
     shards = expand_shards(cfg.shards) if cfg.shards else datamodule.test_shards or datamodule.val_shards
     if not cfg.shards and not datamodule.test_shards and datamodule.val_shards:
-        asked = cfg.data.get("test_shards")
+        asked = data_cfg.get("test_shards")
         print(f"evaluate: {'data.test_shards matches no shard (' + repr(asked) + ')' if asked else 'no test split'}: "
               "scoring the validation split, where γ was chosen (its figures flatter the model)", file=sys.stderr)
     if not shards:
@@ -171,6 +193,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     unseen, words, prior_counts = unseen_tags(cfg, model, datamodule)
     data = embed_shards(models, shards, image_size, cfg.batch_size, cfg.num_workers, cfg.max_images, cfg.device,
                         extra_tags=unseen)
+    check_shared_tags(data, len(model.tags) + len(unseen), len(shards))
     truths_unseen = {}
     if unseen:  # the seen tags' figures below see only the vocabulary's tags
         data["obs"], truths_unseen[""] = split_truths(data["obs"], len(model.tags))

@@ -101,7 +101,8 @@ class Im2VecModule(pl.LightningModule):
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
                  projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224,
-                 choose_gamma: bool = True, gamma_by: str = "auto", shard: tuple[int, int] | None = None,
+                 choose_gamma: bool = True, gamma_by: str = "auto", gamma_rule: str = "within",
+                 shard: tuple[int, int] | None = None,
                  tag_map: TagVectorMap | None = None, holdout_tags: tuple[str, ...] = ()):
         super().__init__()
         self.encoder = encoder
@@ -119,6 +120,7 @@ class Im2VecModule(pl.LightningModule):
         if tag_map is not None:
             self._ddp_params_and_buffers_to_ignore += ["tag_map.store.slot", "tag_map.store.vectors"]
         self.holdout_tags = list(holdout_tags)  # tags kept out of training (zero-shot evaluation), recorded
+        self.data_config: dict | None = None  # the data settings trained with (train() sets it): evaluate.py's default
         self.counts, self.seed = counts, seed
         self.tags, self.fingerprint, self.total_batches = tags, fingerprint, total_batches
         self.image_size = image_size  # what the trunk was trained on: prediction resizes to it
@@ -127,7 +129,7 @@ class Im2VecModule(pl.LightningModule):
         self.gen = torch.Generator().manual_seed(seed)  # all sampling randomness; saved in checkpoints
         # γ starts at sampler.gamma and, with choose_gamma, is chosen at every validation (ValidationReport)
         self.report = ValidationReport(tags, counts, noise_ids, s.gamma, list(val_gammas), projector_tags, grid_images,
-                                       choose_gamma, gamma_by)
+                                       choose_gamma, gamma_by, gamma_rule)
         self.automatic_optimization = False
         self.skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # skipped samples this run, on the CPU like the batch's counts
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # the same, this validation
@@ -424,7 +426,8 @@ class Im2VecModule(pl.LightningModule):
             self.val_skipped += batch["skipped"]
             return
         u = self.embed_batch(batch).float().cpu()  # (B, d)
-        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch.get("image"))  # features: no grid
+        self.report.add(u, batch["tags"], batch["clean"], batch["keys"], batch.get("image"),  # features: no grid
+                        batch.get("users"))
         self.val_skipped += batch["skipped"]
 
     def on_validation_epoch_start(self) -> None:
@@ -547,6 +550,7 @@ class Im2VecModule(pl.LightningModule):
                 "path": self.tag_map.path, "freeze": self.tag_map.freeze, "dim": self.tag_map.word_dim,
                 "found": self.tag_map.found},
             "holdout_tags": self.holdout_tags,  # kept out of training: evaluate.py's unseen tags by default
+            "data": self.data_config,  # evaluate.py scores the same held-out data unless told otherwise
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -28,6 +29,8 @@ from im2vec.zeroshot import read_tag_vectors
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# in-memory batches (im2vec/memory.py) come from one process: the length Lightning reads is exact
+warnings.filterwarnings("ignore", message=".*IterableDataset` has `__len__` defined.*")
 # validation figures are computed on rank 0 and broadcast: every rank logs the same values, nothing to reduce
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
@@ -75,22 +78,44 @@ def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = No
     elif freeze:
         raise BadValue("model.freeze_tag_vectors=true without model.tag_vectors", "set model.tag_vectors=PATH")
     return Im2VecModule(
-        encoder=make(model), tags=vocab.tags, counts=vocab.counts, total_batches=schedule_length(cfg),
+        encoder=make(model), tags=vocab.tags, counts=vocab.counts, total_batches=schedule_length(cfg, getattr(datamodule, "batches_per_epoch", None)),
         sampler=make(cfg.sampler), optim=make(cfg.optim), noise_ids=datamodule.noise_ids,
         fingerprint=vocab.fingerprint(), seed=cfg.seed, image_size=datamodule.image_size, shard=shard,
         tag_map=tag_map, holdout_tags=tuple(getattr(datamodule, "holdout_tags", ())), **cfg.validation,
     )
 
 
-def schedule_length(cfg: DictConfig) -> int:
-    """Batches the LR schedule spans: max_epochs × batches_per_epoch. max_steps (two optimizer steps
-    per batch) only stops a run early, so a run stopped and resumed follows one schedule; it sets the
-    length only when max_epochs is -1."""
+def schedule_length(cfg: DictConfig, batches_per_epoch: int | None = None) -> int:
+    """Batches the LR schedule spans: max_epochs × batches_per_epoch (the data module's, resolved: null is
+    one pass over the training split). max_steps (two optimizer steps per batch) only stops a run early,
+    so a run stopped and resumed follows one schedule; it sets the length only when max_epochs is -1."""
     if cfg.trainer.max_epochs and cfg.trainer.max_epochs > 0:  # numbers: check_config ran in build
-        return cfg.trainer.max_epochs * cfg.data.batches_per_epoch
+        return cfg.trainer.max_epochs * (batches_per_epoch or cfg.data.batches_per_epoch)
     if cfg.trainer.get("max_steps", -1) > 0:
         return cfg.trainer.max_steps // 2
     raise BadValue("the LR schedule needs a length", "set trainer.max_epochs (or trainer.max_steps with max_epochs=-1)")
+
+
+PATH_KEYS = ("train_shards", "val_shards", "test_shards", "vocab_path", "content_tags_path", "cache_dir", "features_dir")
+
+
+def recorded_data(data: DictConfig) -> dict:
+    """The data settings as the checkpoint records them (evaluate.py's default data): resolved, and with the
+    local paths made absolute, so that they name the same files from another working directory."""
+    def absolute(v):
+        if isinstance(v, list):
+            return [absolute(x) for x in v]
+        if isinstance(v, str) and v and not re.match(r"^[a-z][a-z0-9+.-]+:", v):  # pipe:, s3:, http:// stay
+            return str(Path(v).expanduser().absolute())
+        return v
+
+    out = OmegaConf.to_container(data, resolve=True)
+    for k in PATH_KEYS:
+        if k in out:
+            out[k] = absolute(out[k])
+    if isinstance(out.get("holdout_tags"), str) and Path(out["holdout_tags"]).expanduser().is_file():
+        out["holdout_tags"] = absolute(out["holdout_tags"])
+    return out
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
@@ -112,13 +137,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule.pin_memory = gpu  # batches copied to the trunk without blocking the CPU
     overlap = cfg.optim.get("overlap", "auto")
     tc = cfg.get("threads") or {}
-    plan = threads.plan(datamodule.num_workers, trainer.num_devices, gpu,
+    # training batches from the split decoded once come from this process: no loader worker to leave a core to
+    memory = hasattr(datamodule, "uses_memory") and datamodule.uses_memory(trainer.world_size)
+    plan = threads.plan(0 if memory else datamodule.num_workers, trainer.num_devices, gpu,
                         overlap is True or (overlap == "auto" and gpu and shard is None),
                         trunk=tc.get("trunk"), table=tc.get("table"))
     threads.apply(plan)
     if trainer.is_global_zero:
         print(f"im2vec: threads: {plan}")
+    if hasattr(datamodule, "resolve_epoch"):
+        datamodule.resolve_epoch(trainer.world_size)  # data.batches_per_epoch=null: one pass of each rank's share
     module = build_module(cfg, datamodule, shard)
+    module.data_config = recorded_data(cfg.data)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except Preempted as p:
@@ -159,16 +189,34 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
+def small_split_warning(images: int, uploaders: int) -> list[str]:
+    """A line when γ was chosen on a validation split too small to choose it (ingest's thresholds)."""
+    from im2vec.ingest import MIN_HELD_OUT
+
+    if images >= MIN_HELD_OUT[0] and uploaders >= MIN_HELD_OUT[1]:
+        return []
+    return [f"  warning: γ was chosen on {images:,} images of {uploaders:,} uploader(s), too few to choose it well "
+            f"(at least {MIN_HELD_OUT[0]} images of {MIN_HELD_OUT[1]} uploaders; the interval above says how little "
+            "they tell) — hold out more uploaders for validation (ingest --val-fraction)"]
+
+
 def summary(m: dict[str, float], gamma: float) -> str:
     """The validation figures and, where there is a test split, the test figures, beside the frequency
     prior; the validation γ sweep."""
     if not any(k.startswith(("val/", "test/")) for k in m):
         return "no held-out figures (no validation shards)"
     chosen = " chosen on these images" if "val/gamma" in m else ""
-    rows = [f"validation figures (tagging score γ={gamma:g}{chosen}):", f"  {'':24s} {'model':>7s} {'prior':>7s}"]
+    who = (f"{int(m['val/images']):,} images of {int(m['val/uploaders']):,} uploaders; "
+           if m.get("val/uploaders") else f"{int(m['val/images']):,} images; " if "val/images" in m else "")
+    rows = [f"validation figures ({who}tagging score γ={gamma:g}{chosen}):",
+            f"  {'':24s} {'model':>7s} {'prior':>7s}   90 % interval over uploaders"]
     for name in ("precision@1", "precision@5", "recall@10", "clean_precision@5", "noise_share@5"):
         if f"val/{name}" in m:
-            rows.append(f"  {name:24s} {m[f'val/{name}']:7.3f} {m[f'val/{name}_prior']:7.3f}")
+            lo, hi = m.get(f"val/{name}_lo", math.nan), m.get(f"val/{name}_hi", math.nan)
+            ci = f"   {lo:.3f} – {hi:.3f}" if math.isfinite(lo) else ""
+            rows.append(f"  {name:24s} {m[f'val/{name}']:7.3f} {m[f'val/{name}_prior']:7.3f}{ci}")
+    if "val/uploaders" in m and m["val/uploaders"] > 0:
+        rows += small_split_warning(int(m["val/images"]), int(m["val/uploaders"]))
     if "test/images" in m:
         rows.append(f"test figures ({int(m['test/images'])} images of uploaders seen in neither training nor "
                     f"validation; γ={gamma:g}):")

@@ -10,12 +10,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from im2vec.evaluating import evaluate
 from im2vec.training import train
 
-DATA = [o for o in TINY if o.startswith("data.")]
 
 
 def _eval_cfg(cache_dir, out, *overrides):
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("evaluate", overrides=[*DATA, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
+        return compose("evaluate", overrides=[f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
                                               "num_workers=0", "grid_images=4", "query_pictures=2", *overrides])
 
 

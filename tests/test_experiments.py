@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -98,3 +99,43 @@ def test_yfcc_experiment_trains_from_the_yfcc_ingest(tmp_path):
     metrics, objs = train(cfg)
     assert (out / "checkpoints" / "last.ckpt").is_file() and "val/precision@5" in metrics
     assert set(objs["datamodule"].vocab.tags) == {"red", "green", "blue", "nikon", "2015"}
+
+
+def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_another(tmp_path, cache_dir, capsys):
+    """evaluate.py ckpt_path=… alone: the data settings the checkpoint recorded, so the same test figures as the run
+    that wrote it (not the built-in corpus, as before); images of other data (no tag in common) refused in one line."""
+    from im2vec.errors import BadValue
+    from im2vec.evaluating import evaluate
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = [{"image": f"{i}.jpg", "tags": [list(COLOURS)[i % 3], f"shade{i % 4}"], "user": f"u{i % 9}"} for i in range(90)]
+    for i, r in enumerate(rows):
+        (photos / r["image"]).write_bytes(_photo(r["tags"][0], i))
+    (photos / "manifest.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    data = tmp_path / "data"
+    ingest(["collection", str(photos / "manifest.jsonl"), "--out", str(data / "collection"), "--shard-size", "20",
+            "--split-by", "user", "--val-fraction", "0.25", "--test-fraction", "0.25", "--workers", "0", "--quiet"])
+    vocab([str(data / "collection" / "vocab.tsv"), "--shards", str(data / "collection" / "train" / "*.tar"),
+           "--min-count", "2", "--quiet"])
+    out = tmp_path / "run"
+    metrics, _ = train(_cfg("collection_cpu", data, out, "data.batches_per_epoch=4", "data.user_temperature=null"))
+    assert metrics["test/images"] > 0
+    ckpt = out / "checkpoints" / "last.ckpt"
+
+    def ev(*overrides):
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            return evaluate(compose("evaluate", overrides=[f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'ev'}",
+                                                           "num_workers=0", "grid_images=2", "query_pictures=1",
+                                                           f"paths.cache_dir={cache_dir}", *overrides]))
+
+    m = ev()  # run from anywhere: the recorded paths are absolute
+    assert "the checkpoint's own data" in capsys.readouterr().err
+    assert m["info/images"] == metrics["test/images"]
+    for k in ("precision@1", "precision@5", "recall@10", "map"):
+        assert m[f"tagging/{k}"] == pytest.approx(metrics[f"test/tagging/{k}"], abs=1e-6), k
+        assert m[f"prior/tagging/{k}"] == pytest.approx(metrics[f"test/prior/tagging/{k}"], abs=1e-6), k
+    small = ["data.corpus.num_train=64", "data.corpus.num_val=32", "data.corpus.num_test=32",
+             "data.corpus.num_users=6", "data.corpus.tail_size=100", "data.corpus.shard_size=32"]
+    with pytest.raises(BadValue, match=r"held-out images in 1 shard\(s\) share no tag with the checkpoint's"):
+        ev("data=default", *small)  # the built-in corpus: not one of its tags is a colour name here

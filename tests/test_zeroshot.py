@@ -178,8 +178,7 @@ def test_open_vocabulary_needs_word_vectors(tmp_path, make_cfg):
 
 def test_evaluate_unseen_figures_equal_brute_force(zs, cache_dir, tmp_path):
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        ecfg = compose("evaluate", overrides=[*[o for o in TINY if o.startswith(("data.corpus", "data.vocab"))],
-                                              f"paths.cache_dir={cache_dir}", f"ckpt_path={zs.ckpt}",
+        ecfg = compose("evaluate", overrides=[f"paths.cache_dir={cache_dir}", f"ckpt_path={zs.ckpt}",
                                               f"paths.output_dir={tmp_path}", "num_workers=0"])
     m = evaluate(ecfg)
     held = list(zs.cfg.data.holdout_tags)

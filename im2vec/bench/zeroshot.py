@@ -3,7 +3,7 @@
     python -m im2vec.bench.zeroshot                          # the generated corpus, 3 seeds (~30 min on 2 cores)
     python -m im2vec.bench.zeroshot --seeds 0 --dry-run      # a tiny corpus, one seed: does it run
     python -m im2vec.bench.zeroshot --variant frozen:model.freeze_tag_vectors=true   # another variant beside
-    python -m im2vec.bench.zeroshot --data openclipart --word-vectors data/openclipart/minilm.txt
+    python -m im2vec.bench.zeroshot --data openclipart --word-vectors data/openclipart/users/minilm.txt
 
 Each run is ``train(cfg)`` with ``+experiment=zeroshot`` (the Spanish names of the corpus's colours, shapes
 and scenes held out of training: out of the vocabulary, so no image is trained with them) followed by
@@ -56,8 +56,8 @@ def run_one(overrides: list[str], eval_overrides: list[str], seed: int, out: Pat
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"seed={seed}", f"paths.output_dir={out}"])
         train(cfg)
-        data = [o for o in overrides if o.startswith(("data.corpus.", "data.vocab_", "paths.cache_dir"))]
-        ecfg = compose("evaluate", overrides=[*data, *eval_overrides, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        # evaluate.py scores the checkpoint's own data (the corpus or shards it was trained on, its held-out tags)
+        ecfg = compose("evaluate", overrides=[*eval_overrides, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
                                               f"paths.output_dir={out / 'evaluate'}", f"seed={seed}"])
         return evaluate(ecfg)
 
@@ -81,18 +81,15 @@ def data_overrides(args, out: Path) -> tuple[list[str], list[str], dict[str, lis
         return ["+experiment=zeroshot", *cache], [], dict(VARIANTS)
     if args.data != "openclipart":
         raise BadValue(f"--data {args.data}", "use corpus or openclipart")
-    root = Path(args.data_dir) / "openclipart"
+    root = Path(args.data_dir) / "openclipart" / "users"
     if not (root / "vocab.tsv").is_file():
-        raise NotFound(f"no development set under {root}", "python -m im2vec.bench.openclipart --out " + str(root))
+        raise NotFound(f"no development set under {root}", "python -m im2vec.bench.openclipart --out " + str(root.parent))
     if not args.word_vectors:
         raise BadValue("--data openclipart needs --word-vectors FILE", "python -m im2vec.bench.wordvectors …")
     hold = out / "holdout.txt"
     hold.write_text("\n".join(held_out(root / "vocab.tsv", args.min_count)) + "\n")
-    splits = {k: f"data.{k}_shards={root}/{k.split('_')[0]}/shard-*.tar" for k in ("train", "val", "test")}
     train = ["+experiment=openclipart", f"paths.data_dir={args.data_dir}", f"data.holdout_tags={hold}"]
-    evaluate = ["data=shards", splits["train"], splits["test"], f"data.vocab_path={root / 'vocab.tsv'}",
-                f"data.holdout_tags={hold}"]
-    return train, evaluate, {"no vectors": [], "word vectors": [f"model.tag_vectors={args.word_vectors}"]}
+    return train, [], {"no vectors": [], "word vectors": [f"model.tag_vectors={args.word_vectors}"]}
 
 
 def mean_sd(xs: list[float]) -> str:
