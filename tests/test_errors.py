@@ -195,3 +195,28 @@ def test_unusable_held_out_shards_are_said_not_silently_empty(make_cfg, tmp_path
         metrics, _ = train(cfg)
     assert "im2vec: warning: no test figures: evaluate: no usable held-out image" in capsys.readouterr().err
     assert not any(k.startswith(("val/", "test/")) for k in metrics) and (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_the_error_line_starts_on_a_line_of_its_own_under_a_progress_bar(capsys):
+    """A bar still drawn (tqdm's, as Lightning's and the ingest's) ends without a newline: the message would land on
+    the bar's line. With a bar open the line starts with a newline; without one it does not."""
+    import io
+
+    from tqdm import tqdm
+
+    from im2vec.errors import UserError, error_line, run_cli
+
+    def boom(argv):
+        raise UserError("no shards", "ingest them first")
+
+    assert error_line(UserError("x", "y")) == "im2vec: error: x — y"
+    bar = tqdm(total=10, file=io.StringIO())
+    bar.update(3)
+    try:
+        assert error_line(UserError("x", "y")) == "\nim2vec: error: x — y"
+        assert run_cli(boom, [], exit=False) == 2
+        assert capsys.readouterr().err == "\nim2vec: error: no shards — ingest them first\n"
+    finally:
+        bar.close()
+    assert run_cli(boom, [], exit=False) == 2
+    assert capsys.readouterr().err == "im2vec: error: no shards — ingest them first\n"

@@ -101,12 +101,10 @@ def test_yfcc_experiment_trains_from_the_yfcc_ingest(tmp_path):
     assert set(objs["datamodule"].vocab.tags) == {"red", "green", "blue", "nikon", "2015"}
 
 
-def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_another(tmp_path, cache_dir, capsys):
-    """evaluate.py ckpt_path=… alone: the data settings the checkpoint recorded, so the same test figures as the run
-    that wrote it (not the built-in corpus, as before); images of other data (no tag in common) refused in one line."""
-    from im2vec.errors import BadValue
-    from im2vec.evaluating import evaluate
-
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """A tiny collection of 9 uploaders, ingested with --split-by user (test and val uploaders held out)."""
+    tmp_path = tmp_path_factory.mktemp("collection")
     photos = tmp_path / "photos"
     photos.mkdir()
     rows = [{"image": f"{i}.jpg", "tags": [list(COLOURS)[i % 3], f"shade{i % 4}"], "user": f"u{i % 9}"} for i in range(90)]
@@ -118,6 +116,17 @@ def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_ano
             "--split-by", "user", "--val-fraction", "0.25", "--test-fraction", "0.25", "--workers", "0", "--quiet"])
     vocab([str(data / "collection" / "vocab.tsv"), "--shards", str(data / "collection" / "train" / "*.tar"),
            "--min-count", "2", "--quiet"])
+    return data
+
+
+def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_another(collection, tmp_path, cache_dir,
+                                                                                       capsys):
+    """evaluate.py ckpt_path=… alone: the data settings the checkpoint recorded, so the same test figures as the run
+    that wrote it (not the built-in corpus, as before); images of other data (no tag in common) refused in one line."""
+    from im2vec.errors import BadValue
+    from im2vec.evaluating import evaluate
+
+    data = collection
     out = tmp_path / "run"
     metrics, _ = train(_cfg("collection_cpu", data, out, "data.batches_per_epoch=4", "data.user_temperature=null"))
     assert metrics["test/images"] > 0
@@ -139,3 +148,24 @@ def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_ano
              "data.corpus.num_users=6", "data.corpus.tail_size=100", "data.corpus.shard_size=32"]
     with pytest.raises(BadValue, match=r"held-out images in 1 shard\(s\) share no tag with the checkpoint's"):
         ev("data=default", *small)  # the built-in corpus: not one of its tags is a colour name here
+
+
+def test_the_dense_baseline_trains_at_the_recipes_budget_and_scores_like_training(collection, tmp_path):
+    """im2vec.bench.dense on the recipe's config: its logits are what the scorers rank ([f, 1] · [w, b]), its prior
+    figures are training's on the same test images, and its own figures are computed by the same code."""
+    import torch
+
+    from im2vec.bench.dense import DenseTagger, WithOne, train_dense
+
+    cfg = _cfg("collection_cpu", collection, tmp_path / "run", "data.batches_per_epoch=4", "data.user_temperature=0.5")
+    m = train_dense(cfg)
+    trained, _ = train(cfg)
+    for k in ("precision@1", "precision@5", "recall@10", "map"):
+        assert m[f"test/prior/tagging/{k}"] == pytest.approx(trained[f"test/prior/tagging/{k}"], abs=1e-6), k
+        assert 0 <= m[f"test/tagging/{k}"] <= 1
+    assert m["test/images"] == trained["test/images"] and m["test/gamma"] == 0.0
+    assert m["test/tagging/precision@5"] == pytest.approx(m["test/gamma_sweep/precision@5/0"], abs=1e-6)
+    model = DenseTagger("small_cnn", 5).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(WithOne(model.trunk)(x) @ model.as_table().t(), model(x), atol=1e-5)
