@@ -398,8 +398,8 @@ def _check_settings(out: Path, s: Settings) -> None:
         _write_json(path, {**mine, "input_stamps": [input_stamp(p) for p in s.inputs]})
 
 
-MIN_HELD_OUT = (500, 20)  # images, uploaders: fewer in a held-out split and its figures' intervals are too wide to
-# choose γ by or to compare settings on (im2vec/intervals.py: bootstrap over uploaders)
+MIN_HELD_OUT = (300, 10)  # images, uploaders: fewer in a held-out split and its figures' intervals over uploaders
+# (im2vec/intervals.py) are too wide to compare settings on, or to trust the γ chosen on it
 
 
 def split_warnings(summary: dict, s: Settings) -> list[str]:

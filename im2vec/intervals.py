@@ -59,7 +59,7 @@ def interval(boot: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def choose(gammas: list[float], point: Tensor, boot: Tensor, rule: str = "within") -> tuple[int, dict]:
+def choose(gammas: list[float], point: Tensor, boot: Tensor, rule: str = "best") -> tuple[int, dict]:
     """The index of the γ to use, and per-γ diagnostics.
 
     ``best``: the best point figure (ties: the smaller γ). ``within``: the largest γ whose paired

@@ -101,7 +101,7 @@ class Im2VecModule(pl.LightningModule):
                  noise_ids: Tensor | None = None, fingerprint: str = "", seed: int = 0,
                  val_gammas: tuple[float, ...] = tuple(x / 4 for x in range(11)),
                  projector_tags: int = 2000, grid_images: int = 16, image_size: int = 224,
-                 choose_gamma: bool = True, gamma_by: str = "auto", gamma_rule: str = "within",
+                 choose_gamma: bool = True, gamma_by: str = "auto", gamma_rule: str = "best",
                  shard: tuple[int, int] | None = None,
                  tag_map: TagVectorMap | None = None, holdout_tags: tuple[str, ...] = ()):
         super().__init__()

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from im2vec import threads
 from im2vec.allocator import tune_malloc
@@ -85,6 +85,29 @@ def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = No
     )
 
 
+VALIDATIONS = 4  # with train_samples: validation this many times a run (and once more at its end)
+
+
+def size_by_samples(cfg: DictConfig, trainer: pl.Trainer, datamodule) -> None:
+    """``train_samples``: a run sized by the samples it uses (all ranks together), not by epochs tuned on one
+    collection: max_epochs = ⌈train_samples / samples an epoch⌉, validation about VALIDATIONS times a run.
+    Sets the trainer's and the config's max_epochs (the LR schedule reads the config)."""
+    samples = cfg.get("train_samples")
+    if not samples:
+        return
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise BadValue(f"train_samples={samples!r} is not an integer ≥ 1", "set train_samples=<samples> or null")
+    per_epoch = datamodule.batches_per_epoch * datamodule.batch_size * trainer.world_size
+    epochs = max(1, math.ceil(samples / per_epoch))
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = epochs
+    trainer.fit_loop.max_epochs = epochs
+    trainer.check_val_every_n_epoch = max(1, epochs // VALIDATIONS)
+    if trainer.is_global_zero:
+        print(f"im2vec: train_samples={samples:,}: {epochs} epochs of {per_epoch:,} samples "
+              f"({datamodule.batches_per_epoch} batches), validation every {trainer.check_val_every_n_epoch}")
+
+
 def schedule_length(cfg: DictConfig, batches_per_epoch: int | None = None) -> int:
     """Batches the LR schedule spans: max_epochs × batches_per_epoch (the data module's, resolved: null is
     one pass over the training split). max_steps (two optimizer steps per batch) only stops a run early,
@@ -147,6 +170,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         print(f"im2vec: threads: {plan}")
     if hasattr(datamodule, "resolve_epoch"):
         datamodule.resolve_epoch(trainer.world_size)  # data.batches_per_epoch=null: one pass of each rank's share
+    size_by_samples(cfg, trainer, datamodule)
     module = build_module(cfg, datamodule, shard)
     module.data_config = recorded_data(cfg.data)
     try:
@@ -195,9 +219,9 @@ def small_split_warning(images: int, uploaders: int) -> list[str]:
 
     if images >= MIN_HELD_OUT[0] and uploaders >= MIN_HELD_OUT[1]:
         return []
-    return [f"  warning: γ was chosen on {images:,} images of {uploaders:,} uploader(s), too few to choose it well "
-            f"(at least {MIN_HELD_OUT[0]} images of {MIN_HELD_OUT[1]} uploaders; the interval above says how little "
-            "they tell) — hold out more uploaders for validation (ingest --val-fraction)"]
+    return [f"  warning: γ was chosen on {images:,} images of {uploaders:,} uploader(s), too few to trust it or the "
+            f"figures (at least {MIN_HELD_OUT[0]} images of {MIN_HELD_OUT[1]} uploaders; the interval above says how "
+            "little they tell) — hold out more uploaders for validation (ingest --val-fraction)"]
 
 
 def summary(m: dict[str, float], gamma: float) -> str:

@@ -64,7 +64,7 @@ class ValidationReport:
 
     def __init__(self, tags: list[str], counts: Tensor, noise_ids: Tensor | None, gamma: float,
                  gammas: list[float], projector_tags: int, grid_images: int, choose_gamma: bool = True,
-                 gamma_by: str = "auto", gamma_rule: str = "within"):
+                 gamma_by: str = "auto", gamma_rule: str = "best"):
         if gamma_by not in GAMMA_CRITERIA:
             raise BadValue(f"validation.gamma_by={gamma_by!r}", f"use one of {', '.join(GAMMA_CRITERIA)}")
         if gamma_rule not in GAMMA_RULES:

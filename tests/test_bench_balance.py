@@ -49,3 +49,10 @@ def test_the_settings_compared_are_the_recipes_and_the_old_caps():
     s = balance.settings(counts, 0.5)
     assert s["no balance"] == {} and s["τ = 0.5"] == pytest.approx(user_uses(counts, 0.5))
     assert s[f"old cap ({balance.CAP} a pass)"] == {"a": 0.25, "b": 1.0}
+
+
+def test_batch_mix_is_the_total_variation_from_the_collections_shares():
+    shares = {"a": 0.5, "b": 0.25, "c": 0.25}
+    assert balance.batch_mix([["a", "a", "b", "c"]], shares) == 0  # exactly the collection's shares
+    assert balance.batch_mix([["a", "a", "a", "a"]], shares) == pytest.approx(0.5)
+    assert balance.batch_mix([["d", "d"], ["a", "b", "c", "a"]], shares) == pytest.approx(0.5)  # 1 and 0

@@ -169,3 +169,24 @@ def test_the_dense_baseline_trains_at_the_recipes_budget_and_scores_like_trainin
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(WithOne(model.trunk)(x) @ model.as_table().t(), model(x), atol=1e-5)
+
+
+def test_the_gamma_benchmark_redraws_validation_and_agrees_with_training_on_the_whole_split(collection, tmp_path):
+    """im2vec.bench.gamma on a finished run: on the whole validation split its 'best' rule picks the γ training
+    picked (same images, same criterion); on smaller draws it gives a test P@5 of the run's own test sweep."""
+    from im2vec.bench import gamma
+
+    out = tmp_path / "run"
+    metrics, _ = train(_cfg("collection_cpu", collection, out, "data.batches_per_epoch=4", "data.user_temperature=null"))
+    v, m = gamma.run_values(out)
+    assert m["val/gamma"] == metrics["val/gamma"] and len(set(v["users"])) == int(metrics["val/uploaders"])
+    all_rows = list(range(len(v["keys"])))
+    gammas = sorted(float(k.rsplit("/", 1)[1]) for k in m if k.startswith("test/gamma_sweep/precision@5/"))
+    assert gamma.choose_on(v, all_rows, gammas, "best") == metrics["val/gamma"]
+    res = gamma.measure([out], [1], draws=3)
+    rec = res[str(out)]
+    sweep = {metrics[f"test/gamma_sweep/precision@5/{g:g}"] for g in gammas}
+    assert rec["oracle"] == max(sweep)
+    for size in ("1", str(len(set(v["users"])))):
+        for rule in ("best", "within"):
+            assert min(sweep) <= rec[size][rule] <= max(sweep)

@@ -3,6 +3,7 @@ prolific uploaders and on one of hundreds, streamed and decoded once; and the re
 
     python -m im2vec.bench.balance --data-dir data          # emoji/random (4 uploaders), openclipart/random (~440)
     python -m im2vec.bench.balance --data-dir data --train  # and the whole recipe on both, same samples used
+    python -m im2vec.bench.balance --mix data/emoji/users data/sorted/emoji/users   # how batches mix uploaders
 
 Each setting of the loader is timed over the same number of batches, in interleaved rounds (best of
 ``--rounds``), so the ratios in a row sit side by side. Settings: no balance; the recipe's balance
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from im2vec.data import expand_shards, train_loader, user_counts, user_uses
@@ -75,6 +77,39 @@ def loader_table(data_dir: Path, tau: float, batches: int, batch: int, rounds: i
     return out
 
 
+def batch_mix(batches: list[list[str]], shares: dict[str, float]) -> float:
+    """Mean total-variation distance of each batch's uploader shares from the collection's (0: every batch mixes
+    uploaders as the collection does; 1: each batch is of uploaders the collection hardly has)."""
+    tv = []
+    for users in batches:
+        n, got = len(users), Counter(users)
+        tv.append(0.5 * sum(abs(got.get(u, 0) / n - shares.get(u, 0.0)) for u in shares.keys() | got.keys()))
+    return sum(tv) / len(tv)
+
+
+def mix_table(folders: dict[str, Path], batches: int, batch: int) -> dict:
+    """How well batches mix uploaders, for shards in their written order: streamed with the default shuffle buffer
+    (1,000), with a buffer as large as the largest shard, and decoded once into memory."""
+    out = {}
+    for label, root in folders.items():
+        shards = expand_shards(str(root / "train" / "shard-*.tar"))
+        vocab = Vocabulary.load(root / "vocab.tsv")
+        counts = user_counts(shards)
+        total = sum(counts.values())
+        shares = {u: n / total for u, n in counts.items()}
+        biggest = max(json.loads((Path(s[:-4] + ".stats.json")).read_text())["written"] for s in shards)
+        row = {}
+        for name, buffer in (("stream, buffer 1,000", 1000), (f"stream, buffer {biggest:,}", biggest)):
+            loader = train_loader(shards, vocab, 32, batch, batches, 0, seed=0, shuffle_buffer=buffer, rank=0,
+                                  world_size=1)
+            row[name] = batch_mix([b["users"] for b in loader], shares)
+        data = decode_split(shards, vocab, 32, 0, 0, 1)
+        row["in memory"] = batch_mix([b["users"] for b in MemoryBatches(data, batch, batches, 32, 0.7, 0)], shares)
+        out[label] = row
+        print(f"balance: mix {label}: {json.dumps(row)}", file=sys.stderr)
+    return out
+
+
 def train_times(data_dir: Path, batches: int) -> dict:
     """The recipe (python train.py +experiment=<collection>) on both collections, the same number of samples
     used: its whole-run seconds (data, training, validation, test figures)."""
@@ -116,8 +151,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=1, help="loader worker processes of the stream")
     ap.add_argument("--train", action="store_true", help="also time the recipe on both collections")
     ap.add_argument("--train-batches", type=int, default=100, help="batches an epoch of those runs (3 epochs)")
+    ap.add_argument("--mix", nargs="+", default=None, metavar="FOLDER",
+                    help="instead: how well batches mix uploaders, for the shards of these folders (FOLDER/train/, "
+                         "FOLDER/vocab.tsv) in their written order, streamed and in memory")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.mix:
+        r = {"mix": mix_table({f: Path(f) for f in a.mix}, a.batches * 5, a.batch)}
+        print("| shards | " + " | ".join(next(iter(r["mix"].values()))) + " |")
+        for label, row in r["mix"].items():
+            print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+        return r
     r = {"loader": loader_table(Path(a.data_dir), a.tau, a.batches, a.batch, a.rounds, a.workers)}
     if a.train:
         r["train"] = train_times(Path(a.data_dir), a.train_batches)

@@ -102,7 +102,10 @@ def load(path: Path) -> list[dict]:
 
 
 def run(datasets: list[str], variants: dict[str, list[str]], seeds: list[int], data_dir: str, path: Path,
-        out: Path) -> list[dict]:
+        out: Path, extra: list[str] = ()) -> list[dict]:
+    """Every (data, variant, seed) not in ``path`` yet, run and appended to it. ``extra``: overrides for every run
+    that do not change its figures' meaning (threads.trunk=1 to run two benchmarks side by side): recorded with the
+    run, not part of its identity."""
     done = {_key(r): r for r in load(path)}
     for data in datasets:
         for name, overrides in variants.items():
@@ -112,8 +115,10 @@ def run(datasets: list[str], variants: dict[str, list[str]], seeds: list[int], d
                     continue
                 slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
                 print(f"quality: {data} · {name} {' '.join(overrides)} · seed {seed}", file=sys.stderr, flush=True)
-                rec["metrics"] = run_one(data, data_dir, list(overrides), seed,
+                rec["metrics"] = run_one(data, data_dir, [*overrides, *extra], seed,
                                          out / data.replace("/", "_") / slug / f"seed{seed}")
+                if extra:
+                    rec["extra"] = list(extra)
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
                 done[_key(rec)] = rec
@@ -229,6 +234,8 @@ def main(argv: list[str] | None = None) -> str:
                     help="where the collection builders wrote their folders (default: $IM2VEC_DATA or data)")
     ap.add_argument("--json", default="bench-quality.jsonl", help="runs are appended here, and not run again")
     ap.add_argument("--out", default="outputs/quality", help="the runs' output folders (TensorBoard, checkpoints)")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides for every run, not part of its identity "
+                    "(e.g. threads.trunk=1 to run two benchmarks side by side on 2 cores)")
     ap.add_argument("--multirun", default=None, help="only print the table of a Hydra -m sweep's folder")
     ap.add_argument("--gamma-rules", action="store_true", help="only print how each rule for γ did on the runs in --json")
     a = ap.parse_args(argv)
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> str:
     else:
         variants = {h: HEADS[h] for h in a.heads} | {v[0]: v[1:] for v in a.variant}
         wanted = {(d, tuple(o)) for d in wanted_data for o in variants.values()}
-        records = run(wanted_data, variants, a.seeds, a.data_dir, Path(a.json), Path(a.out))
+        records = run(wanted_data, variants, a.seeds, a.data_dir, Path(a.json), Path(a.out), a.extra)
         text = table([r for r in records if (r["data"], tuple(r["overrides"])) in wanted and r["seed"] in a.seeds])
     print(text)
     return text
