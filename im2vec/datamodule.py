@@ -10,10 +10,10 @@ import pytorch_lightning as pl
 import torch
 
 from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import (MAX_PIXELS, SKIP_REASONS, check_decode, eval_loader, expand_shards, rank_info, shard_sizes, train_loader,
-                         user_counts, user_uses)
+from im2vec.data import (MAX_PIXELS, SKIP_REASONS, check_decode, eval_loader, expand_shards, rank_info, shard_sizes,
+                         train_loader, user_counts, user_uses)
 from im2vec.errors import BadValue, NotFound
-from im2vec.memory import MemoryBatches, decode_split, decoded_bytes, memory_loader, store_side
+from im2vec.memory import MemoryBatches, decode_split, decoded_bytes, memory_loader, store_side, uploader_weights
 from im2vec.vocab import Vocabulary
 from im2vec.yfcc import normalize_tag
 
@@ -131,11 +131,11 @@ class ShardDataModule(pl.LightningDataModule):
         # has already counted that epoch, so a resumed run draws the next epoch's stream.
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         seed = self.seed * 100003 + epoch
+        rank = self._rank() or dict(zip(("rank", "world_size"), rank_info()))
+        self.resolve_epoch(rank["world_size"])
         done = self.resumed_at()
         if done:  # resumed mid-epoch: the rest of the epoch is a new stream, determined by (seed, epoch, done)
             seed += 7919 * done
-        rank = self._rank() or dict(zip(("rank", "world_size"), rank_info()))
-        self.resolve_epoch(rank["world_size"])
         if self.uses_memory(rank["world_size"]):
             return self._memory_loader(seed, **rank)
         return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
@@ -157,9 +157,8 @@ class ShardDataModule(pl.LightningDataModule):
             raise BadValue(f"data: not one usable training image in {len(self.train_shards)} shard(s) (rank {rank}); "
                            f"skipped: {dict(zip(SKIP_REASONS, self._decoded.skipped.tolist()))}",
                            "does data.vocab_path belong to these shards, and are their images readable?")
-        weights = torch.tensor([self.user_uses.get(u, 1.0) for u in self._decoded.users]) if self.user_uses else None
         batches = MemoryBatches(self._decoded, self.batch_size, self.batches_per_epoch, self.image_size,
-                                self.min_scale, seed, weights, skipped)
+                                self.min_scale, seed, uploader_weights(self._decoded, self.user_uses), skipped)
         return memory_loader(batches, self.pin_memory)
 
     def resumed_at(self) -> int:

@@ -409,6 +409,7 @@ class FeatureDataModule(ShardDataModule):
                          image_size=train["image_size"], **kwargs)
         if self.decode != "cpu":
             raise BadValue("data.decode=gpu: feature shards hold no JPEGs", "use data.decode=cpu")
+        self.in_memory = False  # feature vectors stream (their own train_dataloader): nothing to decode once
         self.manifest, self.width = train, int(train["width"])
 
     def train_dataloader(self):

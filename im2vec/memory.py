@@ -44,6 +44,11 @@ class Decoded:
         return self.images.numel()
 
 
+def uploader_weights(data: Decoded, user_uses: dict[str, float]) -> Tensor | None:
+    """Each decoded sample's expected uses a pass (``data.user_uses``: uploader balance); None without balance."""
+    return torch.tensor([user_uses.get(u, 1.0) for u in data.users]) if user_uses else None
+
+
 def store_side(image_size: int, min_scale: float) -> int:
     """The side images are kept at: the smallest crop (``min_scale`` of the area) still has ``image_size`` px."""
     return int(math.ceil(image_size / math.sqrt(max(min_scale, 0.25))))

@@ -77,8 +77,9 @@ def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = No
         tag_map = read_tag_vectors(path, vocab.tags, model["dim"], freeze, cfg.optim.table_init_std)
     elif freeze:
         raise BadValue("model.freeze_tag_vectors=true without model.tag_vectors", "set model.tag_vectors=PATH")
+    total = schedule_length(cfg, getattr(datamodule, "batches_per_epoch", None))  # the data module's, resolved
     return Im2VecModule(
-        encoder=make(model), tags=vocab.tags, counts=vocab.counts, total_batches=schedule_length(cfg, getattr(datamodule, "batches_per_epoch", None)),
+        encoder=make(model), tags=vocab.tags, counts=vocab.counts, total_batches=total,
         sampler=make(cfg.sampler), optim=make(cfg.optim), noise_ids=datamodule.noise_ids,
         fingerprint=vocab.fingerprint(), seed=cfg.seed, image_size=datamodule.image_size, shard=shard,
         tag_map=tag_map, holdout_tags=tuple(getattr(datamodule, "holdout_tags", ())), **cfg.validation,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from im2vec.data import expand_shards, train_loader, user_counts, user_uses
 from im2vec.errors import ArgumentParser, NotFound, run_cli
-from im2vec.memory import MemoryBatches, decode_split, store_side
+from im2vec.memory import MemoryBatches, decode_split, store_side, uploader_weights
 from im2vec.vocab import Vocabulary
 
 DATA = {"4 uploaders (emoji/random)": "emoji/random", "~440 uploaders (openclipart/random)": "openclipart/random"}
@@ -46,11 +46,8 @@ def stream_rate(shards: list[str], vocab: Vocabulary, uses: dict, batches: int, 
 
 
 def memory_rate(data, uses: dict, batches: int, batch: int) -> float:
-    import torch
-
-    weights = torch.tensor([uses.get(u, 1.0) for u in data.users]) if uses else None
     t = time.perf_counter()
-    n = sum(len(b["keys"]) for b in MemoryBatches(data, batch, batches, 64, 0.7, 0, weights))
+    n = sum(len(b["keys"]) for b in MemoryBatches(data, batch, batches, 64, 0.7, 0, uploader_weights(data, uses)))
     return n / (time.perf_counter() - t)
 
 

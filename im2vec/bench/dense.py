@@ -26,7 +26,7 @@ from im2vec.data import normalize
 from im2vec.errors import BadValue, make, run_cli
 from im2vec.evaluating import gamma_sweep, score_model
 from im2vec.loss import multi_hot
-from im2vec.memory import MemoryBatches, decode_split
+from im2vec.memory import MemoryBatches, decode_split, uploader_weights
 from im2vec.model import build_trunk
 from im2vec.module import warmup_cosine
 from im2vec.training import check_config, schedule_length
@@ -78,7 +78,7 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
                              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=o.lr)
     total = schedule_length(cfg, dm.batches_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(o.warmup_batches, total, o.min_lr_ratio))
-    weights = torch.tensor([dm.user_uses.get(u, 1.0) for u in data.users]) if dm.user_uses else None
+    weights = uploader_weights(data, dm.user_uses)
     model.train()
     for epoch in range(cfg.trainer.max_epochs):
         for batch in MemoryBatches(data, dm.batch_size, dm.batches_per_epoch, dm.image_size, dm.min_scale,
