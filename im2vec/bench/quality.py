@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
+from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ sits beside the package
 COLUMNS = [("P@1", "tagging/precision@1"), ("P@5", "tagging/precision@5"), ("R@10", "tagging/recall@10"),
@@ -86,6 +86,9 @@ def run_one(data: str, data_dir: str, overrides: list[str], seed: int, out: Path
         from im2vec.training import train
 
         metrics, _ = train(cfg)
+    if metrics.get("info/preempted"):
+        raise UserError(f"quality: the {data} run was stopped by a signal (its checkpoint is in {out})",
+                        "run the benchmark again: finished runs are kept in --json")
     if "test/images" not in metrics:
         raise BadValue(f"quality: {data} has no test split: nothing to report", "build the data set with a test split")
     return {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "val_gamma/", "info/"))}
