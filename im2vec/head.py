@@ -23,7 +23,9 @@ LOSSES = ("negative_sampling", "softmax", "in_batch")
 
 @dataclass
 class SamplerConfig:
-    head: str = "sampled"  # "sampled" (the loss below over drawn rows) or "full" (BCE over all V rows; small V only)
+    head: str = "sampled"  # "sampled" (the loss below over drawn rows), "full" (BCE over all V rows; small V only) or
+    # "auto": full for a vocabulary of at most full_max_tags tags on one device, sampled otherwise (resolve_head)
+    full_max_tags: int = 20_000
     loss: str = "negative_sampling"  # "negative_sampling" (word2vec), "softmax" (sampled softmax, logQ-corrected)
     # or "in_batch" (softmax over the batch's positives, frequency-corrected; no drawn negatives)
     logq: bool = True  # softmax losses: subtract each candidate's log sampling probability (off: an ablation)
@@ -36,14 +38,23 @@ class SamplerConfig:
     gamma: float = 0.2  # tagging score s = v·u + gamma·log count (chosen from the validation γ sweep)
 
     def __post_init__(self):
-        if self.head not in ("sampled", "full"):
-            raise BadValue(f"sampler.head={self.head!r}", "use 'sampled' or 'full'")
+        if self.head not in ("sampled", "full", "auto"):
+            raise BadValue(f"sampler.head={self.head!r}", "use 'sampled', 'full' or 'auto'")
         if self.loss not in LOSSES:
             raise BadValue(f"sampler.loss={self.loss!r}", f"use one of {', '.join(LOSSES)}")
         if self.negatives not in ("per_example", "shared"):
             raise BadValue(f"sampler.negatives={self.negatives!r}", "use 'per_example' or 'shared'")
         if self.num_negatives < 1 or self.num_positives < 1:
             raise BadValue("sampler.num_negatives and sampler.num_positives must be at least 1", "set them to 1 or more")
+
+
+def resolve_head(s: SamplerConfig, num_tags: int, sharded: bool) -> str:
+    """sampler.head=auto -> "full" where every row can be scored every step (at most ``full_max_tags`` tags, one
+    device: on the real collections' vocabularies of 600 to 3,700 tags the full head learnt more per sample, README)
+    and "sampled" where it cannot (YFCC's 600k tags; a table sharded over ranks)."""
+    if s.head != "auto":
+        return s.head
+    return "full" if num_tags <= s.full_max_tags and not sharded else "sampled"
 
 
 def draw_ids(s: SamplerConfig, pos_sampler: PositiveSampler, neg_sampler: NegativeSampler, tags: Tensor,

@@ -22,6 +22,7 @@ from im2vec.checkpoint import check_checkpoint_file, set_gamma
 from im2vec.corpus import ensure_word_vectors
 from im2vec.errors import BadValue, UserError, make, one_line
 from im2vec.evaluating import heldout_figures
+from im2vec.head import resolve_head
 from im2vec.module import Im2VecModule
 from im2vec.resilience import AtomicCheckpointIO, Preempted
 from im2vec.zeroshot import read_tag_vectors
@@ -78,9 +79,15 @@ def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = No
     elif freeze:
         raise BadValue("model.freeze_tag_vectors=true without model.tag_vectors", "set model.tag_vectors=PATH")
     total = schedule_length(cfg, getattr(datamodule, "batches_per_epoch", None))  # the data module's, resolved
+    sampler = make(cfg.sampler)
+    if sampler.head == "auto":
+        sampler.head = resolve_head(sampler, len(vocab.tags), shard is not None)
+        if shard is None or shard[0] == 0:
+            print(f"im2vec: sampler.head=auto: the {sampler.head} head for {len(vocab.tags):,} tags "
+                  f"(full up to sampler.full_max_tags={sampler.full_max_tags:,} on one device)")
     return Im2VecModule(
         encoder=make(model), tags=vocab.tags, counts=vocab.counts, total_batches=total,
-        sampler=make(cfg.sampler), optim=make(cfg.optim), noise_ids=datamodule.noise_ids,
+        sampler=sampler, optim=make(cfg.optim), noise_ids=datamodule.noise_ids,
         fingerprint=vocab.fingerprint(), seed=cfg.seed, image_size=datamodule.image_size, shard=shard,
         tag_map=tag_map, holdout_tags=tuple(getattr(datamodule, "holdout_tags", ())), **cfg.validation,
     )

@@ -190,3 +190,21 @@ def test_the_gamma_benchmark_redraws_validation_and_agrees_with_training_on_the_
     for size in ("1", str(len(set(v["users"])))):
         for rule in ("best", "within"):
             assert min(sweep) <= rec[size][rule] <= max(sweep)
+
+
+def test_the_collection_recipe_takes_the_full_head_for_a_small_vocabulary_and_the_sampled_one_above(collection, tmp_path):
+    from im2vec.errors import make
+    from im2vec.head import SamplerConfig, resolve_head
+    from im2vec.training import build_module
+
+    cfg = _cfg("collection_cpu", collection, tmp_path / "run")
+    assert cfg.sampler.head == "auto"
+    dm = make(cfg.data)
+    dm.resolve_epoch()
+    assert build_module(cfg, dm).sampler_cfg.head == "full"  # 7 tags
+    cfg.sampler.full_max_tags = 5
+    assert build_module(cfg, dm).sampler_cfg.head == "sampled"
+    s = SamplerConfig(head="auto", full_max_tags=10)
+    assert resolve_head(s, 10, False) == "full" and resolve_head(s, 11, False) == "sampled"
+    assert resolve_head(s, 3, True) == "sampled"  # a sharded table has no full head
+    assert resolve_head(SamplerConfig(head="full"), 10**6, False) == "full"  # asked for: as asked

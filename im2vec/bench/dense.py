@@ -14,12 +14,13 @@ figures of ``train.py`` (same images, same metric code, beside the same prior): 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from im2vec.data import normalize
@@ -72,6 +73,11 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
     data = decode_split(dm.train_shards, dm.vocab, dm.memory_side(), dm.num_workers, 0, 1, dm.max_pixels)
     t_fit = time.perf_counter()
     v, o = len(dm.vocab.tags), cfg.optim
+    epochs = cfg.trainer.max_epochs
+    if cfg.get("train_samples"):  # the recipe's budget in samples, as train() sizes it (training.size_by_samples)
+        epochs = max(1, math.ceil(cfg.train_samples / (dm.batches_per_epoch * dm.batch_size)))
+        with open_dict(cfg):
+            cfg.trainer.max_epochs = epochs
     model = DenseTagger(cfg.model.trunk, v)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
@@ -80,7 +86,7 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(o.warmup_batches, total, o.min_lr_ratio))
     weights = uploader_weights(data, dm.user_uses)
     model.train()
-    for epoch in range(cfg.trainer.max_epochs):
+    for epoch in range(epochs):
         for batch in MemoryBatches(data, dm.batch_size, dm.batches_per_epoch, dm.image_size, dm.min_scale,
                                    cfg.seed * 100003 + epoch, weights):
             logits = model(normalize(batch["image"]))  # (B, V)

@@ -44,7 +44,7 @@ COLUMNS = [("P@1", "tagging/precision@1"), ("P@5", "tagging/precision@5"), ("R@1
            ("rare-half P@5", "tagging/tag_precision@5/rare")]
 CORPUS_COLUMNS = [("clean P@5", "tagging/clean/precision@5"), ("noise@5", "tagging/noise_share@5")]  # where known
 DENSE = "+arm=dense"  # not a Hydra override: run_one trains im2vec.bench.dense instead of train()
-HEADS = {"recipe": [], "BCE head": ["sampler.head=full"], "dense CNN": [DENSE]}
+HEADS = {"recipe": [], "sampled head": ["sampler.head=sampled"], "BCE head": ["sampler.head=full"], "dense CNN": [DENSE]}
 COLLECTIONS = ("openclipart", "emoji", "openmoji")
 DATASETS = (*COLLECTIONS, "corpus")
 SPLITS = ("users", "random")
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> str:
                     "(e.g. threads.trunk=1 to run two benchmarks side by side on 2 cores)")
     ap.add_argument("--multirun", default=None, help="only print the table of a Hydra -m sweep's folder")
     ap.add_argument("--gamma-rules", action="store_true", help="only print how each rule for γ did on the runs in --json")
+    ap.add_argument("--table", action="store_true", help="only print the table of the runs already in --json")
     a = ap.parse_args(argv)
     wanted_data = labels(a.data, a.splits)
     if a.multirun:
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> str:
     else:
         variants = {h: HEADS[h] for h in a.heads} | {v[0]: v[1:] for v in a.variant}
         wanted = {(d, tuple(o)) for d in wanted_data for o in variants.values()}
-        records = run(wanted_data, variants, a.seeds, a.data_dir, Path(a.json), Path(a.out), a.extra)
+        records = load(Path(a.json)) if a.table else run(wanted_data, variants, a.seeds, a.data_dir, Path(a.json),
+                                                         Path(a.out), a.extra)
         text = table([r for r in records if (r["data"], tuple(r["overrides"])) in wanted and r["seed"] in a.seeds])
     print(text)
     return text
