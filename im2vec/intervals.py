@@ -10,7 +10,11 @@ images) with replacement; images without an uploader count as uploaders of one i
 ``choose`` can instead take the largest γ that is not worse than the best beyond the interval (a
 paired bootstrap of the difference): larger γ leans on the frequency prior, which is what a model
 can trust least about new uploaders, and a split too small to separate the γs then says so by
-choosing it.
+choosing it. Measured, that rule lost: over the collections' runs the test P@5 at the γ it chose was
+0.971 of the best γ's on average (worst run 0.844) against 0.982 for the plain best, and on validation
+splits of 3 to 30 uploaders drawn from the OpenMoji runs the best γ won at every size
+(``python -m im2vec.bench.gamma``). ``best`` is the default; the intervals are printed either way, and
+a split too small to trust gets a warning from the ingest and from training's summary.
 """
 
 from __future__ import annotations

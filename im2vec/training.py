@@ -96,6 +96,13 @@ def build_module(cfg: DictConfig, datamodule, shard: tuple[int, int] | None = No
 VALIDATIONS = 4  # with train_samples: validation this many times a run (and once more at its end)
 
 
+def epochs_for_samples(samples, per_epoch: int) -> int:
+    """``train_samples`` in epochs of ``per_epoch`` samples (all ranks together): ⌈samples / per_epoch⌉, at least 1."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise BadValue(f"train_samples={samples!r} is not an integer ≥ 1", "set train_samples=<samples> or null")
+    return max(1, math.ceil(samples / per_epoch))
+
+
 def size_by_samples(cfg: DictConfig, trainer: pl.Trainer, datamodule) -> None:
     """``train_samples``: a run sized by the samples it uses (all ranks together), not by epochs tuned on one
     collection: max_epochs = ⌈train_samples / samples an epoch⌉, validation about VALIDATIONS times a run.
@@ -103,10 +110,8 @@ def size_by_samples(cfg: DictConfig, trainer: pl.Trainer, datamodule) -> None:
     samples = cfg.get("train_samples")
     if not samples:
         return
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise BadValue(f"train_samples={samples!r} is not an integer ≥ 1", "set train_samples=<samples> or null")
     per_epoch = datamodule.batches_per_epoch * datamodule.batch_size * trainer.world_size
-    epochs = max(1, math.ceil(samples / per_epoch))
+    epochs = epochs_for_samples(samples, per_epoch)
     with open_dict(cfg):
         cfg.trainer.max_epochs = epochs
     trainer.fit_loop.max_epochs = epochs

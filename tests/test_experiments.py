@@ -165,10 +165,13 @@ def test_the_dense_baseline_trains_at_the_recipes_budget_and_scores_like_trainin
         assert 0 <= m[f"test/tagging/{k}"] <= 1
     assert m["test/images"] == trained["test/images"] and m["test/gamma"] == 0.0
     assert m["test/tagging/precision@5"] == pytest.approx(m["test/gamma_sweep/precision@5/0"], abs=1e-6)
-    model = DenseTagger("small_cnn", 5).eval()
     x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(WithOne(model.trunk)(x) @ model.as_table().t(), model(x), atol=1e-5)
+    for kw in ({}, {"bias": False}, {"rank": 4}, {"rank": 4, "bias": False}):  # the diagnostics' forms fold too
+        model = DenseTagger("small_cnn", 5, **kw).eval()
+        with torch.no_grad():
+            if model.head.bias is not None:
+                model.head.bias.normal_()  # a bias that matters
+            assert torch.allclose(WithOne(model.trunk)(x) @ model.as_table().t(), model(x), atol=1e-5), kw
 
 
 def test_the_gamma_benchmark_redraws_validation_and_agrees_with_training_on_the_whole_split(collection, tmp_path):

@@ -14,7 +14,6 @@ figures of ``train.py`` (same images, same metric code, beside the same prior): 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,23 +29,27 @@ from im2vec.loss import multi_hot
 from im2vec.memory import MemoryBatches, decode_split, uploader_weights
 from im2vec.model import build_trunk
 from im2vec.module import warmup_cosine
-from im2vec.training import check_config, schedule_length
+from im2vec.training import check_config, epochs_for_samples, schedule_length
 
 
 class DenseTagger(nn.Module):
     """trunk features -> V logits (a weight row and a bias per tag)."""
 
-    def __init__(self, trunk: str, num_tags: int):
+    def __init__(self, trunk: str, num_tags: int, bias: bool = True, rank: int | None = None):
         super().__init__()
         self.trunk, width = build_trunk(trunk)
-        self.head = nn.Linear(width, num_tags)
+        # rank: logits through a (rank × F) projection first, im2vec's u = W·f and v_t·u in dense form
+        self.proj = nn.Linear(width, rank, bias=False) if rank else nn.Identity()
+        self.head = nn.Linear(rank or width, num_tags, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))  # (B, V)
+        return self.head(self.proj(self.trunk(x)))  # (B, V)
 
     def as_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows (V, F+1), the bias folded in) so that features [f, 1] · rows = the logits: the scorers' form."""
-        return torch.cat([self.head.weight, self.head.bias.unsqueeze(1)], 1).detach()
+        weight = self.head.weight @ self.proj.weight if isinstance(self.proj, nn.Linear) else self.head.weight
+        bias = self.head.bias if self.head.bias is not None else weight.new_zeros(len(weight))
+        return torch.cat([weight, bias.unsqueeze(1)], 1).detach()
 
 
 class WithOne(nn.Module):
@@ -75,10 +78,11 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
     v, o = len(dm.vocab.tags), cfg.optim
     epochs = cfg.trainer.max_epochs
     if cfg.get("train_samples"):  # the recipe's budget in samples, as train() sizes it (training.size_by_samples)
-        epochs = max(1, math.ceil(cfg.train_samples / (dm.batches_per_epoch * dm.batch_size)))
+        epochs = epochs_for_samples(cfg.train_samples, dm.batches_per_epoch * dm.batch_size)
         with open_dict(cfg):
             cfg.trainer.max_epochs = epochs
-    model = DenseTagger(cfg.model.trunk, v)
+    # diagnostics: +dense_bias=false (no per-tag bias), +dense_rank=64 (the logits through a rank-64 projection)
+    model = DenseTagger(cfg.model.trunk, v, bias=bool(cfg.get("dense_bias", True)), rank=cfg.get("dense_rank"))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}], lr=o.lr)

@@ -8,8 +8,10 @@ the BCE head and a dense CNN at the same budget, over seeds.
 
 Each run is ``train(cfg)`` (what ``python train.py`` does): fit on the training split, choose γ on the
 validation split, score the test split at that γ. Arms, all at the recipe's budget (same trunk, images,
-crops, batches): ``recipe`` (the defaults: sampled head, negative sampling), ``BCE head``
-(``sampler.head=full``: a logit for each of the V tags through the same table) and ``dense CNN``
+crops, batches): ``recipe`` (the defaults as they are: ``sampler.head=auto`` is the full head up to
+20,000 tags, so on the collections it is the ``BCE head`` run under another name), ``sampled head``
+(``sampler.head=sampled``: negative sampling), ``BCE head`` (``sampler.head=full``: a logit for each
+of the V tags through the same table) and ``dense CNN``
 (``im2vec.bench.dense``: the plain multi-label CNN a researcher would write). The prior needs no
 training (every image gets s = log count(t)) and is read off any run's test figures.
 
