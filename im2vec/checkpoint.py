@@ -93,7 +93,8 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     ckpt = read_checkpoint(path)
     meta, state = ckpt["im2vec"], ckpt["state_dict"]
     try:
-        encoder = ImageEncoder(meta["encoder"]["trunk"], meta["encoder"]["dim"], weights=None)
+        encoder = ImageEncoder(meta["encoder"]["trunk"], meta["encoder"]["dim"], weights=None,
+                               project=meta["encoder"].get("project", True))
         encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
         table, log_counts = state["table.embedding.weight"].float(), state["table.log_counts"].float()
         tags, fingerprint = list(meta["tags"]), meta["fingerprint"]

@@ -126,7 +126,7 @@ def load_trunk(checkpoint: str | None = None, name: str | None = None, weights: 
         from im2vec.checkpoint import load_model
 
         model = load_model(checkpoint)
-        return model.encoder.trunk, model.encoder.spec["trunk"], model.encoder.proj.in_features, model.image_size
+        return model.encoder.trunk, model.encoder.spec["trunk"], model.encoder.width, model.image_size
     if weights and Path(weights).is_file() and _is_trunk_file(weights):
         saved = read_trunk_file(weights)
         if saved["trunk"] != name:

@@ -94,14 +94,23 @@ def build_trunk(name: str, weights: str | None = None) -> tuple[nn.Module, int]:
 
 
 class ImageEncoder(nn.Module):
-    """u = W · trunk(x): images (B, 3, H, W) -> image vectors (B, dim)."""
+    """u = W · trunk(x): images (B, 3, H, W) -> image vectors (B, dim). ``project=False``: u = trunk(x), no W
+    (dim must be the trunk's feature width)."""
 
-    def __init__(self, trunk: str = "small_cnn", dim: int = 64, weights: str | None = None):
+    def __init__(self, trunk: str = "small_cnn", dim: int = 64, weights: str | None = None, project: bool = True):
         super().__init__()
         self.trunk, width = build_trunk(trunk, weights)
-        self.proj = nn.Linear(width, dim, bias=False)
-        self.dim = dim
+        if project:
+            self.proj = nn.Linear(width, dim, bias=False)
+        elif dim != width:  # u = f: the tag vectors live in the trunk's feature space
+            raise BadValue(f"model.project=false needs model.dim={width} (the {trunk} trunk's feature width), "
+                           f"not {dim}", f"set model.dim={width}, or model.project=true")
+        else:
+            self.proj = nn.Identity()
+        self.dim, self.width = dim, width
         self.spec = {"trunk": trunk, "dim": dim}  # enough to rebuild the encoder from a checkpoint
+        if not project:
+            self.spec["project"] = False
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.trunk(x)  # (B, width)

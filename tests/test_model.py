@@ -106,3 +106,34 @@ def test_weights_by_name_from_hub_cache(empty_hub):
     torch.save(state, path)
     enc = ImageEncoder("resnet18", 8, weights="IMAGENET1K_V1")
     assert torch.equal(enc.trunk.conv1.weight.detach(), marker)
+
+
+def test_encoder_without_projection_is_the_trunk_and_survives_its_checkpoint(cache_dir, tmp_path):
+    """model.project=false: u = f (no W), dim must be the trunk's width (one line otherwise); a checkpoint of
+    such a run rebuilds the same encoder (load_model reads the flag from the recorded spec)."""
+    from hydra import compose, initialize_config_dir
+
+    from im2vec.checkpoint import load_model
+    from im2vec.errors import BadValue
+    from im2vec.training import train
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    enc = ImageEncoder("small_cnn", 128, project=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc(x), enc.trunk(x)) and enc.spec == {"trunk": "small_cnn", "dim": 128, "project": False}
+    assert not [p for n, p in enc.named_parameters() if n.startswith("proj")]
+    assert "project" not in ImageEncoder("small_cnn", 64).spec  # the default's spec as before: old checkpoints load
+    with pytest.raises(BadValue, match=r"model.project=false needs model.dim=128"):
+        ImageEncoder("small_cnn", 64, project=False)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(str(root), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path}",
+                                          "trainer.max_epochs=1", "model.dim=128", "model.project=false"])
+    _, objs = train(cfg)
+    model = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    trained = objs["module"].encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x), trained(x))
+        torch.testing.assert_close(model.encoder(x), model.encoder.trunk(x))

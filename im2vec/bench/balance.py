@@ -114,7 +114,8 @@ def train_times(data_dir: Path, batches: int) -> dict:
 
     out = {}
     for label, name in DATA.items():
-        m = run_one(name, str(data_dir), ["data.batches_per_epoch=" + str(batches), "trainer.max_epochs=3"], 0,
+        m = run_one(name, str(data_dir), ["data.batches_per_epoch=" + str(batches), "trainer.max_epochs=3",
+                                        "train_samples=null"], 0,
                     Path("outputs/bench-balance") / name.replace("/", "_"))
         out[label] = {"seconds": m["info/seconds"], "batches": 3 * batches}
     return out

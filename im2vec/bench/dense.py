@@ -69,6 +69,9 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     check_config(cfg)
+    trunk_threads = (cfg.get("threads") or {}).get("trunk")
+    if trunk_threads:  # threads.trunk, as train() takes it (two benchmarks side by side: 1 each)
+        torch.set_num_threads(int(trunk_threads))
     dm = make(cfg.data)
     if not dm.test_shards:
         raise BadValue("dense: the data has no test split", "give data.test_shards")
