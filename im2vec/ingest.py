@@ -160,7 +160,7 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
         os.replace(tmp, shard)  # only whole shards carry the final name
     else:
         tmp.unlink()  # every image skipped: a stats file only (an empty tar would be drawn in training)
-    # samples per uploader: the loader's max_per_user balances uploaders from these (im2vec.data.user_counts)
+    # samples per uploader: the loader's uploader balance (data.user_temperature) reads these (im2vec.data.user_counts)
     stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples,
              "users": dict(users)}
     _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished

@@ -19,7 +19,8 @@ SMALL = ["model=small_cnn", "model.dim=16", "data.image_size=32", "data.batch_si
          "data.num_workers=0", "data.val_batch_size=16", "data.shuffle_buffer=20", "data.vocab_min_count=1",
          "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1",
          "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "optim.warmup_batches=2", "validation.projector_tags=10", "validation.grid_images=2"]
+         "optim.warmup_batches=2", "validation.projector_tags=10", "validation.grid_images=2",
+         "train_samples=null"]  # the collection recipes' 300,000 samples would be thousands of epochs here
 
 
 def _photo(colour: str, seed: int) -> bytes:
@@ -157,7 +158,8 @@ def test_the_dense_baseline_trains_at_the_recipes_budget_and_scores_like_trainin
 
     from im2vec.bench.dense import DenseTagger, WithOne, train_dense
 
-    cfg = _cfg("collection_cpu", collection, tmp_path / "run", "data.batches_per_epoch=4", "data.user_temperature=0.5")
+    cfg = _cfg("collection_cpu", collection, tmp_path / "run", "data.batches_per_epoch=4", "data.user_temperature=0.5",
+               "train_samples=96")  # sized by samples as the recipe is: 3 epochs of 4 batches of 8
     m = train_dense(cfg)
     trained, _ = train(cfg)
     for k in ("precision@1", "precision@5", "recall@10", "map"):
