@@ -8,9 +8,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from im2vec.head import SamplerConfig, sampled_loss
-from im2vec.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows
-from im2vec.tag_table import make_table_optimizer
+from im2vec.wide.head import SamplerConfig, sampled_loss
+from im2vec.wide.sharded_table import ROW_STATE, ShardedTagTable, assemble_rows
+from im2vec.wide.tag_table import make_table_optimizer
 
 V, D, B, P, K, STEPS = 401, 8, 5, 2, 6, 3
 OPTIMIZERS = ("sparse_adam", "lazy_adam", "row_adagrad")
@@ -70,7 +70,7 @@ def head_steps(rank: int, world: int, port: int, out: str) -> None:
 
 def reference(world: int) -> dict:
     """One process, one table, each step's batch the ranks' batches concatenated."""
-    from im2vec.tag_table import CPUTagTable
+    from im2vec.wide.tag_table import CPUTagTable
 
     counts, full, steps = problem(world)
     s = SamplerConfig(num_negatives=K, num_positives=P)
@@ -97,7 +97,7 @@ def reference(world: int) -> dict:
 
 def validation_gather(rank: int, world: int, port: int, out: str, empty_rank: int = -1) -> None:
     """Rank r adds every world-th validation image (none on ``empty_rank``); rank 0 computes the figures."""
-    from im2vec.validation import ValidationReport
+    from im2vec.eval.validation import ValidationReport
 
     init(rank, world, port)
     group = dist.new_group(backend="gloo")

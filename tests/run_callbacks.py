@@ -10,7 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from im2vec.sharded_table import ROW_STATE
+from im2vec.wide.sharded_table import ROW_STATE
 
 
 class SignalAt(pl.Callback):

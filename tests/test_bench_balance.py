@@ -11,9 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from im2vec.bench import balance
-from im2vec.data import user_uses
-from im2vec.ingest import stats_name
-from im2vec.vocab import Vocabulary
+from im2vec.data.ingest import stats_name
+from im2vec.data.loader import user_uses
+from im2vec.data.vocab import Vocabulary
 
 
 def _collection(root, users: list[str]):

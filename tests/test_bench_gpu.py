@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from im2vec.bench import gpu
-from im2vec.model import ImageEncoder
-from im2vec.module import Im2VecModule
-from im2vec.tag_table import make_table_optimizer
+from im2vec.deep.encoder import ImageEncoder
+from im2vec.train.module import Im2VecModule
+from im2vec.wide.tag_table import make_table_optimizer
 
 PASSED = ("| placement, main | PASS |", "| placement, resume | PASS |", "| placement, other runs | PASS |",
           "| every run finishes as configured | PASS |")

@@ -18,8 +18,8 @@ from PIL import Image
 
 from im2vec.bench import emoji, npm, openmoji
 from im2vec.bench.collections import random_split
+from im2vec.data.yfcc import normalize_tags
 from im2vec.errors import UserError, run_cli
-from im2vec.yfcc import normalize_tags
 
 SPLITS = ("train", "val", "test")
 RED, BLUE, GREEN, YELLOW, PURPLE = (220, 30, 30), (30, 40, 210), (20, 170, 40), (240, 200, 0), (130, 30, 160)

@@ -4,8 +4,8 @@ import json
 
 import webdataset as wds
 
-from im2vec.corpus import CorpusSpec, content_tags, ensure_corpus
-from im2vec.vocab import Vocabulary
+from im2vec.data.corpus import CorpusSpec, content_tags, ensure_corpus
+from im2vec.data.vocab import Vocabulary
 
 SPEC = CorpusSpec(num_train=300, num_val=50, num_users=10, tail_size=400, shard_size=100)
 

@@ -11,10 +11,10 @@ import webdataset as wds
 from conftest import png_bomb
 from PIL import Image
 
-from im2vec.data import SKIP_IMAGE, SKIP_NO_TAG, eval_loader, train_loader
+from im2vec.data.loader import SKIP_IMAGE, SKIP_NO_TAG, eval_loader, train_loader
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import UserError
-from im2vec.sampler import PAD
-from im2vec.vocab import Vocabulary
+from im2vec.wide.sampler import PAD
 
 VOCAB = Vocabulary(["sea", "red", "canon"], [30, 20, 10])
 
@@ -83,7 +83,7 @@ def test_train_stream_is_fixed_by_seed_and_epoch(tmp_path):
 def test_data_module_draws_a_new_stream_each_epoch(tmp_path):
     from types import SimpleNamespace
 
-    from im2vec.datamodule import ShardDataModule
+    from im2vec.data.datamodule import ShardDataModule
 
     shard = _write(tmp_path / "s.tar", [_sample(i, ["sea"]) for i in range(30)])
     VOCAB.save(tmp_path / "vocab.tsv")
@@ -100,7 +100,7 @@ def test_data_module_draws_a_new_stream_each_epoch(tmp_path):
 
 
 def test_missing_or_unmatched_shards_fail_clearly(tmp_path):
-    from im2vec.datamodule import ShardDataModule
+    from im2vec.data.datamodule import ShardDataModule
 
     VOCAB.save(tmp_path / "vocab.tsv")
     with pytest.raises(FileNotFoundError, match="no shards match"):
@@ -219,7 +219,7 @@ def _smooth_photo(w: int, h: int) -> bytes:
 def test_reduced_decoding_keeps_the_crop_at_full_resolution(seed):
     import random
 
-    from im2vec.data import open_image, train_view
+    from im2vec.data.loader import open_image, train_view
 
     data = _smooth_photo(1600, 1200)
     fast = open_image(data)
@@ -230,7 +230,7 @@ def test_reduced_decoding_keeps_the_crop_at_full_resolution(seed):
 
 
 def test_normalize_on_the_batch_device():
-    from im2vec.data import MEAN, STD, normalize
+    from im2vec.data.loader import MEAN, STD, normalize
 
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     y = normalize(x)
@@ -241,7 +241,7 @@ def test_normalize_on_the_batch_device():
 def test_a_rank_whose_shards_are_all_unreadable_stops_with_a_clear_error(tmp_path):
     import signal
 
-    from im2vec.data import MAX_BAD_DRAWS
+    from im2vec.data.loader import MAX_BAD_DRAWS
 
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"\0" * 300)  # not a tar
@@ -261,7 +261,7 @@ def test_every_sample_is_used_equally_often_whatever_the_shard_sizes(tmp_path):
     would use a 30-sample shard's samples 5 times as often as a 6-sample shard's)."""
     import json as _json
 
-    from im2vec.data import resampled_shards, shard_sizes
+    from im2vec.data.loader import resampled_shards, shard_sizes
 
     big = _write(tmp_path / "shard-000000.tar", [_sample(i, ["sea"]) for i in range(30)])
     small = _write(tmp_path / "shard-000001.tar", [_sample(100 + i, ["sea"]) for i in range(6)])
@@ -288,7 +288,7 @@ def test_one_validation_shard_for_two_ranks():
 def test_training_skip_counts_match_a_replay_of_the_stream(tmp_path):
     """With a pass-through shuffle the training stream's order is known: replay the shard draws and
     count, batch by batch, the corrupt images met since the previous batch was emitted."""
-    from im2vec.data import resampled_shards
+    from im2vec.data.loader import resampled_shards
 
     corrupt = _write(tmp_path / "corrupt.tar", [_sample(100 + i, ["sea"], jpg=_jpeg(i)[:120]) for i in range(7)])
     good = _write(tmp_path / "good.tar", [_sample(i, ["sea"]) for i in range(5)])
@@ -343,7 +343,7 @@ def test_a_stream_without_one_usable_sample_stops_and_says_why(tmp_path, monkeyp
     skip reasons it counted."""
     import signal
 
-    import im2vec.data as data
+    import im2vec.data.loader as data
 
     monkeypatch.setattr(data, "MAX_UNUSABLE", 300)
     if case == "vocabulary of other shards":
@@ -367,7 +367,7 @@ def test_a_stream_without_one_usable_sample_stops_and_says_why(tmp_path, monkeyp
 
 def test_a_healthy_but_noisy_stream_does_not_trip_the_guard(tmp_path, monkeypatch):
     """One usable sample among many skipped ones resets the count: training goes on."""
-    import im2vec.data as data
+    import im2vec.data.loader as data
 
     monkeypatch.setattr(data, "MAX_UNUSABLE", 200)  # 4 interleaved streams: gaps of up to ~80 skipped samples
     samples = [_sample(i, ["sea"] if i % 20 == 0 else ["elsewhere"]) for i in range(200)]  # 1 in 20 usable
@@ -383,7 +383,7 @@ def test_malformed_clean_tags_are_a_skipped_sample_not_a_crash(tmp_path):
         {"__key__": "00001", "jpg": _jpeg(1), "json": json.dumps({"tags": [["sea"]]}).encode()},
         _sample(2, ["sea"], clean=["sea"]),
     ])
-    from im2vec.data import SKIP_BAD_META
+    from im2vec.data.loader import SKIP_BAD_META
 
     batches = list(eval_loader([shard], VOCAB, image_size=16, batch_size=8, num_workers=0))
     assert [b["keys"] for b in batches] == [["00002"]]
@@ -391,7 +391,7 @@ def test_malformed_clean_tags_are_a_skipped_sample_not_a_crash(tmp_path):
 
 
 def test_an_oversized_or_odd_json_is_one_bad_meta_skip(tmp_path):
-    from im2vec.data import MAX_META_BYTES, SKIP_BAD_META
+    from im2vec.data.loader import MAX_META_BYTES, SKIP_BAD_META
 
     huge = json.dumps({"tags": ["sea"], "description": "x" * MAX_META_BYTES}).encode()  # parses, but is not metadata
     shard = _write(tmp_path / "a.tar", [

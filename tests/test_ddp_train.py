@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
     assert_restored(tmp_path / "dump21.pt", pre2)
     assert ckpt(tmp_path / "res1" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
     # evaluation and prediction read a checkpoint written by 2 ranks as any other
-    from im2vec.predict import load_model
+    from im2vec.use.predict import load_model
 
     model = load_model(str(pre2))
     assert torch.equal(model.table, c2["state_dict"]["table.embedding.weight"])

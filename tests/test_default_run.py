@@ -4,7 +4,7 @@ import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from im2vec.training import train
+from im2vec.train.training import train
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from im2vec import evaluating, validation
 from im2vec.errors import BadValue
-from im2vec.ranking import (
+from im2vec.eval import evaluating, validation
+from im2vec.eval.ranking import (
     TagRanks,
     _count_above,
     _first_k,
@@ -22,9 +22,9 @@ from im2vec.ranking import (
     retrieval_metrics,
     tagging_metrics,
 )
-from im2vec.sampler import PAD
-from im2vec.scoring import FiniteCheck, check_finite, row_chunks, topk_tags
-from im2vec.validation import ValidationReport
+from im2vec.eval.scoring import FiniteCheck, check_finite, row_chunks, topk_tags
+from im2vec.eval.validation import ValidationReport
+from im2vec.wide.sampler import PAD
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -373,8 +373,8 @@ def test_cuda_scoring_matches_the_cpu_in_fp32_even_with_tf32_asked():
 
 def test_validation_scores_on_the_trunks_device(make_cfg, monkeypatch):
     """The module's validation hands its device to the scoring (the GPU's, on a GPU run)."""
-    from im2vec.training import train
-    from im2vec.validation import ValidationReport
+    from im2vec.eval.validation import ValidationReport
+    from im2vec.train.training import train
 
     seen = []
     real = ValidationReport.compute

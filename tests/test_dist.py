@@ -37,7 +37,7 @@ def test_w_rank_steps_equal_one_big_batch(world, tmp_path):
 
 
 def test_sharded_reads_and_writes_only_the_shard():
-    from im2vec.sharded_table import shard_of, shard_rows
+    from im2vec.wide.sharded_table import shard_of, shard_rows
 
     full = torch.arange(11 * 3, dtype=torch.float32).view(11, 3)
     parts = [shard_of(full, r, 4) for r in range(4)]
@@ -50,7 +50,7 @@ def test_sharded_reads_and_writes_only_the_shard():
 
 @pytest.mark.parametrize("empty_rank", [-1, 1])
 def test_validation_over_ranks_gives_one_process_figures(tmp_path, empty_rank):
-    from im2vec.validation import ValidationReport
+    from im2vec.eval.validation import ValidationReport
 
     out = tmp_path / "val.pt"
     spawn(w.validation_gather, 2, str(out), empty_rank)
@@ -73,8 +73,8 @@ def test_validation_over_ranks_gives_one_process_figures(tmp_path, empty_rank):
 
 
 def _module(seed: int = 0):
-    from im2vec.model import ImageEncoder
-    from im2vec.module import Im2VecModule
+    from im2vec.deep.encoder import ImageEncoder
+    from im2vec.train.module import Im2VecModule
 
     counts = torch.arange(30, 0, -1)
     return Im2VecModule(ImageEncoder("small_cnn", dim=8), [f"t{i}" for i in range(30)], counts, total_batches=4,
@@ -91,7 +91,7 @@ def test_ddp_leaves_the_table_and_its_cpu_buffers_alone():
 
 def test_each_rank_restores_its_own_generator_and_rows():
     """A 2-rank checkpoint holds both ranks' sampler streams and the whole table; rank 1 takes its own."""
-    from im2vec.sharded_table import ShardedTagTable, rank_seed
+    from im2vec.wide.sharded_table import ShardedTagTable, rank_seed
 
     m = _module(seed=5)
     full = m.table.weight.detach().clone()
@@ -124,8 +124,8 @@ def test_each_rank_restores_its_own_generator_and_rows():
 
 @pytest.mark.parametrize("total,d,world", [(1000, 64, 3), (997, 33, 2), (61, 8, 4), (5, 3, 2), (4099, 7, 5), (3, 2, 5)])
 def test_each_rank_draws_its_rows_of_the_one_device_table_without_holding_it(total, d, world):
-    from im2vec.sharded_table import normal_rows, shard_rows
-    from im2vec.tag_table import CPUTagTable
+    from im2vec.wide.sharded_table import normal_rows, shard_rows
+    from im2vec.wide.tag_table import CPUTagTable
 
     torch.manual_seed(3)
     whole = CPUTagTable(torch.ones(total), d, 0.01).weight.detach().clone()
@@ -141,8 +141,8 @@ def test_a_module_built_for_rank_1_of_2_holds_rank_1s_rows_of_the_one_device_tab
     torch.manual_seed(11)
     whole = _module().table.weight.detach().clone()
     after = torch.rand(2)
-    from im2vec.model import ImageEncoder
-    from im2vec.module import Im2VecModule
+    from im2vec.deep.encoder import ImageEncoder
+    from im2vec.train.module import Im2VecModule
 
     torch.manual_seed(11)
     m = Im2VecModule(ImageEncoder("small_cnn", dim=8), [f"t{i}" for i in range(30)], torch.arange(30, 0, -1),

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from im2vec.checkpoint import check_checkpoint_file, load_model
 from im2vec.errors import BadValue, NotFound, UserError, one_line, run_cli
-from im2vec.training import check_config, train
+from im2vec.train.checkpoint import check_checkpoint_file, load_model
+from im2vec.train.training import check_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def _checkpoint_file(path: Path) -> Path:
 
 def test_the_yfcc_experiment_without_data(tmp_path):
     proc = _run("train.py", "+experiment=yfcc", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
-    _one_error_line(proc, "data: no shards match", "yfcc/train/shard-", "python -m im2vec.ingest")
+    _one_error_line(proc, "data: no shards match", "yfcc/train/shard-", "python -m im2vec.data.ingest")
     full = _run("train.py", "+experiment=yfcc", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run2'}",
                 env={"HYDRA_FULL_ERROR": "1"})  # the traceback, on request
     assert full.returncode == 1 and "Traceback" in full.stderr and "NotFound: data: no shards match" in full.stderr
@@ -148,7 +148,8 @@ def test_a_user_error_from_a_dataloader_worker_is_its_own_message():
 
 
 def test_module_commands_follow_the_convention(tmp_path, capsys):
-    from im2vec import ingest, predict, vocab
+    from im2vec.data import ingest, vocab
+    from im2vec.use import predict
 
     assert run_cli(vocab.main, [str(tmp_path / "v.tsv"), "--shards", str(tmp_path / "none-*.tar")], exit=False) == 2
     err = capsys.readouterr().err
@@ -167,7 +168,7 @@ def test_module_commands_follow_the_convention(tmp_path, capsys):
 
 
 def test_python_m_prints_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "im2vec.ingest", "collection", str(tmp_path / "none.jsonl"),
+    proc = subprocess.run([sys.executable, "-m", "im2vec.data.ingest", "collection", str(tmp_path / "none.jsonl"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     _one_error_line(proc, "ingest: input not found", "check the path")
 

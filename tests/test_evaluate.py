@@ -7,9 +7,8 @@ from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from im2vec.evaluating import evaluate
-from im2vec.training import train
-
+from im2vec.eval.evaluating import evaluate
+from im2vec.train.training import train
 
 
 def _eval_cfg(cache_dir, out, *overrides):
@@ -63,8 +62,8 @@ def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
     m = evaluate(_eval_cfg(cache_dir, tmp_path, f"ckpt_path={ckpt}", "gamma=0.0", "max_images=40"))
     assert m["info/gamma"] == 0.0 and m["info/images"] == 40
     assert m["tagging/precision@5"] == pytest.approx(m["gamma_sweep/precision@5/0"], abs=1e-6)
-    from im2vec.checkpoint import load_model
-    from im2vec.corpus import content_tags
+    from im2vec.data.corpus import content_tags
+    from im2vec.train.checkpoint import load_model
 
     tags = [t for t in load_model(ckpt).tags if t in set(content_tags())][:3]  # every held-out split has some
     q = evaluate(_eval_cfg(cache_dir, tmp_path / "q", f"ckpt_path={ckpt}", f"queries=[{','.join(tags)}]"))
@@ -78,7 +77,7 @@ def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
 def test_a_vocabulary_without_noise_tags_scores():
     import torch
 
-    from im2vec.evaluating import noise_ids_for, score_model
+    from im2vec.eval.evaluating import noise_ids_for, score_model
 
     noise = noise_ids_for(["a", "b"], {"a", "b"})  # every tag names content
     assert noise.dtype == torch.long and noise.numel() == 0

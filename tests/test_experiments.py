@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from im2vec.ingest import main as ingest
-from im2vec.training import train
-from im2vec.vocab import main as vocab
+from im2vec.data.ingest import main as ingest
+from im2vec.data.vocab import main as vocab
+from im2vec.train.training import train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 SMALL = ["model=small_cnn", "model.dim=16", "data.image_size=32", "data.batch_size=8", "data.batches_per_epoch=3",
@@ -125,7 +125,7 @@ def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_ano
     """evaluate.py ckpt_path=… alone: the data settings the checkpoint recorded, so the same test figures as the run
     that wrote it (not the built-in corpus, as before); images of other data (no tag in common) refused in one line."""
     from im2vec.errors import BadValue
-    from im2vec.evaluating import evaluate
+    from im2vec.eval.evaluating import evaluate
 
     data = collection
     out = tmp_path / "run"
@@ -199,8 +199,8 @@ def test_the_gamma_benchmark_redraws_validation_and_agrees_with_training_on_the_
 
 def test_the_collection_recipe_takes_the_full_head_for_a_small_vocabulary_and_the_sampled_one_above(collection, tmp_path):
     from im2vec.errors import make
-    from im2vec.head import SamplerConfig, resolve_head
-    from im2vec.training import build_module
+    from im2vec.train.training import build_module
+    from im2vec.wide.head import SamplerConfig, resolve_head
 
     cfg = _cfg("collection_cpu", collection, tmp_path / "run")
     assert cfg.sampler.head == "auto"

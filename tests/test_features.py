@@ -1,4 +1,4 @@
-"""Frozen-trunk fast mode: extraction (python -m im2vec.features) against a brute-force pass of the trunk,
+"""Frozen-trunk fast mode: extraction (python -m im2vec.train.features) against a brute-force pass of the trunk,
 corrupt samples skipped and counted, one-line errors; training from the features through the real Hydra
 config (+experiment=features): the trunk bit-identical, W and the table trained, the checkpoint a Tagger of
 images, resume."""
@@ -16,13 +16,19 @@ from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from im2vec.checkpoint import load_model
-from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import eval_view, normalize, to_uint8_tensor
-from im2vec.features import MANIFEST, TRUNK_FILE, main, read_trunk_file, trunk_digest
-from im2vec.images import open_image
-from im2vec.predict import Tagger
-from im2vec.training import train
+from im2vec.data.corpus import CorpusSpec, ensure_corpus
+from im2vec.data.images import open_image
+from im2vec.data.loader import eval_view, normalize, to_uint8_tensor
+from im2vec.train.checkpoint import load_model
+from im2vec.train.features import (
+    MANIFEST,
+    TRUNK_FILE,
+    main,
+    read_trunk_file,
+    trunk_digest,
+)
+from im2vec.train.training import train
+from im2vec.use.predict import Tagger
 
 SPEC = {o.split("=")[0].split(".")[-1]: int(o.split("=")[1]) for o in TINY if o.startswith("data.corpus.")}
 

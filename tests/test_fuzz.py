@@ -43,9 +43,12 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.control import currently_in_test_context
 from PIL import Image
 
-from im2vec import data, ingest, predict, ranking, scoring, vocab, yfcc
+from im2vec.data import ingest, vocab, yfcc
+from im2vec.data import loader as data
 from im2vec.errors import PREFIX, BadValue, NotFound, UserError, run_cli
-from im2vec.sampler import PAD
+from im2vec.eval import ranking, scoring
+from im2vec.use import predict
+from im2vec.wide.sampler import PAD
 
 # ----------------------------------------------------------------------------- profiles
 

@@ -25,11 +25,18 @@ from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from im2vec.data import eval_loader, eval_view, first_by_key, key_rank, normalize, to_uint8_tensor
+from im2vec.data.loader import (
+    eval_loader,
+    eval_view,
+    first_by_key,
+    key_rank,
+    normalize,
+    to_uint8_tensor,
+)
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import UserError
-from im2vec.sampler import PAD
-from im2vec.validation import ValidationReport
-from im2vec.vocab import Vocabulary
+from im2vec.eval.validation import ValidationReport
+from im2vec.wide.sampler import PAD
 
 # =====================================================================================================
 # 1. ValidationReport: γ chosen by a criterion on the validation images
@@ -367,7 +374,7 @@ def _eval_cfg(cache_dir, out, *overrides):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """The tiny default run (2 epochs, validation at each: γ chosen at the last one)."""
-    from im2vec.training import train
+    from im2vec.train.training import train
 
     out = tmp_path_factory.mktemp("gamma-run")
     metrics, objs = train(_train_cfg(cache_dir, out))
@@ -432,7 +439,7 @@ def test_training_reports_the_chosen_gamma_and_the_test_split(trained, cache_dir
 
 
 def test_checkpoint_and_loaded_model_carry_the_chosen_gamma(trained):
-    from im2vec.checkpoint import load_model
+    from im2vec.train.checkpoint import load_model
 
     out, m, objs = trained
     ckpt = out / "checkpoints" / "last.ckpt"
@@ -442,7 +449,7 @@ def test_checkpoint_and_loaded_model_carry_the_chosen_gamma(trained):
 
 
 def test_test_precision_equals_a_brute_force_recomputation(trained):
-    from im2vec.checkpoint import load_model
+    from im2vec.train.checkpoint import load_model
 
     out, m, objs = trained
     module, dm = objs["module"], objs["datamodule"]
@@ -472,7 +479,7 @@ def test_test_precision_equals_a_brute_force_recomputation(trained):
 
 
 def test_evaluate_scores_the_test_split_by_default_and_val_with_shards(trained, cache_dir, tmp_path):
-    from im2vec.evaluating import evaluate
+    from im2vec.eval.evaluating import evaluate
 
     out, m, objs = trained
     dm, tags = objs["datamodule"], objs["module"].tags
@@ -492,7 +499,7 @@ def test_evaluate_scores_the_test_split_by_default_and_val_with_shards(trained, 
 
 
 def test_evaluate_says_so_when_the_test_pattern_matches_nothing(trained, cache_dir, tmp_path, capsys):
-    from im2vec.evaluating import evaluate
+    from im2vec.eval.evaluating import evaluate
 
     out, m, objs = trained
     dm = objs["datamodule"]
@@ -510,8 +517,8 @@ def test_evaluate_says_so_when_the_test_pattern_matches_nothing(trained, cache_d
 
 
 def test_gamma_fixed_when_not_chosen_and_set_gamma_rewrites_it(cache_dir, tmp_path):
-    from im2vec.checkpoint import load_model, set_gamma
-    from im2vec.training import train
+    from im2vec.train.checkpoint import load_model, set_gamma
+    from im2vec.train.training import train
 
     m, objs = train(_train_cfg(cache_dir, tmp_path, "trainer.max_epochs=1", "validation.choose_gamma=false",
                                "sampler.gamma=0.7"))
@@ -534,8 +541,8 @@ def test_gamma_fixed_when_not_chosen_and_set_gamma_rewrites_it(cache_dir, tmp_pa
 def test_gamma_chosen_after_fit_is_written_to_the_checkpoint(cache_dir, tmp_path):
     """No validation during fit (check_val_every_n_epoch > max_epochs): train() validates afterwards and must
     give the checkpoint written at the epoch's end (with the starting γ) the γ chosen then."""
-    from im2vec.checkpoint import load_model
-    from im2vec.training import train
+    from im2vec.train.checkpoint import load_model
+    from im2vec.train.training import train
 
     m, objs = train(_train_cfg(cache_dir, tmp_path, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=2",
                                "sampler.gamma=7.0", "validation.gamma_rule=best"))  # 64 images: any γ "within"

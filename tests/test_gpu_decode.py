@@ -9,13 +9,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from im2vec import data, gpu_decode
 from im2vec.bench.loader import photo
-from im2vec.data import SKIP_IMAGE, eval_loader, train_loader
-from im2vec.datamodule import ShardDataModule
+from im2vec.data import gpu_decode
+from im2vec.data import loader as data
+from im2vec.data.datamodule import ShardDataModule
+from im2vec.data.gpu_decode import ENCODED_KEYS, finish_batch, is_encoded
+from im2vec.data.loader import SKIP_IMAGE, eval_loader, train_loader
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import BadValue, one_line
-from im2vec.gpu_decode import ENCODED_KEYS, finish_batch, is_encoded
-from im2vec.vocab import Vocabulary
 
 VOCAB = Vocabulary(["sea", "red", "canon"], [30, 20, 10])
 CPU = torch.device("cpu")

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from im2vec import pipeline
 from im2vec.errors import BadValue
-from im2vec.head import SamplerConfig, draw_ids, sampled_loss
-from im2vec.module import Im2VecModule, check_precision
-from im2vec.sampler import NegativeSampler, PositiveSampler
-from im2vec.tag_table import CPUTagTable
-from im2vec.training import train
+from im2vec.train.module import Im2VecModule, check_precision
+from im2vec.train.training import train
+from im2vec.wide import pipeline
+from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
+from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+from im2vec.wide.tag_table import CPUTagTable
 
 
 def _counts(v: int = 500) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_module_head_is_fp32_under_bf16_autocast():
 def test_module_head_loss_under_autocast_equals_fp32(make_cfg):
     """Im2VecModule.head_loss itself: the loss and the table gradient under bf16 autocast equal the fp32 head
     on the same image vectors."""
-    from im2vec.model import ImageEncoder
+    from im2vec.deep.encoder import ImageEncoder
 
     counts = _counts()
     mods = [Im2VecModule(ImageEncoder("small_cnn", 16), [str(i) for i in range(500)], counts, 10,
@@ -88,7 +88,7 @@ def test_fp16_is_refused(precision):
 
 
 def test_module_setup_refuses_fp16():
-    from im2vec.model import ImageEncoder
+    from im2vec.deep.encoder import ImageEncoder
 
     mod = Im2VecModule(ImageEncoder("small_cnn", 16), [str(i) for i in range(500)], _counts(), 10)
     mod.trainer = SimpleNamespace(world_size=1, precision="16-mixed", global_rank=0)  # what setup reads
@@ -130,7 +130,7 @@ def test_load_from_checkpoint_keeps_the_table_in_host_memory(make_cfg, tmp_path)
     _, objs = train(make_cfg("trainer.max_epochs=1"))
     mod = objs["module"]
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    from im2vec.model import ImageEncoder
+    from im2vec.deep.encoder import ImageEncoder
 
     loaded = Im2VecModule.load_from_checkpoint(
         ckpt, map_location="meta", encoder=ImageEncoder("small_cnn", mod.table.dim), tags=mod.tags,
@@ -202,7 +202,7 @@ def test_loader_pins_for_a_gpu_trunk(make_cfg):
         seen["pin"] = self.trainer.datamodule.pin_memory
         return real(self, stage)
 
-    import im2vec.module as module_mod
+    import im2vec.train.module as module_mod
     module_mod.Im2VecModule.setup = setup
     try:
         train(make_cfg("+debug=fdr"))
@@ -255,8 +255,8 @@ def test_overlap_worker_error_surfaces(make_cfg, tmp_path, monkeypatch):
 
 
 def test_overlap_refused_with_a_sharded_table():
-    from im2vec.model import ImageEncoder
-    from im2vec.module import OptimConfig
+    from im2vec.deep.encoder import ImageEncoder
+    from im2vec.train.module import OptimConfig
 
     with pytest.raises(BadValue, match="optim.overlap"):
         OptimConfig(overlap="sometimes")
@@ -304,7 +304,7 @@ def test_logging_reads_the_device_only_on_log_steps(make_cfg, monkeypatch):
 def test_a_subclass_head_loss_is_used_and_stepped_with_overlap_on(make_cfg, monkeypatch):
     """A subclass with its own head_loss keeps it (the pipelined step replaces only the stock head), and its
     table gradient is stepped even with optim.overlap=true (no deferred step for a head that is not queued)."""
-    import im2vec.training as training
+    import im2vec.train.training as training
 
     calls = []
 

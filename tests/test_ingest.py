@@ -11,9 +11,23 @@ import pytest
 from conftest import png_bomb
 from PIL import Image
 
+from im2vec.data.ingest import (
+    Settings,
+    collection_samples,
+    main,
+    prepare_image,
+    run,
+    split_of,
+)
+from im2vec.data.yfcc import (
+    COLUMNS_25,
+    Skip,
+    image_path,
+    normalize_tag,
+    parse_line,
+    url_decode,
+)
 from im2vec.errors import UserError
-from im2vec.ingest import Settings, collection_samples, main, prepare_image, run, split_of
-from im2vec.yfcc import COLUMNS_25, Skip, image_path, normalize_tag, parse_line, url_decode
 
 # the real line quoted in shared/DESIGN.md (empty fields kept)
 REAL = ("6639\t6162540254\t4ccb23d8746b8d9d76ffd603fc7988\t15087210@N00\thenribergius\t2011-09-10 21:13:32.0\t"
@@ -305,8 +319,8 @@ def test_collection_tsv_manifest(tmp_path):
 
 
 def test_vocabulary_from_metadata_and_from_shards_match_a_brute_force_count(tmp_path):
-    from im2vec.vocab import Vocabulary
-    from im2vec.vocab import main as vocab_main
+    from im2vec.data.vocab import Vocabulary
+    from im2vec.data.vocab import main as vocab_main
 
     data, mirror, expected = _mirror(tmp_path, n_good=30)
     (tmp_path / "meta.tsv").write_bytes(data)
@@ -332,7 +346,7 @@ def test_vocabulary_from_metadata_and_from_shards_match_a_brute_force_count(tmp_
     # a truncated shard: what was read is counted, the error too
     shard = sorted((out / "train").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:1500])
-    from im2vec.vocab import count_shard_tags
+    from im2vec.data.vocab import count_shard_tags
     counts, n, errors = count_shard_tags(str(shard))
     assert errors == 1 and n < 7
 
@@ -349,7 +363,7 @@ def test_a_truncated_bz2_keeps_the_lines_before_the_damage(tmp_path):
 
 
 def test_vocabulary_load_refuses_an_unsorted_file_instead_of_cutting_it_short(tmp_path):
-    from im2vec.vocab import Vocabulary
+    from im2vec.data.vocab import Vocabulary
 
     ok = tmp_path / "ok.tsv"
     ok.write_text("sea\t9\nsky\t9\nred\t4\ncanon\t1\n", encoding="utf-8")
@@ -365,7 +379,7 @@ def test_vocabulary_load_refuses_an_unsorted_file_instead_of_cutting_it_short(tm
 def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
     from PIL import Image as PILImage
 
-    from im2vec.images import MAX_PIXELS, TooLarge, open_image
+    from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
 
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", MAX_PIXELS)  # PIL refuses twice this itself: 190M pixels
     img = open_image(png_bomb(19000, 10000), max_pixels=200_000_000)  # the header only: nothing is decoded
@@ -377,8 +391,8 @@ def test_max_pixels_above_pils_own_limit_is_honoured(monkeypatch):
 
 
 def test_vocabulary_load_refuses_a_tag_listed_twice(tmp_path):
+    from im2vec.data.vocab import Vocabulary
     from im2vec.errors import BadValue
-    from im2vec.vocab import Vocabulary
 
     (tmp_path / "v.tsv").write_text("sea\t5\nsky\t4\nsea\t3\n")
     with pytest.raises(BadValue, match=r"v.tsv:3: the tag 'sea' again \(first on line 1\)"):
@@ -397,8 +411,8 @@ def _uploader_mix(tmp_path, window: int) -> tuple[list[Counter], list[Counter]]:
     """A manifest sorted by uploader (4 uploaders × 50 images, as a folder per uploader gives), ingested into
     shards of 100 with --shuffle-window ``window``: each shard's uploaders, and those of the training batches
     the streaming loader makes of them (batches of 10, a shuffle buffer of 20: far smaller than a shard)."""
-    from im2vec.data import train_loader
-    from im2vec.vocab import Vocabulary
+    from im2vec.data.loader import train_loader
+    from im2vec.data.vocab import Vocabulary
 
     photos = tmp_path / f"photos{window}"
     photos.mkdir()

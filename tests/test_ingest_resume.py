@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from im2vec.data.ingest import SPLITS, main, split_of
 from im2vec.errors import UserError
-from im2vec.ingest import SPLITS, main, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, BAD = 16, {4, 11}  # images 4 and 11 are not images: skipped and counted (corrupt_image)
@@ -110,7 +110,7 @@ def test_an_ingest_killed_at_any_point_resumes_to_the_uninterrupted_output(tmp_p
         p.unlink()
         os.mkfifo(p)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "im2vec.ingest", *_args(manifest, out, workers)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "im2vec.data.ingest", *_args(manifest, out, workers)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -163,7 +163,7 @@ def test_the_command_line_says_a_changed_input_in_one_line(tmp_path):
     manifest = _collection(tmp_path / "photos")
     main(_args(manifest, tmp_path / "out", 0))
     manifest.write_text(manifest.read_text() + json.dumps({"image": "img01.jpg", "tags": ["x"]}) + "\n")
-    run = subprocess.run([sys.executable, "-m", "im2vec.ingest", *_args(manifest, tmp_path / "out", 0)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "im2vec.data.ingest", *_args(manifest, tmp_path / "out", 0)], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("im2vec: error: ingest: ") and run.stderr.count("\n") == 1

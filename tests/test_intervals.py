@@ -1,10 +1,10 @@
-"""Bootstrap intervals over uploaders and the rule that chooses γ (im2vec.intervals), against brute force."""
+"""Bootstrap intervals over uploaders and the rule that chooses γ (im2vec.eval.intervals), against brute force."""
 
 import pytest
 import torch
 
-from im2vec.intervals import bootstrap_means, choose, interval
-from im2vec.validation import ValidationReport
+from im2vec.eval.intervals import bootstrap_means, choose, interval
+from im2vec.eval.validation import ValidationReport
 
 
 def test_bootstrap_means_resample_uploaders_with_their_images():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import im2vec.sparse_optim as so
-from im2vec.sparse_optim import SparseAdam, make_table_optimizer
+import im2vec.wide.sparse_optim as so
+from im2vec.wide.sparse_optim import SparseAdam, make_table_optimizer
 
 
 def _coo(indices, values, shape) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Losses of im2vec/loss.py against brute-force Python loops (math.log / math.exp, float64)."""
+"""Losses of im2vec/wide/loss.py against brute-force Python loops (math.log / math.exp, float64)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from im2vec.loss import full_bce_loss, multi_hot, negative_sampling_loss, shared_negative_loss
-from im2vec.sampler import PAD
+from im2vec.wide.loss import (
+    full_bce_loss,
+    multi_hot,
+    negative_sampling_loss,
+    shared_negative_loss,
+)
+from im2vec.wide.sampler import PAD
 
 
 def logsig(x: float) -> float:

@@ -1,4 +1,4 @@
-"""The training split decoded once into memory (im2vec.memory): what is decoded, the epoch's order, the crops
+"""The training split decoded once into memory (im2vec.data.memory): what is decoded, the epoch's order, the crops
 and flips on tensors, the batches, and when the data module uses it."""
 
 import io
@@ -12,11 +12,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from im2vec.data import SKIP_REASONS
-from im2vec.datamodule import ShardDataModule
-from im2vec.ingest import stats_name
-from im2vec.memory import MemoryBatches, augment, decode_split, epoch_order, store_side
-from im2vec.vocab import Vocabulary
+from im2vec.data.datamodule import ShardDataModule
+from im2vec.data.ingest import stats_name
+from im2vec.data.loader import SKIP_REASONS
+from im2vec.data.memory import (
+    MemoryBatches,
+    augment,
+    decode_split,
+    epoch_order,
+    store_side,
+)
+from im2vec.data.vocab import Vocabulary
 
 VOCAB = Vocabulary(["sea", "red", "sky"], [30, 20, 10])
 

@@ -1,4 +1,4 @@
-"""Trunks and the image encoder of im2vec/model.py (never downloads anything)."""
+"""Trunks and the image encoder of im2vec/deep/encoder.py (never downloads anything)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from im2vec.model import ImageEncoder, build_trunk
+from im2vec.deep.encoder import ImageEncoder, build_trunk
 
 # feature widths of the stripped torchvision classifiers (their last Linear's in_features)
 WIDTHS = {
@@ -111,12 +111,12 @@ def test_weights_by_name_from_hub_cache(empty_hub):
 def test_encoder_without_projection_is_the_trunk_and_survives_its_checkpoint(cache_dir, tmp_path):
     """model.project=false: u = f (no W), dim must be the trunk's width (one line otherwise); a checkpoint of
     such a run rebuilds the same encoder (load_model reads the flag from the recorded spec)."""
+    from conftest import TINY
     from hydra import compose, initialize_config_dir
 
-    from im2vec.checkpoint import load_model
     from im2vec.errors import BadValue
-    from im2vec.training import train
-    from conftest import TINY
+    from im2vec.train.checkpoint import load_model
+    from im2vec.train.training import train
 
     torch.manual_seed(0)
     enc = ImageEncoder("small_cnn", 128, project=False).eval()

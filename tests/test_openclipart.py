@@ -15,10 +15,10 @@ from PIL import Image
 
 from im2vec.bench.collections import random_split
 from im2vec.bench.openclipart import build, svg_metadata
+from im2vec.data.images import to_rgb
+from im2vec.data.ingest import Settings, collection_samples, main, run
+from im2vec.data.yfcc import normalize_tags
 from im2vec.errors import UserError
-from im2vec.images import to_rgb
-from im2vec.ingest import Settings, collection_samples, main, run
-from im2vec.yfcc import normalize_tags
 
 
 # ---------------------------------------------------------------- svg_metadata

@@ -15,12 +15,12 @@ from conftest import ROOT, TINY, png_bomb
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from im2vec.checkpoint import load_model
-from im2vec.data import eval_view, normalize, to_uint8_tensor
+from im2vec.data.images import open_image
+from im2vec.data.loader import eval_view, normalize, to_uint8_tensor
 from im2vec.errors import UserError
-from im2vec.images import open_image
-from im2vec.predict import BadImage, Tagger, main
-from im2vec.training import train
+from im2vec.train.checkpoint import load_model
+from im2vec.train.training import train
+from im2vec.use.predict import BadImage, Tagger, main
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_index_and_search_commands(trained, photos, tmp_path, capsys):
     assert [float(s) for _, s in printed] == pytest.approx(scores[want].tolist(), abs=1e-5)
 
     # the same command through `python -m`
-    run = subprocess.run([sys.executable, "-m", "im2vec.predict", "search", str(trained.ckpt), str(index), tag,
+    run = subprocess.run([sys.executable, "-m", "im2vec.use.predict", "search", str(trained.ckpt), str(index), tag,
                           "--k", "4"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert [line.split("\t") for line in run.stdout.splitlines()] == printed
 
@@ -222,5 +222,5 @@ def test_index_and_search_commands(trained, photos, tmp_path, capsys):
 
 def test_import_im2vec_stays_light():
     code = ("import sys, im2vec; assert 'torch' not in sys.modules, 'import im2vec pulled in torch'; "
-            "from im2vec.predict import Tagger; assert im2vec.Tagger is Tagger")
+            "from im2vec.use.predict import Tagger; assert im2vec.Tagger is Tagger")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

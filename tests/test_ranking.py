@@ -1,4 +1,4 @@
-"""im2vec.ranking against independent brute-force references (full N×V score matrix, explicit loops)
+"""im2vec.eval.ranking against independent brute-force references (full N×V score matrix, explicit loops)
 and scikit-learn where it defines the same quantity.
 
 Score cases:
@@ -16,10 +16,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, label_ranking_average_precision_score
+from sklearn.metrics import (
+    average_precision_score,
+    label_ranking_average_precision_score,
+)
 
-from im2vec.ranking import KS, rank_tags, retrieval_metrics, tagging_metrics
-from im2vec.sampler import PAD
+from im2vec.eval.ranking import KS, rank_tags, retrieval_metrics, tagging_metrics
+from im2vec.wide.sampler import PAD
 
 SEEDS = [0, 1, 2, 3]
 CASES = ["continuous", "quantized", "prior"]
@@ -504,7 +507,7 @@ def test_retrieval_explicit_queries_and_chunks(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rank_prior_equals_the_full_pass_with_zero_vectors(seed):
-    from im2vec.ranking import rank_prior
+    from im2vec.eval.ranking import rank_prior
 
     u, table, lc, gamma = make_scores("prior", seed)
     truth = make_truth(seed, u.shape[0], table.shape[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from im2vec.resilience import AtomicCheckpointIO, Checkpoints
+from im2vec.train.resilience import AtomicCheckpointIO, Checkpoints
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

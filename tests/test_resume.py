@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from im2vec.training import train
+from im2vec.train.training import train
 
 DET = ["trainer.deterministic=true", "trainer.check_val_every_n_epoch=2"]
 

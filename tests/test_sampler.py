@@ -1,4 +1,4 @@
-"""NegativeSampler / PositiveSampler against brute-force references (im2vec/sampler.py).
+"""NegativeSampler / PositiveSampler against brute-force references (im2vec/wide/sampler.py).
 
 Frequencies are compared with probabilities computed independently in Python, with a
 binomial tolerance |emp - p| <= 5 * sqrt(p (1 - p) / n) + 1e-4.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from im2vec.sampler import PAD, NegativeSampler, PositiveSampler
+from im2vec.wide.sampler import PAD, NegativeSampler, PositiveSampler
 
 
 def _tol(p: float, n: int) -> float:
@@ -242,7 +242,7 @@ def test_same_seed_same_draws_and_state_restore():
 
 
 def test_samplers_refuse_negative_counts():
-    from im2vec.sampler import NegativeSampler, PositiveSampler
+    from im2vec.wide.sampler import NegativeSampler, PositiveSampler
 
     counts = torch.tensor([5, -2, 3])
     with pytest.raises(ValueError, match=r"counts must be non-negative \(tag 1 has -2\)"):
@@ -253,7 +253,7 @@ def test_samplers_refuse_negative_counts():
 
 def test_positive_sampler_does_not_underflow_at_large_beta_and_counts():
     """count^(-beta) in float32 is 0 for count 1e6 and beta 8: the draws must still follow the brute force."""
-    from im2vec.sampler import PositiveSampler
+    from im2vec.wide.sampler import PositiveSampler
 
     counts = torch.tensor([1_000_000, 2_000_000, 3_000_000, 10])
     s = PositiveSampler(counts, beta=8.0)

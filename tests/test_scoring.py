@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from im2vec.metrics import noise_share, precision_at_k
-from im2vec.module import SamplerConfig, warmup_cosine
-from im2vec.sampler import PAD
-from im2vec.scoring import prior_topk, topk_tags
+from im2vec.eval.metrics import noise_share, precision_at_k
+from im2vec.eval.scoring import prior_topk, topk_tags
+from im2vec.train.module import SamplerConfig, warmup_cosine
+from im2vec.wide.sampler import PAD
 
 
 def test_chunked_topk_matches_full_scoring():
@@ -55,7 +55,7 @@ def test_sampler_config_rejects_unknown_modes():
 def test_schedule_length_counts_batches():
     from omegaconf import OmegaConf
 
-    from im2vec.training import schedule_length
+    from im2vec.train.training import schedule_length
 
     cfg = OmegaConf.create({"trainer": {"max_epochs": 3, "max_steps": 8}, "data": {"batches_per_epoch": 10}})
     assert schedule_length(cfg) == 30  # max_steps only stops early: one schedule across a stop and resume

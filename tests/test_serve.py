@@ -1,4 +1,4 @@
-"""The web demo (im2vec.serve): its answers against Tagger's own, every kind of bad request answered
+"""The web demo (im2vec.use.serve): its answers against Tagger's own, every kind of bad request answered
 4xx (never 500), /images/ confined to the index's files, the command's one-line errors, and 200
 concurrent requests against the real server."""
 
@@ -18,11 +18,11 @@ pytest.importorskip("starlette", reason="the demo needs the serve extra: pip ins
 from starlette.testclient import TestClient  # noqa: E402
 
 from im2vec.bench.serve_load import Client, Job, fire, mixed_jobs, multipart, search_job  # noqa: E402
-from im2vec.predict import Tagger, load_index  # noqa: E402
-from im2vec.predict import main as predict_main  # noqa: E402
-from im2vec.serve import MB, create_app, running  # noqa: E402
-from im2vec.serve import main as serve_main  # noqa: E402
-from im2vec.training import train  # noqa: E402
+from im2vec.train.training import train  # noqa: E402
+from im2vec.use.predict import Tagger, load_index  # noqa: E402
+from im2vec.use.predict import main as predict_main  # noqa: E402
+from im2vec.use.serve import MB, create_app, running  # noqa: E402
+from im2vec.use.serve import main as serve_main  # noqa: E402
 
 SECRET = b"outside the indexed folder"
 

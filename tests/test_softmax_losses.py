@@ -1,6 +1,6 @@
-"""The softmax losses of im2vec/loss.py (sampled softmax with logQ, in-batch softmax) against explicit
+"""The softmax losses of im2vec/wide/loss.py (sampled softmax with logQ, in-batch softmax) against explicit
 float64 loops, their gradients against autograd on those loops, the logQ correction's purpose (the
-expected sampled gradient approaches the full softmax gradient), and the head (im2vec/head.py)
+expected sampled gradient approaches the full softmax gradient), and the head (im2vec/wide/head.py)
 drawing and scoring them with a real CPUTagTable."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from im2vec.head import SamplerConfig, draw_ids, sampled_loss
-from im2vec.loss import in_batch_softmax_loss, sampled_softmax_loss
-from im2vec.sampler import PAD, NegativeSampler, PositiveSampler
-from im2vec.tag_table import CPUTagTable
+from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
+from im2vec.wide.loss import in_batch_softmax_loss, sampled_softmax_loss
+from im2vec.wide.sampler import PAD, NegativeSampler, PositiveSampler
+from im2vec.wide.tag_table import CPUTagTable
 
 F64 = torch.float64
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-import im2vec.sparse_optim as so
-from im2vec.allocator import advise_hugepages, empty_hugepages, tune_malloc
-from im2vec.sparse_optim import PARALLEL_ROWS, RowAdagrad, SparseAdam, unique_rows
-from im2vec.tag_table import CPUTagTable
+import im2vec.wide.sparse_optim as so
+from im2vec.wide.allocator import advise_hugepages, empty_hugepages, tune_malloc
+from im2vec.wide.sparse_optim import PARALLEL_ROWS, RowAdagrad, SparseAdam, unique_rows
+from im2vec.wide.tag_table import CPUTagTable
 
 PATHS = ["numba", "torch"]
 

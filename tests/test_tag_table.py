@@ -1,4 +1,4 @@
-"""The CPU tag table (im2vec/tag_table.py) inside Im2VecModule (im2vec/module.py)."""
+"""The CPU tag table (im2vec/wide/tag_table.py) inside Im2VecModule (im2vec/train/module.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from im2vec.model import ImageEncoder
-from im2vec.module import Im2VecModule, SamplerConfig
-from im2vec.sampler import PAD
-from im2vec.tag_table import CPUTagTable, RowAdagrad, SparseAdam, make_table_optimizer
+from im2vec.deep.encoder import ImageEncoder
+from im2vec.train.module import Im2VecModule, SamplerConfig
+from im2vec.wide.sampler import PAD
+from im2vec.wide.tag_table import (
+    CPUTagTable,
+    RowAdagrad,
+    SparseAdam,
+    make_table_optimizer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

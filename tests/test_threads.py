@@ -5,7 +5,8 @@ import threading
 import pytest
 import torch
 
-from im2vec import sparse_optim, threads
+from im2vec.train import threads
+from im2vec.wide import sparse_optim
 
 
 @pytest.mark.parametrize("kw, trunk, table", [

@@ -8,7 +8,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from im2vec.training import train
+from im2vec.train.training import train
 
 
 def _tensorboard(out):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from im2vec.errors import BadValue, NotFound
-from im2vec.wordvec import detect_format, read_vectors
+from im2vec.wide.wordvec import detect_format, read_vectors
 
 rng = np.random.default_rng(0)
 WORDS = ["dog", "beach", "ziegel", "hierba", "new york", "café", "x"]
@@ -103,7 +103,7 @@ def test_clear_errors(tmp_path):
 def test_generated_corpus_vectors_put_synonyms_close(tmp_path):
     """The corpus's word vectors: a concept's names in its four languages are close, other pairs are not;
     read back through read_vectors."""
-    from im2vec.corpus import COLOURS, SCENES, SHAPES, write_word_vectors
+    from im2vec.data.corpus import COLOURS, SCENES, SHAPES, write_word_vectors
 
     groups = [names for g in (COLOURS, SHAPES, SCENES) for names in g.values()]
     noise = ["canon", "2015", "photo", "my_gear_and_me"]
@@ -126,7 +126,7 @@ def test_generated_corpus_vectors_put_synonyms_close(tmp_path):
 
 def test_binary_records_across_buffer_boundaries(tmp_path):
     """Many records read through a buffer smaller than a few records: every one comes back exactly."""
-    from im2vec import wordvec
+    from im2vec.wide import wordvec
 
     vecs = {f"w{i}": rng.standard_normal(5).astype(np.float32) for i in range(500)}
     p = tmp_path / "many.bin"

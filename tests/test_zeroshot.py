@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 
-from im2vec.checkpoint import load_model
-from im2vec.corpus import SCENES, ensure_word_vectors, word_vectors
-from im2vec.datamodule import read_holdout
+from im2vec.data.corpus import SCENES, ensure_word_vectors, word_vectors
+from im2vec.data.datamodule import read_holdout
+from im2vec.data.vocab import Vocabulary
+from im2vec.deep.encoder import ImageEncoder
 from im2vec.errors import BadValue
-from im2vec.evaluating import evaluate
-from im2vec.head import SamplerConfig
-from im2vec.model import ImageEncoder
-from im2vec.module import Im2VecModule
-from im2vec.predict import Tagger, UnknownTag
-from im2vec.ranking import KS, rank_tags, tagging_metrics
-from im2vec.training import train
-from im2vec.vocab import Vocabulary
-from im2vec.zeroshot import TagVectorMap, mapped_vectors, random_like, split_truths
+from im2vec.eval.evaluating import evaluate
+from im2vec.eval.ranking import KS, rank_tags, tagging_metrics
+from im2vec.train.checkpoint import load_model
+from im2vec.train.module import Im2VecModule
+from im2vec.train.training import train
+from im2vec.use.predict import Tagger, UnknownTag
+from im2vec.wide.head import SamplerConfig
+from im2vec.wide.zeroshot import TagVectorMap, mapped_vectors, random_like, split_truths
 
 V, D, DW = 300, 16, 12
 
@@ -184,7 +184,7 @@ def test_evaluate_unseen_figures_equal_brute_force(zs, cache_dir, tmp_path):
     held = list(zs.cfg.data.holdout_tags)
     assert m["zeroshot/info/unseen_tags"] == len(held)
     # brute force: the images' vectors, the held-out tags' ids among themselves, their A·w vectors
-    from im2vec.evaluating import embed_shards
+    from im2vec.eval.evaluating import embed_shards
 
     model = load_model(zs.ckpt)
     data = embed_shards([model], zs.dm.test_shards, 64, 32, 0, None, extra_tags=held)
@@ -219,7 +219,7 @@ def test_resume_with_tag_vectors(zs, tmp_path):
 def test_tag_command_with_an_open_vocabulary(zs, tmp_path, capsys):
     from PIL import Image
 
-    from im2vec.predict import main
+    from im2vec.use.predict import main
 
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "imgs" / "a.png")

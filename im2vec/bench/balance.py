@@ -21,10 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from im2vec.data import expand_shards, train_loader, user_counts, user_uses
+from im2vec.data.loader import expand_shards, train_loader, user_counts, user_uses
+from im2vec.data.memory import MemoryBatches, decode_split, store_side, uploader_weights
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import ArgumentParser, NotFound, run_cli
-from im2vec.memory import MemoryBatches, decode_split, store_side, uploader_weights
-from im2vec.vocab import Vocabulary
 
 DATA = {"4 uploaders (emoji/random)": "emoji/random", "~440 uploaders (openclipart/random)": "openclipart/random"}
 CAP = 25  # the old recipe's data.max_per_user

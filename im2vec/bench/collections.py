@@ -11,7 +11,7 @@ twice, once per split kind, so that every setting is measured on both:
 
     OUT/images/…                  the pictures, JPEG
     OUT/<kind>.jsonl              the manifest of that kind (each line's "split" set)
-    OUT/<kind>/{train,val,test}/  shards written by im2vec.ingest --split-by manifest
+    OUT/<kind>/{train,val,test}/  shards written by im2vec.data.ingest --split-by manifest
     OUT/<kind>/vocab.tsv          tags on at least ``min_count`` training images of that kind
     OUT/collection.json           what was written, per kind and split (images, uploaders, tags)
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from im2vec.ingest import SPLITS, Settings, collection_samples, run, split_of
-from im2vec.vocab import count_from_shards, from_counts
+from im2vec.data.ingest import SPLITS, Settings, collection_samples, run, split_of
+from im2vec.data.vocab import count_from_shards, from_counts
 
 KINDS = ("users", "random")
 RANDOM_VAL, RANDOM_TEST = 0.1, 0.2  # the random split's held-out shares of the images

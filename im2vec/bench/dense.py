@@ -6,7 +6,7 @@ What a researcher would write instead of im2vec: the same trunk with a linear la
 biases) on its features, BCE against each image's multi-hot tags, AdamW; no tag table, no sampling,
 no γ (a logit already carries its tag's prior through its bias). It takes ``train.py``'s own config,
 so it runs at the recipe's budget: the same trunk and image size, the training split decoded once
-into memory (``im2vec.memory``) with the same crops, flips, uploader balance and batches, AdamW with
+into memory (``im2vec.data.memory``) with the same crops, flips, uploader balance and batches, AdamW with
 the same learning rate, weight decay and warmup-cosine schedule. Its figures are the closing test
 figures of ``train.py`` (same images, same metric code, beside the same prior): ``test/tagging/…``.
 """
@@ -22,14 +22,14 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from im2vec.data import normalize
+from im2vec.data.loader import normalize
+from im2vec.data.memory import MemoryBatches, decode_split, uploader_weights
+from im2vec.deep.encoder import build_trunk
 from im2vec.errors import BadValue, make, run_cli
-from im2vec.evaluating import gamma_sweep, score_model
-from im2vec.loss import multi_hot
-from im2vec.memory import MemoryBatches, decode_split, uploader_weights
-from im2vec.model import build_trunk
-from im2vec.module import warmup_cosine
-from im2vec.training import check_config, epochs_for_samples, schedule_length
+from im2vec.eval.evaluating import gamma_sweep, score_model
+from im2vec.train.module import warmup_cosine
+from im2vec.train.training import check_config, epochs_for_samples, schedule_length
+from im2vec.wide.loss import multi_hot
 
 
 class DenseTagger(nn.Module):
@@ -114,8 +114,8 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
 def test_figures(model: DenseTagger, dm, gammas: list[float]) -> dict[str, float]:
     """The test split scored by the logits (γ = 0: the bias is the prior), with the prior and a γ sweep
     (an added γ·log count on top of the logits, a diagnostic) from the same metric code as training's."""
-    from im2vec.checkpoint import TrainedModel
-    from im2vec.evaluating import embed_shards
+    from im2vec.eval.evaluating import embed_shards
+    from im2vec.train.checkpoint import TrainedModel
 
     model.eval()
     table, log_counts = model.as_table(), dm.vocab.counts.float().log()

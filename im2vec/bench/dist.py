@@ -36,7 +36,7 @@ import torch
 
 from im2vec.bench.head import GiB, machine, meminfo, zipf_counts
 from im2vec.errors import ArgumentParser, run_cli
-from im2vec.sharded_table import rank_seed
+from im2vec.wide.sharded_table import rank_seed
 
 OPTIMIZERS = ("sparse_adam", "lazy_adam", "row_adagrad")
 FLAT_GOAL, MEMORY_GOAL, SHARE_GOAL = 1.2, 1.1, 0.25
@@ -56,7 +56,7 @@ def predicted_bytes(v: int, d: int, optimizer: str, world: int) -> float:
 def image_tags(tag_sampler, b: int, t: int, gen: torch.Generator) -> torch.Tensor:
     """(B, T) tag ids drawn ∝ count, distinct within a row, PAD (-1) last (im2vec.bench.head.batch_tags
     with the sampler built once)."""
-    from im2vec.sampler import PAD
+    from im2vec.wide.sampler import PAD
 
     ids, _ = tag_sampler.sample((b, t), gen).sort(1)
     dup = torch.zeros_like(ids, dtype=torch.bool)
@@ -74,11 +74,11 @@ def free_port() -> int:
 def worker(rank: int, case: dict, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from im2vec.allocator import tune_malloc
-    from im2vec.head import SamplerConfig, draw_ids, sampled_loss
-    from im2vec.sampler import NegativeSampler, PositiveSampler
-    from im2vec.sharded_table import ShardedTagTable, exchange_group
-    from im2vec.sparse_optim import make_table_optimizer
+    from im2vec.wide.allocator import tune_malloc
+    from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
+    from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+    from im2vec.wide.sharded_table import ShardedTagTable, exchange_group
+    from im2vec.wide.sparse_optim import make_table_optimizer
 
     tune_malloc()  # as training does
     w, v, d, b = case["W"], case["V"], case["d"], case["B"]

@@ -40,8 +40,8 @@ from pathlib import Path
 from PIL import Image
 
 from im2vec.bench import collections, npm
+from im2vec.data.images import to_rgb
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
-from im2vec.images import to_rgb
 
 VENDORS = ("apple", "google", "twitter", "facebook")
 DATASOURCE, EMOJIBASE = "16.0.0", "17.0.0"  # pinned: the layout and the figures above are theirs

@@ -7,7 +7,7 @@
 On the generated corpus (``python train.py``'s, or ``--cache-dir``'s), with one trunk architecture at one
 image size, batch size B and vocabulary V:
 
-- **extraction**: one pass of the frozen trunk (``im2vec.features.extract``: eval view, fp16) over the
+- **extraction**: one pass of the frozen trunk (``im2vec.train.features.extract``: eval view, fp16) over the
   training and validation splits, images/s;
 - **speed**: a fit of the real ``Im2VecModule`` built from the real Hydra config on the image shards
   (trunk forward and backward, W, the tag table) and one on the feature shards (``+experiment=features``:
@@ -36,7 +36,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from im2vec.bench.overlap import BatchClock  # batch start to batch start, after a warmup
+from im2vec.bench.overlap import (
+    BatchClock,  # batch start to batch start, after a warmup
+)
 from im2vec.errors import ArgumentParser, BadValue, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ sits beside the package
@@ -71,9 +73,9 @@ def _compose(overrides: list[str]):
 
 def _speed(cfg, warmup: int, steps: int, device: str) -> float:
     """Images/s of the fit's steady state for ``cfg`` (image or feature batches), validation off."""
-    from im2vec import threads
     from im2vec.errors import make
-    from im2vec.training import build_module
+    from im2vec.train import threads
+    from im2vec.train.training import build_module
 
     datamodule = make(cfg.data)
     datamodule.pin_memory = device == "cuda"
@@ -90,7 +92,7 @@ def _speed(cfg, warmup: int, steps: int, device: str) -> float:
 
 def _timed_run(overrides: list[str], seconds: float, rate: float, batch: int, out: Path) -> dict:
     """train(cfg) with a schedule of ``seconds`` × ``rate`` images, stopped at ``seconds`` of fitting."""
-    from im2vec.training import train
+    from im2vec.train.training import train
 
     batches = max(1, round(seconds * rate / batch))
     s = max(1, int(seconds))
@@ -141,9 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _bench(args, work: Path) -> dict:
-    from im2vec import threads
-    from im2vec.corpus import CorpusSpec, ensure_corpus
-    from im2vec.features import extract, load_trunk
+    from im2vec.data.corpus import CorpusSpec, ensure_corpus
+    from im2vec.train import threads
+    from im2vec.train.features import extract, load_trunk
 
     feats = work / "features"
     common = [f"paths.cache_dir={args.cache_dir}", f"data.batch_size={args.batch}", f"model.dim={args.dim}",
@@ -190,7 +192,7 @@ def _bench(args, work: Path) -> dict:
 
 
 def _vocab(root: Path, cfg) -> list[str]:
-    from im2vec.vocab import Vocabulary
+    from im2vec.data.vocab import Vocabulary
 
     return Vocabulary.load(str(root / "vocab.tsv"), max_size=cfg.data.vocab_max_size,
                            min_count=cfg.data.vocab_min_count).tags

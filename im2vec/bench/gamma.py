@@ -5,7 +5,7 @@
 For every finished training run given (a folder with ``checkpoints/last.ckpt`` and ``metrics.json``): its
 validation images are embedded once; then, ``--draws`` times, a random subset of ``--uploaders`` of
 its validation uploaders (all their images) stands in for the validation split, each rule
-(``im2vec.intervals``) chooses γ on it by the run's own criterion, and the run's test split (from
+(``im2vec.eval.intervals``) chooses γ on it by the run's own criterion, and the run's test split (from
 its ``metrics.json``: the test γ sweep's precision@5) says what that γ gives. The split of a user who
 holds out only a few uploaders is thereby measured, on real models, without training again.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from im2vec.checkpoint import load_model
-from im2vec.data import expand_shards
+from im2vec.data.loader import expand_shards
 from im2vec.errors import ArgumentParser, NotFound, run_cli
-from im2vec.evaluating import embed_shards
-from im2vec.intervals import GAMMA_RULES
-from im2vec.validation import ValidationReport
+from im2vec.eval.evaluating import embed_shards
+from im2vec.eval.intervals import GAMMA_RULES
+from im2vec.eval.validation import ValidationReport
+from im2vec.train.checkpoint import load_model
 
 
 def run_values(run: Path) -> tuple[dict, dict]:
@@ -43,7 +43,7 @@ def run_values(run: Path) -> tuple[dict, dict]:
 def _users(shards: list[str], keys: list[str]) -> list[str]:
     import tarfile
 
-    from im2vec.data import user_of
+    from im2vec.data.loader import user_of
 
     by_key = {}
     for s in shards:

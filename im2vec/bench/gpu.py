@@ -4,8 +4,8 @@
     python -m im2vec.bench.gpu --dry-run            # the same code path on the CPU, tiny: well under a minute
 
 Nothing is downloaded: the trunk's weights are random and the data is generated (JPEG webdataset shards of the
-embedded corpus's photos, drawn by ``im2vec.corpus.make_sample`` at 256 px, in ``--cache``; a V-line vocabulary,
-the corpus's tags padded with rare tags). Every run goes through ``im2vec.training.train`` with the Hydra config
+embedded corpus's photos, drawn by ``im2vec.data.corpus.make_sample`` at 256 px, in ``--cache``; a V-line vocabulary,
+the corpus's tags padded with rare tags). Every run goes through ``im2vec.train.training.train`` with the Hydra config
 composed from ``configs/train.yaml`` (``data=shards``, ``model=resnet50``, ``trainer=gpu``: bf16-mixed, one
 device, B = 256, 224 px crops, ``data.num_workers`` = cores - 2). The runs, in this order:
 
@@ -59,7 +59,7 @@ import torch
 from pytorch_lightning import Callback
 
 from im2vec.errors import ArgumentParser, one_line
-from im2vec.module import Im2VecModule
+from im2vec.train.module import Im2VecModule
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -115,7 +115,7 @@ def _write_shard(job: tuple[str, int, int, int, dict]) -> list[list[str]]:
     """One shard of ``n`` photos drawn by the corpus generator (its uploaders, scenes, noise and long tail)."""
     import webdataset as wds
 
-    from im2vec.corpus import CorpusSpec, _Users, make_sample
+    from im2vec.data.corpus import CorpusSpec, _Users, make_sample
 
     path, shard, first, n, spec_kwargs = job
     spec = CorpusSpec(**spec_kwargs)
@@ -135,7 +135,7 @@ def _write_shard(job: tuple[str, int, int, int, dict]) -> list[list[str]]:
 def padded_vocabulary(counts: Counter, size: int):
     """The ``size`` most frequent tags of ``counts``; when there are fewer, rare tags (count 1, never on a photo)
     fill it up to ``size`` rows, as a large real vocabulary's tail would."""
-    from im2vec.vocab import Vocabulary, from_counts
+    from im2vec.data.vocab import Vocabulary, from_counts
 
     vocab = from_counts(counts, 1, size)
     tags, freq = list(vocab.tags), vocab.counts.tolist()
@@ -311,8 +311,8 @@ def has_key(key: str) -> bool:
 
 @contextlib.contextmanager
 def module_class(cls):
-    """train() builds ``cls`` instead of Im2VecModule (im2vec.training.build_module looks the name up)."""
-    from im2vec import training
+    """train() builds ``cls`` instead of Im2VecModule (im2vec.train.training.build_module looks the name up)."""
+    from im2vec.train import training
 
     old = training.Im2VecModule
     training.Im2VecModule = cls
@@ -368,7 +368,7 @@ def cleanup() -> None:
 def run_one(r: Run, p: Plan, keys: dict[str, bool], data: Path, vocab_path: Path, out: Path) -> dict:
     """One train() call: its speeds, peak GPU memory, placement findings ("placement") and other failures
     ("failures": the run failed, built the wrong module, wrote no checkpoint)."""
-    from im2vec.training import train
+    from im2vec.train.training import train
 
     res = {**asdict(r), "placement": [], "failures": [], "checkpoint": None}
     if r.decode != "cpu" and not keys.get("data.decode"):
@@ -403,7 +403,7 @@ def run_one(r: Run, p: Plan, keys: dict[str, bool], data: Path, vocab_path: Path
         expected = Im2VecModule if r.head else TrunkOnly
         if type(module) is not expected:  # the no-head run would time the head after all
             res["failures"].append(f"{r.name}: train() built {type(module).__name__}, not the bench's "
-                                   f"{expected.__name__} (im2vec.training.build_module)")
+                                   f"{expected.__name__} (im2vec.train.training.build_module)")
         if not r.head and res.get("table_prepare_ms", 0.0) > 0:  # TrunkOnly's overrides no longer cover the step
             res["failures"].append(f"{r.name}: the tag head still ran (train/table_prepare_ms "
                                    f"{res['table_prepare_ms']:.2f}): update TrunkOnly to Im2VecModule's step")
@@ -578,7 +578,7 @@ def runs_for(p: Plan) -> list[Run]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from im2vec.threads import available_cores
+    from im2vec.train.threads import available_cores
 
     ap = ArgumentParser(prog="python -m im2vec.bench.gpu", description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="the same code path on the CPU, tiny (no CUDA needed)")

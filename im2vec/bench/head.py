@@ -123,7 +123,7 @@ def zipf_counts(v: int) -> torch.Tensor:
 
 def batch_tags(counts: torch.Tensor, b: int, t: int, gen: torch.Generator) -> torch.Tensor:
     """(B, T) tag ids drawn ∝ count (frequent tags are on more photos), distinct within a row."""
-    from im2vec.sampler import PAD, NegativeSampler
+    from im2vec.wide.sampler import PAD, NegativeSampler
 
     ids = NegativeSampler(counts, alpha=1.0).sample((b, t), gen)
     ids, _ = ids.sort(1)
@@ -146,9 +146,9 @@ def _median(xs: list[float]) -> float:
 
 def run_head(case: dict) -> dict:
     """Tag-head steps with the training code's own sampling, gather, loss and optimizers."""
-    from im2vec.head import SamplerConfig, draw_ids, sampled_loss
-    from im2vec.sampler import NegativeSampler, PositiveSampler
-    from im2vec.tag_table import CPUTagTable, make_table_optimizer
+    from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
+    from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+    from im2vec.wide.tag_table import CPUTagTable, make_table_optimizer
 
     v, d, b, head = case["V"], case["d"], case["B"], case["head"]
     gen = torch.Generator().manual_seed(0)
@@ -232,7 +232,7 @@ def run_dense(case: dict) -> dict:
     """The head one would otherwise write: a V-wide Linear, BCE over multi-hot targets, dense Adam."""
     import torch.nn.functional as F
 
-    from im2vec.loss import multi_hot
+    from im2vec.wide.loss import multi_hot
 
     v, d, b = case["V"], case["d"], case["B"]
     gen = torch.Generator().manual_seed(0)
@@ -269,10 +269,10 @@ def run_dense(case: dict) -> dict:
 
 def run_whole(case: dict) -> dict:
     """A whole training step (default small trunk + sampled head) beside the trunk alone, interleaved."""
-    from im2vec.head import SamplerConfig, draw_ids, sampled_loss
-    from im2vec.model import ImageEncoder
-    from im2vec.sampler import NegativeSampler, PositiveSampler
-    from im2vec.tag_table import CPUTagTable, make_table_optimizer
+    from im2vec.deep.encoder import ImageEncoder
+    from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
+    from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+    from im2vec.wide.tag_table import CPUTagTable, make_table_optimizer
 
     v, d, b, size = case["V"], case["d"], case["B"], case["image_size"]
     torch.manual_seed(0)
@@ -314,7 +314,7 @@ def run_whole(case: dict) -> dict:
 
 
 def run_case(case: dict) -> dict:
-    from im2vec.allocator import tune_malloc
+    from im2vec.wide.allocator import tune_malloc
 
     tuned = tune_malloc() if case.get("malloc_tuning", True) else False  # as training does
     if case.get("threads"):
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bandwidth-mb", type=int, default=256, help="buffer size of the copy-bandwidth measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: torch's")
     ap.add_argument("--no-malloc-tuning", action="store_true",
-                    help="keep glibc's default malloc thresholds (training tunes them: im2vec/allocator.py)")
+                    help="keep glibc's default malloc thresholds (training tunes them: im2vec/wide/allocator.py)")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-whole", action="store_true")
     ap.add_argument("--in-process", action="store_true",

@@ -33,9 +33,9 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from im2vec.data import train_loader
+from im2vec.data.loader import train_loader
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import ArgumentParser, run_cli
-from im2vec.vocab import Vocabulary
 
 TAGS = ("sky", "sea", "tree", "street", "dog", "red", "canon", "2015")
 SHARDS = 4
@@ -159,7 +159,7 @@ def decode_comparison(device: str | torch.device = "cuda", images: int = 256, wi
         flip) over the batches one pass of the gpu-mode loader delivered, the first batch a warm-up.
     Their ratio to each other says how many loader cores one device's decoding replaces. Returns a dict
     (JSON-ready): settings, the rates, every round's figures, wall_s."""
-    from im2vec.gpu_decode import finish_rate
+    from im2vec.data.gpu_decode import finish_rate
 
     t0 = time.perf_counter()
     workers = (os.cpu_count() or 1) if workers is None else workers

@@ -14,7 +14,7 @@ What it writes under ``--out`` (``im2vec.bench.collections``: the same layout fo
 - ``images/…/NAME.jpg``: each PNG laid on white (the drawings have transparent backgrounds),
   padded to a square and shrunk to ``--side`` px (256);
 - ``users.jsonl``, ``random.jsonl``: {"image", "tags", "user", "title", "category", "split"};
-- ``users/`` and ``random/``, each with ``train/ val/ test/`` shards written by ``im2vec.ingest``
+- ``users/`` and ``random/``, each with ``train/ val/ test/`` shards written by ``im2vec.data.ingest``
   (``--split-by manifest``) and a ``vocab.tsv`` of the training split's tags seen at least
   ``--min-count`` (2) times.
 
@@ -40,8 +40,8 @@ from pathlib import Path
 from PIL import Image
 
 from im2vec.bench import collections
+from im2vec.data.images import to_rgb
 from im2vec.errors import ArgumentParser, NotFound, UserError, run_cli
-from im2vec.images import to_rgb
 
 PACKAGES = ("openclipart-svg", "openclipart-png")
 INSTALLED = Path("/usr/share/openclipart")

@@ -40,8 +40,8 @@ from pathlib import Path
 from PIL import Image
 
 from im2vec.bench import collections, npm
+from im2vec.data.images import to_rgb
 from im2vec.errors import ArgumentParser, NotFound, run_cli
-from im2vec.images import to_rgb
 
 PACKAGE, VERSION = "openmoji", "17.0.0"
 KEEP = ("package/data/openmoji.csv", "package/color/svg/")  # what is unpacked from the tarball

@@ -78,9 +78,9 @@ def _batches(n: int, batch: int, size: int, tags: int, per_image: int, seed: int
 def run_case(kind: str, args, negatives: int, counts: torch.Tensor, batches: list[dict]) -> float:
     """(ms per batch, the table side's ms per batch as the module logged it) of one case (``trunk``, ``head``,
     ``serial``, ``overlap``)."""
-    from im2vec.head import SamplerConfig
-    from im2vec.model import ImageEncoder
-    from im2vec.module import Im2VecModule, OptimConfig
+    from im2vec.deep.encoder import ImageEncoder
+    from im2vec.train.module import Im2VecModule, OptimConfig
+    from im2vec.wide.head import SamplerConfig
 
     class TrunkOnly(Im2VecModule):
         def _pipelined_loss(self, u, tags):
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=2, help="each case runs this many times, interleaved; best kept")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from im2vec.sparse_optim import set_table_threads
+    from im2vec.wide.sparse_optim import set_table_threads
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the trunk: one thread; the table's worker thread runs on the other core

@@ -85,7 +85,7 @@ def run_one(data: str, data_dir: str, overrides: list[str], seed: int, out: Path
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     else:
-        from im2vec.training import train
+        from im2vec.train.training import train
 
         metrics, _ = train(cfg)
     if metrics.get("info/preempted"):

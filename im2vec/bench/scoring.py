@@ -16,8 +16,8 @@ import time
 import torch
 
 from im2vec.errors import ArgumentParser, run_cli
-from im2vec.ranking import rank_tags, retrieval_metrics, tagging_metrics
-from im2vec.scoring import topk_tags
+from im2vec.eval.ranking import rank_tags, retrieval_metrics, tagging_metrics
+from im2vec.eval.scoring import topk_tags
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,9 +1,9 @@
-"""Load benchmark of the web demo (im2vec.serve): latency and throughput under concurrent clients.
+"""Load benchmark of the web demo (im2vec.use.serve): latency and throughput under concurrent clients.
 
     python -m im2vec.bench.serve_load CKPT --index INDEX --requests 200 --concurrency 8
     python -m im2vec.bench.serve_load --url http://127.0.0.1:8000 --images FOLDER   # a server already running
 
-Starts ``python -m im2vec.serve CKPT --index INDEX`` in a child process on a free loopback port (its own
+Starts ``python -m im2vec.use.serve CKPT --index INDEX`` in a child process on a free loopback port (its own
 process: the clients' threads must not share the server's interpreter lock), or uses ``--url``. Then
 ``--concurrency`` client threads, each with its own keep-alive connection, send ``--requests`` requests
 between them: every other one an upload to /api/tag of one of ``--distinct`` images (from the index's
@@ -201,7 +201,7 @@ def image_files(folder: Path, n: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> dict:
     ap = ArgumentParser(prog="python -m im2vec.bench.serve_load", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", help="the checkpoint to serve (not with --url)")
-    ap.add_argument("--index", default=None, help="the index to serve (python -m im2vec.predict index)")
+    ap.add_argument("--index", default=None, help="the index to serve (python -m im2vec.use.predict index)")
     ap.add_argument("--url", default=None, help="benchmark a server already running here instead")
     ap.add_argument("--images", default=None, help="the folder to upload images from (default: the index's)")
     ap.add_argument("--requests", type=int, default=200)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         if a.index is None:
             raise BadValue("the benchmark searches: give --index INDEX too")
         url = f"http://127.0.0.1:{free_port()}"
-        cmd = [sys.executable, "-m", "im2vec.serve", a.checkpoint, "--index", a.index,
+        cmd = [sys.executable, "-m", "im2vec.use.serve", a.checkpoint, "--index", a.index,
                "--port", url.rsplit(":", 1)[1], *(["--threads", str(a.threads)] if a.threads else [])]
         # its messages are shown only if it fails: the figures are what this prints
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)

@@ -16,21 +16,21 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from im2vec import threads
-from im2vec.allocator import tune_malloc
-from im2vec.checkpoint import check_checkpoint_file, set_gamma
-from im2vec.corpus import ensure_word_vectors
+from im2vec.data.corpus import ensure_word_vectors
 from im2vec.errors import BadValue, UserError, make, one_line
-from im2vec.evaluating import heldout_figures
-from im2vec.head import resolve_head
-from im2vec.module import Im2VecModule
-from im2vec.resilience import AtomicCheckpointIO, Preempted
-from im2vec.zeroshot import read_tag_vectors
+from im2vec.eval.evaluating import heldout_figures
+from im2vec.train import threads
+from im2vec.train.checkpoint import check_checkpoint_file, set_gamma
+from im2vec.train.module import Im2VecModule
+from im2vec.train.resilience import AtomicCheckpointIO, Preempted
+from im2vec.wide.allocator import tune_malloc
+from im2vec.wide.head import resolve_head
+from im2vec.wide.zeroshot import read_tag_vectors
 
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-# in-memory batches (im2vec/memory.py) come from one process: the length Lightning reads is exact
+# in-memory batches (im2vec/data/memory.py) come from one process: the length Lightning reads is exact
 warnings.filterwarnings("ignore", message=".*IterableDataset` has `__len__` defined.*")
 # validation figures are computed on rank 0 and broadcast: every rank logs the same values, nothing to reduce
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
@@ -156,14 +156,14 @@ def recorded_data(data: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     t0 = time.perf_counter()
-    tune_malloc()  # large per-step temporaries reuse freed memory (im2vec/allocator.py)
+    tune_malloc()  # large per-step temporaries reuse freed memory (im2vec/wide/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path:
         check_checkpoint_file(cfg.ckpt_path, "ckpt_path")  # missing, cut short or not a checkpoint: one line
     check_config(cfg)
     datamodule = make(cfg.data)  # data mistakes are reported first
     callbacks = [make(c) for c in cfg.get("callbacks", {}).values()]
-    # checkpoints written under a temporary name, fsynced and renamed; read memory-mapped (im2vec/resilience.py)
+    # checkpoints written under a temporary name, fsynced and renamed; read memory-mapped (im2vec/train/resilience.py)
     trainer: pl.Trainer = make(cfg.trainer, logger=make(cfg.logger), callbacks=callbacks,
                                plugins=[AtomicCheckpointIO()])
     # the trainer knows this process's rank and the world size (torchrun, SLURM, or the ranks it will start)
@@ -228,7 +228,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 def small_split_warning(images: int, uploaders: int) -> list[str]:
     """A line when γ was chosen on a validation split too small to choose it (ingest's thresholds)."""
-    from im2vec.ingest import MIN_HELD_OUT
+    from im2vec.data.ingest import MIN_HELD_OUT
 
     if images >= MIN_HELD_OUT[0] and uploaders >= MIN_HELD_OUT[1]:
         return []

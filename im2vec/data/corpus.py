@@ -24,7 +24,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from im2vec.vocab import Vocabulary
+from im2vec.data.vocab import Vocabulary
 
 # concept -> names (en first, then de, es, others)
 COLOURS = {

@@ -10,12 +10,19 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from im2vec.data import MEAN, STD, first_by_key, key_rank
+from im2vec.data.loader import MEAN, STD, first_by_key, key_rank
 from im2vec.errors import BadValue
-from im2vec.intervals import GAMMA_RULES, bootstrap_means, choose, interval
-from im2vec.metrics import image_mean, noise_share, precision_at_k, precision_per_image, recall_at_k, recall_per_image
-from im2vec.sampler import PAD
-from im2vec.scoring import prior_topk, topk_tags
+from im2vec.eval.intervals import GAMMA_RULES, bootstrap_means, choose, interval
+from im2vec.eval.metrics import (
+    image_mean,
+    noise_share,
+    precision_at_k,
+    precision_per_image,
+    recall_at_k,
+    recall_per_image,
+)
+from im2vec.eval.scoring import prior_topk, topk_tags
+from im2vec.wide.sampler import PAD
 
 K = 5  # the headline cut-off (precision@5, the noise share of the top 5)
 K_MAX = 10  # top lists are this long: precision@1, precision@5 and recall@10 all come from them

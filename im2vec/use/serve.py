@@ -1,9 +1,9 @@
 """A web demo of a trained checkpoint: tag an image, search an indexed folder by tag, find similar tags.
 
-    python -m im2vec.serve CKPT [--index index.pt] [--port 8000] [--host 127.0.0.1] [--device cpu]
+    python -m im2vec.use.serve CKPT [--index index.pt] [--port 8000] [--host 127.0.0.1] [--device cpu]
                                 [--max-upload-mb 20] [--threads N]
 
-then open http://127.0.0.1:8000/ (the index is written by ``python -m im2vec.predict index``). The page,
+then open http://127.0.0.1:8000/ (the index is written by ``python -m im2vec.use.predict index``). The page,
 im2vec/static/index.html, is plain HTML and JavaScript (no build step; it fetches nothing but this
 server's own API, which its Content-Security-Policy enforces):
 
@@ -14,7 +14,7 @@ server's own API, which its Content-Security-Policy enforces):
     GET  /api/info                 -> the checkpoint, its vocabulary, γ, image size, the index and the limits
     GET  /images/REL               an image of the index
 
-The scores are Tagger's (im2vec/predict.py): an upload goes through the evaluation preprocessing as a
+The scores are Tagger's (im2vec/use/predict.py): an upload goes through the evaluation preprocessing as a
 file would (``read_image``), so /api/tag answers exactly what ``Tagger.tag`` does on that file.
 
 Every mistake in a request is a 4xx with {"error": "..."}, never a 500: a body over --max-upload-mb
@@ -60,10 +60,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from torch import Tensor
 
-from im2vec.data import eval_view, to_uint8_tensor
+from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
+from im2vec.data.loader import eval_view, to_uint8_tensor
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
-from im2vec.images import MAX_PIXELS, TooLarge, open_image
-from im2vec.predict import Tagger, UnknownTag, _positive, load_index
+from im2vec.use.predict import Tagger, UnknownTag, _positive, load_index
 
 STATIC = Path(__file__).resolve().parent / "static"
 MB = 1 << 20
@@ -296,7 +296,7 @@ async def api_search(request: Request) -> Response:
     k = int_param(request.query_params.get("k"), "k", DEFAULT_K["search"])
     if demo.index is None:
         raise ApiError(404, "no index is loaded: start the server with --index INDEX "
-                            "(written by `python -m im2vec.predict index CKPT FOLDER --out INDEX`)", no_index=True)
+                            "(written by `python -m im2vec.use.predict index CKPT FOLDER --out INDEX`)", no_index=True)
     tag = await run_in_threadpool(demo.known_tag, request.query_params.get("tag"))
     return JSONResponse({"tag": tag, "images": await run_in_threadpool(demo.search, tag, k)})
 
@@ -410,9 +410,9 @@ def _positive_float(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m im2vec.serve", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m im2vec.use.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a training checkpoint (e.g. outputs/.../checkpoints/last.ckpt)")
-    p.add_argument("--index", default=None, help="an index of a folder (python -m im2vec.predict index), for search")
+    p.add_argument("--index", default=None, help="an index of a folder (python -m im2vec.use.predict index), for search")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, ...)")
@@ -445,16 +445,16 @@ def _run(argv: list[str]) -> None:
     tagger = Tagger.from_checkpoint(args.checkpoint, args.device)
     index = load_index(args.index, tagger) if args.index else None
     if index is not None and not Path(index["root"]).is_dir():
-        print(f"im2vec.serve: warning: the index's folder {index['root']} is missing: search works, its images "
+        print(f"im2vec.use.serve: warning: the index's folder {index['root']} is missing: search works, its images "
               "will not show", file=sys.stderr)
     app = create_app(tagger, index, args.index, args.max_upload_mb)
     if args.screenshot:
         with running(app, args.host, 0) as url:
             screenshot(url + "/", args.screenshot, args.upload, args.query)
-        print(f"im2vec.serve: screenshot -> {args.screenshot}", file=sys.stderr)
+        print(f"im2vec.use.serve: screenshot -> {args.screenshot}", file=sys.stderr)
         return
     what = f"{len(index['paths']):,} images of {index['root']}" if index else "no index (--index for search)"
-    print(f"im2vec.serve: {tagger!r}; {what}; open http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    print(f"im2vec.use.serve: {tagger!r}; {what}; open http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info")).run()
 
 

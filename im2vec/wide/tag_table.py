@@ -8,7 +8,7 @@ where it is while remaining an ordinary submodule: ``state_dict``, checkpoints a
 Training reads rows with ``gather``: the sampled ids are deduplicated once, each distinct row is
 read once (in parallel) and sent once to the trunk's device, scored there, and its gradient comes
 back to the CPU summed, as a coalesced sparse (V, d) tensor. A step therefore reads and writes
-only the distinct sampled rows, whatever V is, and the optimizer (``im2vec.sparse_optim``) never
+only the distinct sampled rows, whatever V is, and the optimizer (``im2vec.wide.sparse_optim``) never
 has to coalesce. ``lookup`` (a plain sparse ``nn.Embedding`` read) serves everything else.
 """
 
@@ -17,8 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from im2vec.allocator import empty_hugepages
-from im2vec.sparse_optim import RowAdagrad, SparseAdam, gather_rows, make_table_optimizer
+from im2vec.wide.allocator import empty_hugepages
+from im2vec.wide.sparse_optim import (
+    RowAdagrad,
+    SparseAdam,
+    gather_rows,
+    make_table_optimizer,
+)
 
 __all__ = ["CPUTagTable", "RowAdagrad", "SparseAdam", "make_table_optimizer"]  # optimizers re-exported
 

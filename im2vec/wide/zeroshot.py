@@ -1,7 +1,7 @@
 """Tag vectors from pretrained word vectors, and tags never seen with an image (zero-shot).
 
 ``model.tag_vectors=PATH`` (word2vec text or binary, GloVe text; read in one stream by
-``im2vec.wordvec``, keeping only the vocabulary's vectors) gives every tag t found in the file a
+``im2vec.wide.wordvec``, keeping only the vocabulary's vectors) gives every tag t found in the file a
 vector of its own, w_t, L2-normalized. Its tag vector is then
 
     v_t = r_t + A·w_t          (model.freeze_tag_vectors=false, the default)
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from im2vec.errors import BadValue
-from im2vec.ranking import KS, rank_prior, rank_tags, tagging_metrics
-from im2vec.sampler import PAD
-from im2vec.wordvec import read_vectors
+from im2vec.eval.ranking import KS, rank_prior, rank_tags, tagging_metrics
+from im2vec.wide.sampler import PAD
+from im2vec.wide.wordvec import read_vectors
 
 
 class _HostVectors(nn.Module):

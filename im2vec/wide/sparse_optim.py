@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from im2vec.allocator import empty_hugepages
 from im2vec.errors import BadValue
+from im2vec.wide.allocator import empty_hugepages
 
 try:  # numba compiles the fused kernels; without it the torch path below runs
     if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -142,7 +142,7 @@ if numba is not None:
             out[i, :] = w[idx[i], :]
 
 PARALLEL_ROWS = 256  # fewer touched rows than this: the serial kernel
-TABLE_THREADS: int | None = None  # numba threads for the table's kernels (im2vec.threads); None: torch's count
+TABLE_THREADS: int | None = None  # numba threads for the table's kernels (im2vec.train.threads); None: torch's count
 
 
 def set_table_threads(n: int | None) -> None:
@@ -166,7 +166,7 @@ def _cpu_contiguous(*tensors: Tensor) -> bool:
 
 
 def zeros_state(p: Tensor) -> Tensor:
-    """Zeros shaped like ``p``, on huge pages when ``p`` is a large CPU tensor (im2vec.allocator)."""
+    """Zeros shaped like ``p``, on huge pages when ``p`` is a large CPU tensor (im2vec.wide.allocator)."""
     if p.device.type != "cpu":
         return torch.zeros_like(p, memory_format=torch.contiguous_format)
     return empty_hugepages(like=p).zero_()

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from im2vec import sparse_optim
-from im2vec.sparse_optim import gather_rows
+from im2vec.wide import sparse_optim
+from im2vec.wide.sparse_optim import gather_rows
 
 
 def is_cuda(device) -> bool:
@@ -123,7 +123,7 @@ class TableWorker:
         self.grad_buffers = HostBuffers(self.device)
         self.stream = torch.cuda.Stream(self.device) if is_cuda(self.device) else None
         # the worker's own OpenMP thread count (per thread: a new thread would use every core beside the trunk's):
-        # the table's share (im2vec.threads), else this thread's count
+        # the table's share (im2vec.train.threads), else this thread's count
         threads = sparse_optim.TABLE_THREADS or torch.get_num_threads()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="im2vec-table", initializer=torch.set_num_threads,
                                         initargs=(threads,)) if overlap else None

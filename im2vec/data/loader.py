@@ -8,7 +8,7 @@ A training batch is a dict:
     keys    list[str], the samples' keys (photo ids for YFCC shards)
     users   list[str], the samples' uploaders ("" where the json names none)
 With ``decode="gpu"`` the workers leave JPEGs encoded: "image" is replaced by the keys that
-``im2vec.gpu_decode`` describes, and its ``finish_batch`` makes "image" on the trunk's device.
+``im2vec.data.gpu_decode`` describes, and its ``finish_batch`` makes "image" on the trunk's device.
 
 Every rank of a run reads its own part of the shards: rank r of w takes shards r, r+w, r+2w, …,
 so no two ranks ever see the same sample; each of its DataLoader workers draws from that whole part
@@ -40,10 +40,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from im2vec.data.images import MAX_PIXELS, TooLarge, open_image, to_rgb
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import BadValue, UserError
-from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
-from im2vec.sampler import PAD
-from im2vec.vocab import Vocabulary
+from im2vec.wide.sampler import PAD
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SKIP_READ, SKIP_IMAGE, SKIP_NO_TAG, SKIP_TOO_LARGE, SKIP_BAD_META = 0, 1, 2, 3, 4
@@ -53,7 +53,7 @@ MAX_BAD_DRAWS = 200  # this many shards in a row without one readable sample: st
 MAX_UNUSABLE = 20_000  # this many samples read past the shuffle buffer without one usable: stop and say why
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_META_BYTES = 1 << 20  # a sample's json: larger is not metadata (bad_meta), and is never parsed
-DECODES = ("cpu", "gpu")  # data.decode: where JPEGs are decoded (gpu: im2vec.gpu_decode)
+DECODES = ("cpu", "gpu")  # data.decode: where JPEGs are decoded (gpu: im2vec.data.gpu_decode)
 
 
 def crop_box(w: int, h: int, rng: random.Random, min_scale: float = 0.35,
@@ -157,7 +157,7 @@ def user_of(meta: dict) -> str:
 class _Samples:
     """The stages after tar reading, sharing one skip counter per process."""
 
-    payloads = IMAGE_EXTS  # the sample's member that ``image`` reads (im2vec.features: the stored features)
+    payloads = IMAGE_EXTS  # the sample's member that ``image`` reads (im2vec.train.features: the stored features)
 
     def __init__(self, vocab: Vocabulary, transform, size: int, seed: int, max_pixels: int = MAX_PIXELS,
                  draft: bool = True, rank: int = 0, user_uses: dict[str, float] | None = None,
@@ -314,7 +314,7 @@ def rank_shards(urls: list[str], rank: int, world_size: int) -> list[str]:
 
 def shard_sizes(urls: list[str]) -> list[int] | None:
     """Samples per shard, from the ingest's ``.stats.json`` files when every shard has one (else None)."""
-    from im2vec.ingest import stats_name
+    from im2vec.data.ingest import stats_name
 
     sizes = []
     for u in urls:
@@ -328,7 +328,7 @@ def shard_sizes(urls: list[str]) -> list[int] | None:
 def user_counts(urls: list[str]) -> Counter:
     """Samples per uploader (the json's "user") in these shards: from the ingest's ``.stats.json``
     files when every shard's has them, else by reading the shards' json members once."""
-    from im2vec.ingest import stats_name
+    from im2vec.data.ingest import stats_name
 
     counts = Counter()
     stats = [stats_name(Path(u)) for u in urls]
@@ -415,7 +415,7 @@ def stream_loader(stages: "_Samples", mine: list[str], rank: int, batch_size: in
                   num_workers: int, seed: int, shuffle_buffer: int, interleave: int, pin_memory: bool
                   ) -> wds.WebLoader:
     """The training stream of this rank's shards ``mine`` through ``stages`` (images, or stored features:
-    im2vec.features): drawn endlessly with replacement, interleaved, shuffled, batched;
+    im2vec.train.features): drawn endlessly with replacement, interleaved, shuffled, batched;
     ``batches_per_epoch`` batches an epoch."""
     pipeline = wds.DataPipeline(
         # an endless stream of this rank's shard urls, drawn with replacement (each worker its own)
@@ -481,7 +481,9 @@ def _samples(decode: str, encoded: dict, *args, **kwargs) -> _Samples:
     encoded (``gpu_decode.EncodedSamples``, built with the extra keywords ``encoded``)."""
     if check_decode(decode) == "cpu":
         return _Samples(*args, **kwargs)
-    from im2vec.gpu_decode import EncodedSamples  # it builds on this module: imported when used
+    from im2vec.data.gpu_decode import (
+        EncodedSamples,  # it builds on this module: imported when used
+    )
 
     return EncodedSamples(*args, **kwargs, **encoded)
 

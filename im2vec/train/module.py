@@ -17,18 +17,31 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from im2vec.allocator import empty_hugepages
-from im2vec.data import SKIP_REASONS, normalize
+from im2vec.data.gpu_decode import finish_batch, is_encoded
+from im2vec.data.loader import SKIP_REASONS, normalize
 from im2vec.errors import BadValue
-from im2vec.gpu_decode import finish_batch, is_encoded
-from im2vec.head import SamplerConfig, draw_ids, head_extras, loss_on_rows, sampled_loss  # noqa: F401 (Hydra)
-from im2vec.loss import full_bce_loss, multi_hot
-from im2vec.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
-from im2vec.sampler import NegativeSampler, PositiveSampler
-from im2vec.sharded_table import ShardedTagTable, assemble_rows, exchange_group, map_row_state, rank_seed, shard_of
-from im2vec.tag_table import CPUTagTable, make_table_optimizer
-from im2vec.validation import ValidationReport
-from im2vec.zeroshot import TagVectorMap
+from im2vec.eval.validation import ValidationReport
+from im2vec.wide.allocator import empty_hugepages
+from im2vec.wide.head import (  # noqa: F401 (Hydra)
+    SamplerConfig,
+    draw_ids,
+    head_extras,
+    loss_on_rows,
+    sampled_loss,
+)
+from im2vec.wide.loss import full_bce_loss, multi_hot
+from im2vec.wide.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
+from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+from im2vec.wide.sharded_table import (
+    ShardedTagTable,
+    assemble_rows,
+    exchange_group,
+    map_row_state,
+    rank_seed,
+    shard_of,
+)
+from im2vec.wide.tag_table import CPUTagTable, make_table_optimizer
+from im2vec.wide.zeroshot import TagVectorMap
 
 
 @dataclass
@@ -43,7 +56,7 @@ class OptimConfig:
     table_lr: float = 0.02
     table_init_std: float = 0.01
     # the table's CPU work (draw, dedup, gather + copy of step i+1; update of step i) on a worker thread beside
-    # the trunk, with the serial step's exact arithmetic (im2vec/pipeline.py): "auto" = on when the trunk is on a
+    # the trunk, with the serial step's exact arithmetic (im2vec/wide/pipeline.py): "auto" = on when the trunk is on a
     # GPU and the table is not sharded; true / false
     overlap: str | bool = "auto"
 
@@ -86,7 +99,7 @@ _deferred_table_step._wrapped_by_lr_sched = True  # torch's LR scheduler: the re
 
 
 def _rows(batch: dict) -> int:
-    """Samples in a batch of images, or of stored trunk features (frozen-trunk mode, im2vec/features.py)."""
+    """Samples in a batch of images, or of stored trunk features (frozen-trunk mode, im2vec/train/features.py)."""
     return (batch["features"] if "features" in batch else batch["image"]).shape[0]
 
 
@@ -135,9 +148,9 @@ class Im2VecModule(pl.LightningModule):
         self.val_skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)  # the same, this validation
         self._said_no_val = False
         self._table_opt_state = None  # the table optimizer's state read from a checkpoint, restored on the CPU
-        self.signal_pending = False  # set by im2vec.resilience.Preemption's handler; all ranks stop together
+        self.signal_pending = False  # set by im2vec.train.resilience.Preemption's handler; all ranks stop together
         self.stop_now = False
-        self._worker: TableWorker | None = None  # the table's CPU side of the step (im2vec/pipeline.py)
+        self._worker: TableWorker | None = None  # the table's CPU side of the step (im2vec/wide/pipeline.py)
         self._pending_prep = None  # the next step's HeadInputs being prepared (a Future)
         self._table_step = None  # the table optimizer's own step, called on the worker thread with overlap
         self._since_log = _fresh_log_window()
@@ -147,7 +160,7 @@ class Im2VecModule(pl.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # uint8 over the bus (a quarter of float32's bytes; pinned by the loader when the trunk is on a GPU),
         # normalized on the trunk's device; with data.decode=gpu the JPEGs themselves, decoded there
-        if "features" in batch:  # frozen-trunk mode (im2vec/features.py): the trunk's stored outputs, fp16
+        if "features" in batch:  # frozen-trunk mode (im2vec/train/features.py): the trunk's stored outputs, fp16
             return {**batch, "features": batch["features"].to(device, non_blocking=True)}
         if is_encoded(batch):
             batch = finish_batch(batch, device, self.image_size)  # undecodable rows dropped and counted
@@ -155,7 +168,7 @@ class Im2VecModule(pl.LightningModule):
         return {**batch, "image": normalize(batch["image"].to(device, non_blocking=True))}
 
     def embed_batch(self, batch: dict) -> Tensor:
-        """u (B, d): the batch's images through the encoder, or (frozen-trunk mode, im2vec/features.py) its
+        """u (B, d): the batch's images through the encoder, or (frozen-trunk mode, im2vec/train/features.py) its
         stored trunk features through the projection W alone."""
         if "features" in batch:
             return self.encoder.proj(batch["features"].float())

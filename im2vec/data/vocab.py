@@ -35,7 +35,7 @@ class Vocabulary:
         if len(tags) != len(counts):
             raise ValueError("vocabulary: tags and counts differ in length")
         if not tags:
-            raise BadValue("vocabulary is empty", "build one with python -m im2vec.vocab")
+            raise BadValue("vocabulary is empty", "build one with python -m im2vec.data.vocab")
         self.tags = tags
         self.counts = torch.tensor(counts, dtype=torch.long)  # (V,)
         self.index = {t: i for i, t in enumerate(tags)}
@@ -65,25 +65,25 @@ class Vocabulary:
         exclude, held = set(exclude), {}
         if not path.is_file():
             raise NotFound(f"vocabulary file not found: {path}", "check data.vocab_path, or build one: "
-                           "python -m im2vec.vocab OUT.tsv --shards 'DIR/train/*.tar'")
+                           "python -m im2vec.data.vocab OUT.tsv --shards 'DIR/train/*.tar'")
         tags, counts, last, cut, seen = [], [], None, False, {}
         # bytes that are not UTF-8 are read as lone surrogates, so that the line holding them can be named
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
                 if not line.isascii() and _NOT_UTF8.search(line):
                     raise BadValue(f"{path}:{n}: not UTF-8 text: {line.rstrip()[:80]!r}",
-                                   "is this a vocabulary file? python -m im2vec.vocab writes one (UTF-8)")
+                                   "is this a vocabulary file? python -m im2vec.data.vocab writes one (UTF-8)")
                 parts = line.rstrip("\n").split("\t")
                 count = _count(parts[1]) if len(parts) == 2 else None
                 if count is None:
                     raise BadValue(f"{path}:{n}: expected 'tag<TAB>count', got {line.rstrip()[:80]!r}",
-                                   "is this a vocabulary file? python -m im2vec.vocab writes one")
+                                   "is this a vocabulary file? python -m im2vec.data.vocab writes one")
                 if last is not None and count > last:  # the cut below assumes it: an unsorted file would be cut short
                     raise BadValue(f"{path}:{n}: count {count} after {last}: a vocabulary is sorted by count, most "
-                                   "frequent first", "sort it (sort -t$'\\t' -k2,2nr) or rebuild it with python -m im2vec.vocab")
+                                   "frequent first", "sort it (sort -t$'\\t' -k2,2nr) or rebuild it with python -m im2vec.data.vocab")
                 if parts[0] in seen:  # two rows for one tag: ids would map to only one of them
                     raise BadValue(f"{path}:{n}: the tag {parts[0][:60]!r} again (first on line {seen[parts[0]]})",
-                                   "one line per tag: rebuild it with python -m im2vec.vocab")
+                                   "one line per tag: rebuild it with python -m im2vec.data.vocab")
                 seen[parts[0]] = n
                 last = count
                 if parts[0] in exclude:
@@ -95,7 +95,7 @@ class Vocabulary:
                     counts.append(count)
         if not tags:
             raise BadValue(f"{path}: no tag left (an empty file, or vocab_min_count={min_count} is above every count)",
-                           "lower data.vocab_min_count or rebuild the file with python -m im2vec.vocab")
+                           "lower data.vocab_min_count or rebuild the file with python -m im2vec.data.vocab")
         vocab = cls(tags, counts)
         vocab.held_out = held
         return vocab
@@ -159,8 +159,8 @@ def count_from_shards(paths: list[str], workers: int = 0, progress=None) -> tupl
 
 def count_from_yfcc(paths: list[str], split: str | None, settings, progress=None) -> tuple[Counter, dict]:
     """One pass over the metadata; with ``split``, only the photos the ingest puts in that split."""
-    from im2vec.ingest import split_of
-    from im2vec.yfcc import Skip, parse_line, read_lines
+    from im2vec.data.ingest import split_of
+    from im2vec.data.yfcc import Skip, parse_line, read_lines
 
     counts, stats = Counter(), {"photos": 0, "skipped": Counter()}
     for line in read_lines(paths, progress):
@@ -193,10 +193,10 @@ def main(argv: list[str] | None = None) -> Vocabulary:
 
     from tqdm import tqdm
 
+    from im2vec.data.ingest import Settings
     from im2vec.errors import ArgumentParser
-    from im2vec.ingest import Settings
 
-    ap = ArgumentParser(prog="python -m im2vec.vocab",
+    ap = ArgumentParser(prog="python -m im2vec.data.vocab",
                                  description="Count tags in one streaming pass and write tag<TAB>count, sorted by count.")
     ap.add_argument("out", help="the vocabulary file to write (.tsv)")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> Vocabulary:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     if a.shards:
-        from im2vec.data import expand_shards
+        from im2vec.data.loader import expand_shards
 
         try:
             paths = [p for spec in a.shards for p in expand_shards(spec)]
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> Vocabulary:
                 raise
             except (ValueError, KeyError, TypeError) as e:  # not json, not an object, a key missing, a value of another type
                 raise BadValue(f"vocab: --like {a.like}: {like} is not an ingest's settings ({type(e).__name__}: {e})",
-                               "give an output folder of python -m im2vec.ingest") from None
+                               "give an output folder of python -m im2vec.data.ingest") from None
         else:
             s = Settings(split_by=a.split_by, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
                          machine_tags=a.machine_tags)

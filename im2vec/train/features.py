@@ -1,8 +1,8 @@
 """Frozen-trunk fast mode: the trunk runs once over the images, then only W and the tag table train.
 
-    python -m im2vec.features CKPT 'SHARDS' --out DIR                 # the trunk of a training checkpoint
-    python -m im2vec.features --trunk resnet50 --weights resnet50.pth --image-size 224 'SHARDS' --out DIR
-    python -m im2vec.features --trunk small_cnn --image-size 64 'SHARDS' --out DIR   # random init (--seed 0)
+    python -m im2vec.train.features CKPT 'SHARDS' --out DIR                 # the trunk of a training checkpoint
+    python -m im2vec.train.features --trunk resnet50 --weights resnet50.pth --image-size 224 'SHARDS' --out DIR
+    python -m im2vec.train.features --trunk small_cnn --image-size 64 'SHARDS' --out DIR   # random init (--seed 0)
 
 With a frozen trunk f = trunk(x) is the same at every epoch: computed once and stored, a training step
 costs the projection u = W·f and the tag head instead of the trunk's forward and backward. The images
@@ -10,9 +10,9 @@ are seen as evaluation sees them (``data.eval_view``: the central square at ``--
 flips, ``data.normalize``), the features stored as fp16. One split per call (SHARDS: a brace pattern or
 a glob, as data.train_shards takes); the generated corpus's three splits:
 
-    CORPUS=$(python -c "from im2vec.corpus import ensure_corpus; print(ensure_corpus('$HOME/.cache/im2vec'))")
+    CORPUS=$(python -c "from im2vec.data.corpus import ensure_corpus; print(ensure_corpus('$HOME/.cache/im2vec'))")
     for s in train val test; do
-        python -m im2vec.features --trunk small_cnn --image-size 64 "$CORPUS/$s-*.tar" --out data/features/corpus/$s
+        python -m im2vec.train.features --trunk small_cnn --image-size 64 "$CORPUS/$s-*.tar" --out data/features/corpus/$s
     done
     python train.py +experiment=features        # W and the table from data/features/corpus/{train,val}
 
@@ -53,9 +53,10 @@ import torch
 import webdataset as wds
 from torch import Tensor, nn
 
-from im2vec import threads
-from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import (
+from im2vec.data.corpus import CorpusSpec, ensure_corpus
+from im2vec.data.datamodule import ShardDataModule
+from im2vec.data.images import TooLarge
+from im2vec.data.loader import (
     IMAGE_EXTS,
     MAX_PIXELS,
     MAX_UNUSABLE,
@@ -75,11 +76,10 @@ from im2vec.data import (
     stream_loader,
     worker_init,
 )
-from im2vec.datamodule import ShardDataModule
+from im2vec.deep.encoder import ImageEncoder, build_trunk
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
-from im2vec.images import TooLarge
-from im2vec.model import ImageEncoder, build_trunk
-from im2vec.predict import _positive
+from im2vec.train import threads
+from im2vec.use.predict import _positive
 
 # the frozen trunk stays in eval mode through fit (FrozenTrunkEncoder.train) on purpose: Lightning's warning is noise
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
@@ -110,9 +110,9 @@ def read_trunk_file(path: str | os.PathLike) -> dict:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- unpickling refused, truncated, not a torch file: all one answer
         raise BadValue(f"features: {path} cannot be read as a trunk file ({str(e).strip()[:120]})",
-                       "give the trunk.pt an extraction wrote (python -m im2vec.features)") from None
+                       "give the trunk.pt an extraction wrote (python -m im2vec.train.features)") from None
     if not isinstance(saved, dict) or saved.get("format") != TRUNK_FORMAT:
-        raise BadValue(f"features: {path} is not a trunk file written by python -m im2vec.features",
+        raise BadValue(f"features: {path} is not a trunk file written by python -m im2vec.train.features",
                        "give the trunk.pt an extraction wrote")
     return saved
 
@@ -123,7 +123,7 @@ def load_trunk(checkpoint: str | None = None, name: str | None = None, weights: 
     checkpoint or by name: with ``weights`` a trunk.pt of an earlier extraction, a local torchvision .pth or a
     weights name in torch's hub cache (nothing downloaded); without, a random init drawn from ``seed``."""
     if checkpoint:
-        from im2vec.checkpoint import load_model
+        from im2vec.train.checkpoint import load_model
 
         model = load_model(checkpoint)
         return model.encoder.trunk, model.encoder.spec["trunk"], model.encoder.width, model.image_size
@@ -320,13 +320,13 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder).expanduser() / MANIFEST
     if not path.is_file():
         raise NotFound(f"features: no {MANIFEST} in {folder}",
-                       f"extract them first: python -m im2vec.features (CKPT | --trunk NAME) 'SHARDS' --out {folder}")
+                       f"extract them first: python -m im2vec.train.features (CKPT | --trunk NAME) 'SHARDS' --out {folder}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise BadValue(f"features: {path} is not readable json ({e})", "extract the features again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BadValue(f"features: {path} is not a manifest written by python -m im2vec.features",
+        raise BadValue(f"features: {path} is not a manifest written by python -m im2vec.train.features",
                        "extract the features again")
     return {**manifest, "dir": str(path.parent)}
 
@@ -435,7 +435,7 @@ def corpus_features(cache_dir: str, features_dir: str, corpus: dict | None = Non
     root = ensure_corpus(cache_dir, CorpusSpec(**(corpus or {})))
     if not (Path(features_dir).expanduser() / "train" / MANIFEST).is_file():
         raise NotFound(f"features: no features in {features_dir}/train",
-                       f"extract the corpus's splits first: for s in train val test; do python -m im2vec.features "
+                       f"extract the corpus's splits first: for s in train val test; do python -m im2vec.train.features "
                        f"--trunk small_cnn --image-size 64 \"{root}/$s-*.tar\" --out {features_dir}/$s; done "
                        "(or a checkpoint in place of --trunk …)")
     dm = FeatureDataModule(features_dir, vocab_path=str(root / "vocab.tsv"),
@@ -454,7 +454,7 @@ def corpus_features(cache_dir: str, features_dir: str, corpus: dict | None = Non
 
 # ---------------------------------------------------------------- the command
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m im2vec.features", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m im2vec.train.features", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None, help="a training checkpoint whose trunk to run "
                    "(else --trunk)")
@@ -481,7 +481,7 @@ def _run(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     if bool(args.checkpoint) == bool(args.trunk):
         raise BadValue("features: give a checkpoint or --trunk NAME (one of them)",
-                       "see python -m im2vec.features --help")
+                       "see python -m im2vec.train.features --help")
     if args.weights and not args.trunk:
         raise BadValue("features: --weights goes with --trunk (a checkpoint has its own)", "drop --weights")
     if args.num_workers < 0:
@@ -500,7 +500,7 @@ def _run(argv: list[str]) -> None:
               "weights": args.weights, "seed": None if (args.checkpoint or args.weights) else args.seed}
     m = extract(trunk, name, width, shards, args.out, size, args.batch_size, args.device, args.num_workers, source)
     why = ", ".join(f"{r}: {k}" for r, k in m["skipped"].items() if k)
-    print(f"im2vec.features: {m['samples']:,} samples of {len(shards)} shard(s) -> {args.out} ({name}, {width} "
+    print(f"im2vec.train.features: {m['samples']:,} samples of {len(shards)} shard(s) -> {args.out} ({name}, {width} "
           f"features at {size} px, fp16; {m['images_per_s']:,.0f} images/s); {sum(m['skipped'].values())} skipped"
           + (f" ({why})" if why else ""), file=sys.stderr)
 

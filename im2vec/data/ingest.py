@@ -1,7 +1,7 @@
 """Raw collections -> webdataset shards, split into train/val/test.
 
-    python -m im2vec.ingest yfcc META [META ...] --images MIRROR --out DIR [--template T] [--workers N]
-    python -m im2vec.ingest collection MANIFEST --out DIR [--root FOLDER] [--max-side 512]
+    python -m im2vec.data.ingest yfcc META [META ...] --images MIRROR --out DIR [--template T] [--workers N]
+    python -m im2vec.data.ingest collection MANIFEST --out DIR [--root FOLDER] [--max-side 512]
 
 The main process reads the metadata (or manifest), skips and counts bad lines, gives each sample a
 split by a hash of its photo id (or user) and cuts each split's sequence into shards of
@@ -31,10 +31,17 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from im2vec.data.images import MAX_PIXELS, TooLarge, open_image, to_rgb
+from im2vec.data.stamps import input_changed, input_stamp
+from im2vec.data.yfcc import (
+    DEFAULT_TEMPLATE,
+    Skip,
+    image_path,
+    normalize_tags,
+    parse_line,
+    read_lines,
+)
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
-from im2vec.images import MAX_PIXELS, TooLarge, open_image, to_rgb
-from im2vec.stamps import input_changed, input_stamp
-from im2vec.yfcc import DEFAULT_TEMPLATE, Skip, image_path, normalize_tags, parse_line, read_lines
 
 SPLITS = ("train", "val", "test")
 SPLIT_BY = ("id", "user", "manifest")
@@ -160,7 +167,7 @@ def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, 
         os.replace(tmp, shard)  # only whole shards carry the final name
     else:
         tmp.unlink()  # every image skipped: a stats file only (an empty tar would be drawn in training)
-    # samples per uploader: the loader's uploader balance (data.user_temperature) reads these (im2vec.data.user_counts)
+    # samples per uploader: the loader's uploader balance (data.user_temperature) reads these (im2vec.data.loader.user_counts)
     stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples,
              "users": dict(users)}
     _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished
@@ -399,7 +406,7 @@ def _check_settings(out: Path, s: Settings) -> None:
 
 
 MIN_HELD_OUT = (300, 10)  # images, uploaders: fewer in a held-out split and its figures' intervals over uploaders
-# (im2vec/intervals.py) are too wide to compare settings on, or to trust the γ chosen on it
+# (im2vec/eval/intervals.py) are too wide to compare settings on, or to trust the γ chosen on it
 
 
 def split_warnings(summary: dict, s: Settings) -> list[str]:
@@ -441,7 +448,7 @@ def _progress_bar(paths: list[str], quiet: bool):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = ArgumentParser(prog="python -m im2vec.ingest", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m im2vec.data.ingest", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="source", required=True)
     y = sub.add_parser("yfcc", help="the YFCC100M metadata file(s) and a local image mirror")
     y.add_argument("metadata", nargs="+", help="yfcc100m_dataset (25 columns) or yfcc100m_dataset-N parts (23), plain or .bz2")

@@ -3,7 +3,7 @@
 ``read_vectors(path, words)`` keeps only the vectors of ``words``: memory grows with the vocabulary asked
 for, not with the file (a 3M-word GoogleNews file is read for a 600k-tag vocabulary in one pass). Words in
 the file are matched after the same normalization the YFCC ingest applies to tags (NFKC, lowercase,
-trimmed: ``im2vec.yfcc.normalize_tag``); the first vector of a word wins.
+trimmed: ``im2vec.data.yfcc.normalize_tag``); the first vector of a word wins.
 
 Formats (``fmt="auto"`` decides from the file itself):
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import BadValue, NotFound
-from im2vec.yfcc import normalize_tag
 
 TEXT_BYTES = set(b"0123456789.-+eEinfaINFA \t\r\n")  # what a text file's numbers are made of
 

@@ -2,9 +2,9 @@
 
 The Python API is ``Tagger``; the command line is
 
-    python -m im2vec.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G] [--vocabulary tags.txt]
-    python -m im2vec.predict index  CKPT FOLDER --out index.pt
-    python -m im2vec.predict search CKPT index.pt TAG [--k 10]
+    python -m im2vec.use.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G] [--vocabulary tags.txt]
+    python -m im2vec.use.predict index  CKPT FOLDER --out index.pt
+    python -m im2vec.use.predict search CKPT index.pt TAG [--k 10]
 
 The scores are those of shared/DESIGN.md ("The model in one equation"):
     tagging    s(t|x) = v_t·u + γ·log count(t)   (γ: the checkpoint's, unless given)
@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from im2vec.checkpoint import TrainedModel, load_model, unpickling_reason
-from im2vec.data import eval_view, normalize, to_uint8_tensor
+from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
+from im2vec.data.loader import eval_view, normalize, to_uint8_tensor
+from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, run_cli
-from im2vec.images import MAX_PIXELS, TooLarge, open_image
-from im2vec.scoring import topk_tags
-from im2vec.wordvec import read_vectors
-from im2vec.yfcc import normalize_tag
-from im2vec.zeroshot import mapped_vectors
+from im2vec.eval.scoring import topk_tags
+from im2vec.train.checkpoint import TrainedModel, load_model, unpickling_reason
+from im2vec.wide.wordvec import read_vectors
+from im2vec.wide.zeroshot import mapped_vectors
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})  # what the folder commands read
 INDEX_FORMAT = "im2vec-index-1"
@@ -291,7 +291,7 @@ def embed_folder(tagger: Tagger, folder: Path, paths: list[Path], batch_size: in
 
 def folder_summary(command: str, done: int, skipped: Counter, ignored: int, out: Path) -> str:
     why = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
-    return (f"im2vec.predict {command}: {done} images -> {out}; {sum(skipped.values())} skipped"
+    return (f"im2vec.use.predict {command}: {done} images -> {out}; {sum(skipped.values())} skipped"
             + (f" ({why})" if why else "") + f"; {ignored} other file{'s' * (ignored != 1)} (no image suffix) ignored")
 
 
@@ -343,13 +343,13 @@ def load_index(path: str | os.PathLike, tagger: Tagger) -> dict:
         index = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise BadValue(f"{path}: refused by weights-only loading: {unpickling_reason(e)}",
-                       "give an index written by `python -m im2vec.predict index`") from None
+                       "give an index written by `python -m im2vec.use.predict index`") from None
     except (RuntimeError, EOFError) as e:
         raise BadValue(f"{path}: cannot be read as an index ({str(e).strip()[:200]})",
-                       "give an index written by `python -m im2vec.predict index`") from None
+                       "give an index written by `python -m im2vec.use.predict index`") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise BadValue(f"{path}: not an im2vec index", "write one with `python -m im2vec.predict index`")
-    rebuild = "rebuild it with `python -m im2vec.predict index` and this checkpoint"
+        raise BadValue(f"{path}: not an im2vec index", "write one with `python -m im2vec.use.predict index`")
+    rebuild = "rebuild it with `python -m im2vec.use.predict index` and this checkpoint"
     if index["fingerprint"] != tagger.fingerprint:
         raise BadValue(f"{path} was built from a checkpoint with another vocabulary (fingerprint "
                        f"{index['fingerprint']}, {tagger.path} has {tagger.fingerprint})", rebuild)
@@ -375,7 +375,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m im2vec.predict", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m im2vec.use.predict", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, help: str) -> argparse.ArgumentParser:

@@ -19,18 +19,31 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from im2vec.checkpoint import TrainedModel, load_model
-from im2vec.data import SKIP_NO_TAG, SKIP_REASONS, eval_loader, expand_shards, first_by_key, normalize
-from im2vec.datamodule import read_holdout
+from im2vec.data.datamodule import read_holdout
+from im2vec.data.loader import (
+    SKIP_NO_TAG,
+    SKIP_REASONS,
+    eval_loader,
+    expand_shards,
+    first_by_key,
+    normalize,
+)
+from im2vec.data.vocab import Vocabulary
 from im2vec.errors import BadValue, NotFound, make
-from im2vec.metrics import noise_share, precision_at_k
-from im2vec.ranking import KS, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
-from im2vec.sampler import PAD
-from im2vec.scoring import topk_tags
-from im2vec.validation import _cat_padded, labelled_tile
-from im2vec.vocab import Vocabulary
-from im2vec.wordvec import read_vectors
-from im2vec.zeroshot import split_truths, unseen_figures
+from im2vec.eval.metrics import noise_share, precision_at_k
+from im2vec.eval.ranking import (
+    KS,
+    rank_prior,
+    rank_tags,
+    retrieval_metrics,
+    tagging_metrics,
+)
+from im2vec.eval.scoring import topk_tags
+from im2vec.eval.validation import _cat_padded, labelled_tile
+from im2vec.train.checkpoint import TrainedModel, load_model
+from im2vec.wide.sampler import PAD
+from im2vec.wide.wordvec import read_vectors
+from im2vec.wide.zeroshot import split_truths, unseen_figures
 
 
 @torch.no_grad()

@@ -9,13 +9,30 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from im2vec.corpus import CorpusSpec, ensure_corpus
-from im2vec.data import (MAX_PIXELS, SKIP_REASONS, check_decode, eval_loader, expand_shards, rank_info, shard_sizes,
-                         train_loader, user_counts, user_uses)
+from im2vec.data.corpus import CorpusSpec, ensure_corpus
+from im2vec.data.loader import (
+    MAX_PIXELS,
+    SKIP_REASONS,
+    check_decode,
+    eval_loader,
+    expand_shards,
+    rank_info,
+    shard_sizes,
+    train_loader,
+    user_counts,
+    user_uses,
+)
+from im2vec.data.memory import (
+    MemoryBatches,
+    decode_split,
+    decoded_bytes,
+    memory_loader,
+    store_side,
+    uploader_weights,
+)
+from im2vec.data.vocab import Vocabulary
+from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import BadValue, NotFound
-from im2vec.memory import MemoryBatches, decode_split, decoded_bytes, memory_loader, store_side, uploader_weights
-from im2vec.vocab import Vocabulary
-from im2vec.yfcc import normalize_tag
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -38,7 +55,7 @@ class ShardDataModule(pl.LightningDataModule):
         min_scale: float = 0.35,  # RandomResizedCrop's smallest area fraction
         max_pixels: int = MAX_PIXELS,  # larger images (decompression bombs) are skipped and counted
         user_temperature: float | None = None,  # uploader balance: uploader u's share of a pass ∝ n_u^τ (1/None: off)
-        in_memory: str | bool = "auto",  # decode the training split once and keep it (im2vec/memory.py); auto: if it fits
+        in_memory: str | bool = "auto",  # decode the training split once and keep it (im2vec/data/memory.py); auto: if it fits
         memory_mb: int = 2048,  # auto: the decoded training images of one rank must fit in this
         interleave: int = 4,  # shards each loader worker reads at once (data.interleaved)
         decode: str = "cpu",  # gpu: workers leave JPEGs encoded; gpu_decode.finish_batch decodes them on the device
@@ -57,7 +74,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_shards = expand_shards(val_shards) if val_shards else []
         self.test_shards = expand_shards(test_shards) if test_shards else []  # may match nothing: evaluate says so
         if not self.train_shards:
-            raise NotFound(f"data: no shards match {train_shards!r}", "ingest them first (python -m im2vec.ingest), or set "
+            raise NotFound(f"data: no shards match {train_shards!r}", "ingest them first (python -m im2vec.data.ingest), or set "
                            "paths.data_dir=… / data.train_shards=… to where they are")
         if val_shards and not self.val_shards:
             raise NotFound(f"data: no shards match {val_shards!r} (an empty validation split?)",
@@ -107,7 +124,7 @@ class ShardDataModule(pl.LightningDataModule):
             n = self.train_size()
             if n is None:
                 raise BadValue("data.batches_per_epoch=null (one pass) needs the training shards' sizes: a shard "
-                               "has no .stats.json beside it", "write the shards with python -m im2vec.ingest, or "
+                               "has no .stats.json beside it", "write the shards with python -m im2vec.data.ingest, or "
                                "set data.batches_per_epoch=N")
             self.batches_per_epoch = max(1, -(-n // (self.batch_size * world_size)))
         return self.batches_per_epoch

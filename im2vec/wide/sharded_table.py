@@ -17,7 +17,7 @@ A training step, on every rank, over a gloo group of CPU tensors (``exchange_gro
    each owner sums what it received, duplicates across ranks summed once (one coalesce), divides by W
    (DDP averages the trunk's gradients: the table's are averaged the same way, so a W-rank step is
    one step on the concatenated batch), and sets that as its shard's sparse gradient.
-4. The table optimizer updates the shard's touched rows (one fused pass, ``im2vec.sparse_optim``).
+4. The table optimizer updates the shard's touched rows (one fused pass, ``im2vec.wide.sparse_optim``).
 
 Ordering, so that the two groups cannot deadlock each other: every rank issues the table's
 collectives in the same order (sizes, ids, rows; then gradients) on the table's own gloo group, and
@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from im2vec.allocator import empty_hugepages
 from im2vec.errors import BadValue
-from im2vec.sparse_optim import gather_rows
-from im2vec.tag_table import CPUTagTable
+from im2vec.wide.allocator import empty_hugepages
+from im2vec.wide.sparse_optim import gather_rows
+from im2vec.wide.tag_table import CPUTagTable
 
 # optimizer state tensors that are per row of the table (sharded like it); the rest ("step") is global
 ROW_STATE = ("exp_avg", "exp_avg_sq", "row_step", "sum")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from im2vec import sparse_optim
+from im2vec.wide import sparse_optim
 
 
 def available_cores() -> int:

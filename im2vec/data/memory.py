@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from im2vec.data import MAX_PIXELS, SKIP_REASONS, _pad, crop_box, eval_loader
-from im2vec.vocab import Vocabulary
+from im2vec.data.loader import MAX_PIXELS, SKIP_REASONS, _pad, crop_box, eval_loader
+from im2vec.data.vocab import Vocabulary
 
 
 @dataclass

@@ -28,9 +28,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from im2vec.metrics import hits
-from im2vec.sampler import PAD
-from im2vec.scoring import IMAGES, ROWS, FiniteCheck, as_device, check_finite, fp32_scores, row_chunks
+from im2vec.eval.metrics import hits
+from im2vec.eval.scoring import (
+    IMAGES,
+    ROWS,
+    FiniteCheck,
+    as_device,
+    check_finite,
+    fp32_scores,
+    row_chunks,
+)
+from im2vec.wide.sampler import PAD
 
 KS = (1, 3, 5, 10)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from im2vec.deep.encoder import ImageEncoder
 from im2vec.errors import BadValue, NotFound
-from im2vec.model import ImageEncoder
-from im2vec.zeroshot import TagVectorMap
+from im2vec.wide.zeroshot import TagVectorMap
 
 
 @dataclass
