@@ -13,7 +13,7 @@ from im2vec.errors import reported, run_hydra
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 @reported  # a mistake the user can fix: one line `im2vec: error: …`, exit status 2 (im2vec/errors.py)
 def main(cfg: DictConfig) -> None:
-    from im2vec.eval.evaluating import (
+    from im2vec.use.evaluate import (
         evaluate,  # here, so that a mistyped override is reported before torch loads
     )
 

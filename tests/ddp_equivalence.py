@@ -20,7 +20,7 @@ from torch import nn
 from im2vec.train.module import Im2VecModule, OptimConfig
 from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
 from im2vec.wide.sharded_table import ROW_STATE, rank_seed
-from im2vec.wide.zeroshot import TagVectorMap
+from im2vec.wide.tag_vectors import TagVectorMap
 
 V, D, B, T, SIDE, STEPS, SEED = 97, 16, 6, 4, 16, 4, 3
 warnings.filterwarnings("ignore")

@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from im2vec.data.ingest import Settings, collection_samples, run, stats_name
-from im2vec.data.loader import train_loader, user_counts, user_uses
+from im2vec.data.loader import train_loader
+from im2vec.data.shards import user_counts, user_uses
 from im2vec.data.vocab import Vocabulary
 
 VOCAB = Vocabulary(["sea", "red"], [30, 20])
@@ -83,7 +84,7 @@ def test_each_sample_is_used_its_uploaders_number_of_times_on_average():
     """The balance stage against its expectation: an uploader's samples with 0.25 uses each pass 1 in 4 on
     average (binomial: 250 ± 5σ of 1,000), with 2.5 uses twice or three times (2,500 ± 5σ of 1,000); a sample of
     nobody once. Nothing is counted as skipped."""
-    from im2vec.data.loader import _Samples, eval_view
+    from im2vec.data.samples import _Samples, eval_view
 
     stages = _Samples(VOCAB, eval_view, 8, seed=5, user_uses={"big": 0.25, "small": 2.5})
     users = ["big"] * 1000 + ["small"] * 1000 + [None] * 10
@@ -106,7 +107,7 @@ def test_the_stream_balances_uploaders_and_reads_what_it_uses(tmp_path):
     """Without balance about 10 of 11 samples are the big uploader's; with τ = 0 the two give about as many; and
     the stream reads about as many samples as it uses (the old cap read ten of the big uploader's for each one it
     used: the reads are counted here by the stage that sees every sample read)."""
-    from im2vec.data.loader import _Samples
+    from im2vec.data.samples import _Samples
 
     shards = _mixed_shards(tmp_path)
     uses = user_uses(user_counts(shards), 0.0)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from im2vec.bench import balance
 from im2vec.data.ingest import stats_name
-from im2vec.data.loader import user_uses
+from im2vec.data.shards import user_uses
 from im2vec.data.vocab import Vocabulary
 
 

@@ -11,7 +11,8 @@ import webdataset as wds
 from conftest import png_bomb
 from PIL import Image
 
-from im2vec.data.loader import SKIP_IMAGE, SKIP_NO_TAG, eval_loader, train_loader
+from im2vec.data.loader import eval_loader, train_loader
+from im2vec.data.samples import SKIP_IMAGE, SKIP_NO_TAG
 from im2vec.data.vocab import Vocabulary
 from im2vec.errors import UserError
 from im2vec.wide.sampler import PAD
@@ -219,7 +220,8 @@ def _smooth_photo(w: int, h: int) -> bytes:
 def test_reduced_decoding_keeps_the_crop_at_full_resolution(seed):
     import random
 
-    from im2vec.data.loader import open_image, train_view
+    from im2vec.data.images import open_image
+    from im2vec.data.samples import train_view
 
     data = _smooth_photo(1600, 1200)
     fast = open_image(data)
@@ -230,7 +232,7 @@ def test_reduced_decoding_keeps_the_crop_at_full_resolution(seed):
 
 
 def test_normalize_on_the_batch_device():
-    from im2vec.data.loader import MEAN, STD, normalize
+    from im2vec.data.samples import MEAN, STD, normalize
 
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     y = normalize(x)
@@ -241,7 +243,7 @@ def test_normalize_on_the_batch_device():
 def test_a_rank_whose_shards_are_all_unreadable_stops_with_a_clear_error(tmp_path):
     import signal
 
-    from im2vec.data.loader import MAX_BAD_DRAWS
+    from im2vec.data.samples import MAX_BAD_DRAWS
 
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"\0" * 300)  # not a tar
@@ -261,7 +263,8 @@ def test_every_sample_is_used_equally_often_whatever_the_shard_sizes(tmp_path):
     would use a 30-sample shard's samples 5 times as often as a 6-sample shard's)."""
     import json as _json
 
-    from im2vec.data.loader import resampled_shards, shard_sizes
+    from im2vec.data.loader import resampled_shards
+    from im2vec.data.shards import shard_sizes
 
     big = _write(tmp_path / "shard-000000.tar", [_sample(i, ["sea"]) for i in range(30)])
     small = _write(tmp_path / "shard-000001.tar", [_sample(100 + i, ["sea"]) for i in range(6)])
@@ -383,7 +386,7 @@ def test_malformed_clean_tags_are_a_skipped_sample_not_a_crash(tmp_path):
         {"__key__": "00001", "jpg": _jpeg(1), "json": json.dumps({"tags": [["sea"]]}).encode()},
         _sample(2, ["sea"], clean=["sea"]),
     ])
-    from im2vec.data.loader import SKIP_BAD_META
+    from im2vec.data.samples import SKIP_BAD_META
 
     batches = list(eval_loader([shard], VOCAB, image_size=16, batch_size=8, num_workers=0))
     assert [b["keys"] for b in batches] == [["00002"]]
@@ -391,7 +394,7 @@ def test_malformed_clean_tags_are_a_skipped_sample_not_a_crash(tmp_path):
 
 
 def test_an_oversized_or_odd_json_is_one_bad_meta_skip(tmp_path):
-    from im2vec.data.loader import MAX_META_BYTES, SKIP_BAD_META
+    from im2vec.data.samples import MAX_META_BYTES, SKIP_BAD_META
 
     huge = json.dumps({"tags": ["sea"], "description": "x" * MAX_META_BYTES}).encode()  # parses, but is not metadata
     shard = _write(tmp_path / "a.tar", [

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from im2vec.errors import BadValue
-from im2vec.eval import evaluating, validation
+from im2vec.eval import heldout as evaluating
+from im2vec.eval import validation
 from im2vec.eval.ranking import (
     TagRanks,
     _count_above,

@@ -7,8 +7,8 @@ from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from im2vec.eval.evaluating import evaluate
 from im2vec.train.training import train
+from im2vec.use.evaluate import evaluate
 
 
 def _eval_cfg(cache_dir, out, *overrides):
@@ -77,7 +77,7 @@ def test_evaluate_gamma_override_and_queries(trained, cache_dir, tmp_path):
 def test_a_vocabulary_without_noise_tags_scores():
     import torch
 
-    from im2vec.eval.evaluating import noise_ids_for, score_model
+    from im2vec.eval.heldout import noise_ids_for, score_model
 
     noise = noise_ids_for(["a", "b"], {"a", "b"})  # every tag names content
     assert noise.dtype == torch.long and noise.numel() == 0

@@ -125,7 +125,7 @@ def test_evaluate_scores_a_collection_checkpoint_on_its_own_data_and_refuses_ano
     """evaluate.py ckpt_path=… alone: the data settings the checkpoint recorded, so the same test figures as the run
     that wrote it (not the built-in corpus, as before); images of other data (no tag in common) refused in one line."""
     from im2vec.errors import BadValue
-    from im2vec.eval.evaluating import evaluate
+    from im2vec.use.evaluate import evaluate
 
     data = collection
     out = tmp_path / "run"

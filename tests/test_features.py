@@ -18,7 +18,7 @@ from PIL import Image
 
 from im2vec.data.corpus import CorpusSpec, ensure_corpus
 from im2vec.data.images import open_image
-from im2vec.data.loader import eval_view, normalize, to_uint8_tensor
+from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.train.checkpoint import load_model
 from im2vec.train.features import (
     MANIFEST,

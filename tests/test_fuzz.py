@@ -44,7 +44,7 @@ from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from im2vec.data import ingest, vocab, yfcc
-from im2vec.data import loader as data
+from im2vec.data import samples as data
 from im2vec.errors import PREFIX, BadValue, NotFound, UserError, run_cli
 from im2vec.eval import ranking, scoring
 from im2vec.use import predict

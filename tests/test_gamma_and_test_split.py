@@ -25,14 +25,9 @@ from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from im2vec.data.loader import (
-    eval_loader,
-    eval_view,
-    first_by_key,
-    key_rank,
-    normalize,
-    to_uint8_tensor,
-)
+from im2vec.data.loader import eval_loader
+from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
+from im2vec.data.shards import first_by_key, key_rank
 from im2vec.data.vocab import Vocabulary
 from im2vec.errors import UserError
 from im2vec.eval.validation import ValidationReport
@@ -479,7 +474,7 @@ def test_test_precision_equals_a_brute_force_recomputation(trained):
 
 
 def test_evaluate_scores_the_test_split_by_default_and_val_with_shards(trained, cache_dir, tmp_path):
-    from im2vec.eval.evaluating import evaluate
+    from im2vec.use.evaluate import evaluate
 
     out, m, objs = trained
     dm, tags = objs["datamodule"], objs["module"].tags
@@ -499,7 +494,7 @@ def test_evaluate_scores_the_test_split_by_default_and_val_with_shards(trained, 
 
 
 def test_evaluate_says_so_when_the_test_pattern_matches_nothing(trained, cache_dir, tmp_path, capsys):
-    from im2vec.eval.evaluating import evaluate
+    from im2vec.use.evaluate import evaluate
 
     out, m, objs = trained
     dm = objs["datamodule"]

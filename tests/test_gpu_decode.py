@@ -11,10 +11,11 @@ from PIL import Image
 
 from im2vec.bench.loader import photo
 from im2vec.data import gpu_decode
-from im2vec.data import loader as data
+from im2vec.data import samples as data
 from im2vec.data.datamodule import ShardDataModule
 from im2vec.data.gpu_decode import ENCODED_KEYS, finish_batch, is_encoded
-from im2vec.data.loader import SKIP_IMAGE, eval_loader, train_loader
+from im2vec.data.loader import eval_loader, train_loader
+from im2vec.data.samples import SKIP_IMAGE
 from im2vec.data.vocab import Vocabulary
 from im2vec.errors import BadValue, one_line
 

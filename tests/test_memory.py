@@ -14,7 +14,6 @@ from PIL import Image
 
 from im2vec.data.datamodule import ShardDataModule
 from im2vec.data.ingest import stats_name
-from im2vec.data.loader import SKIP_REASONS
 from im2vec.data.memory import (
     MemoryBatches,
     augment,
@@ -22,6 +21,7 @@ from im2vec.data.memory import (
     epoch_order,
     store_side,
 )
+from im2vec.data.samples import SKIP_REASONS
 from im2vec.data.vocab import Vocabulary
 
 VOCAB = Vocabulary(["sea", "red", "sky"], [30, 20, 10])

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from im2vec.data.images import open_image
-from im2vec.data.loader import eval_view, normalize, to_uint8_tensor
+from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.errors import UserError
 from im2vec.train.checkpoint import load_model
 from im2vec.train.training import train

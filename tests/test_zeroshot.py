@@ -16,14 +16,15 @@ from im2vec.data.datamodule import read_holdout
 from im2vec.data.vocab import Vocabulary
 from im2vec.deep.encoder import ImageEncoder
 from im2vec.errors import BadValue
-from im2vec.eval.evaluating import evaluate
 from im2vec.eval.ranking import KS, rank_tags, tagging_metrics
+from im2vec.eval.zeroshot import split_truths
 from im2vec.train.checkpoint import load_model
 from im2vec.train.module import Im2VecModule
 from im2vec.train.training import train
+from im2vec.use.evaluate import evaluate
 from im2vec.use.predict import Tagger, UnknownTag
 from im2vec.wide.head import SamplerConfig
-from im2vec.wide.zeroshot import TagVectorMap, mapped_vectors, random_like, split_truths
+from im2vec.wide.tag_vectors import TagVectorMap, mapped_vectors, random_like
 
 V, D, DW = 300, 16, 12
 
@@ -184,7 +185,7 @@ def test_evaluate_unseen_figures_equal_brute_force(zs, cache_dir, tmp_path):
     held = list(zs.cfg.data.holdout_tags)
     assert m["zeroshot/info/unseen_tags"] == len(held)
     # brute force: the images' vectors, the held-out tags' ids among themselves, their A·w vectors
-    from im2vec.eval.evaluating import embed_shards
+    from im2vec.eval.heldout import embed_shards
 
     model = load_model(zs.ckpt)
     data = embed_shards([model], zs.dm.test_shards, 64, 32, 0, None, extra_tags=held)

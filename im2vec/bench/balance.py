@@ -21,8 +21,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from im2vec.data.loader import expand_shards, train_loader, user_counts, user_uses
+from im2vec.data.loader import train_loader
 from im2vec.data.memory import MemoryBatches, decode_split, store_side, uploader_weights
+from im2vec.data.shards import expand_shards, user_counts, user_uses
 from im2vec.data.vocab import Vocabulary
 from im2vec.errors import ArgumentParser, NotFound, run_cli
 

@@ -22,11 +22,11 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from im2vec.data.loader import normalize
 from im2vec.data.memory import MemoryBatches, decode_split, uploader_weights
+from im2vec.data.samples import normalize
 from im2vec.deep.encoder import build_trunk
 from im2vec.errors import BadValue, make, run_cli
-from im2vec.eval.evaluating import gamma_sweep, score_model
+from im2vec.eval.heldout import gamma_sweep, score_model
 from im2vec.train.module import warmup_cosine
 from im2vec.train.training import check_config, epochs_for_samples, schedule_length
 from im2vec.wide.loss import multi_hot
@@ -114,7 +114,7 @@ def train_dense(cfg: DictConfig) -> dict[str, float]:
 def test_figures(model: DenseTagger, dm, gammas: list[float]) -> dict[str, float]:
     """The test split scored by the logits (γ = 0: the bias is the prior), with the prior and a γ sweep
     (an added γ·log count on top of the logits, a diagnostic) from the same metric code as training's."""
-    from im2vec.eval.evaluating import embed_shards
+    from im2vec.eval.heldout import embed_shards
     from im2vec.train.checkpoint import TrainedModel
 
     model.eval()

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from im2vec.data.loader import expand_shards
+from im2vec.data.shards import expand_shards
 from im2vec.errors import ArgumentParser, NotFound, run_cli
-from im2vec.eval.evaluating import embed_shards
+from im2vec.eval.heldout import embed_shards
 from im2vec.eval.intervals import GAMMA_RULES
 from im2vec.eval.validation import ValidationReport
 from im2vec.train.checkpoint import load_model
@@ -43,7 +43,7 @@ def run_values(run: Path) -> tuple[dict, dict]:
 def _users(shards: list[str], keys: list[str]) -> list[str]:
     import tarfile
 
-    from im2vec.data.loader import user_of
+    from im2vec.data.shards import user_of
 
     by_key = {}
     for s in shards:

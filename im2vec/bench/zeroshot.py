@@ -50,8 +50,8 @@ def run_one(overrides: list[str], eval_overrides: list[str], seed: int, out: Pat
     """train(cfg) then evaluate(cfg) on its last checkpoint -> evaluate's metrics."""
     from hydra import compose, initialize_config_dir
 
-    from im2vec.eval.evaluating import evaluate
     from im2vec.train.training import train
+    from im2vec.use.evaluate import evaluate
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"seed={seed}", f"paths.output_dir={out}"])

@@ -10,18 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from im2vec.data.corpus import CorpusSpec, ensure_corpus
-from im2vec.data.loader import (
-    MAX_PIXELS,
-    SKIP_REASONS,
-    check_decode,
-    eval_loader,
-    expand_shards,
-    rank_info,
-    shard_sizes,
-    train_loader,
-    user_counts,
-    user_uses,
-)
+from im2vec.data.images import MAX_PIXELS
+from im2vec.data.loader import eval_loader, train_loader
 from im2vec.data.memory import (
     MemoryBatches,
     decode_split,
@@ -29,6 +19,14 @@ from im2vec.data.memory import (
     memory_loader,
     store_side,
     uploader_weights,
+)
+from im2vec.data.samples import SKIP_REASONS, check_decode
+from im2vec.data.shards import (
+    expand_shards,
+    rank_info,
+    shard_sizes,
+    user_counts,
+    user_uses,
 )
 from im2vec.data.vocab import Vocabulary
 from im2vec.data.yfcc import normalize_tag

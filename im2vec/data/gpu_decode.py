@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from im2vec.data.images import open_image, to_rgb
-from im2vec.data.loader import SKIP_IMAGE, _pad, _Samples, crop_box, to_uint8_tensor
+from im2vec.data.samples import SKIP_IMAGE, _pad, _Samples, crop_box, to_uint8_tensor
 
 ENCODED_KEYS = ("jpeg", "jpeg_offsets", "jpeg_rows", "jpeg_boxes", "decoded", "decoded_rows")
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera JPEG with appended preview images; its first image is the photo

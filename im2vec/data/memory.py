@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from im2vec.data.loader import MAX_PIXELS, SKIP_REASONS, _pad, crop_box, eval_loader
+from im2vec.data.images import MAX_PIXELS
+from im2vec.data.loader import eval_loader
+from im2vec.data.samples import SKIP_REASONS, _pad, crop_box
 from im2vec.data.vocab import Vocabulary
 
 

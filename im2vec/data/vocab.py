@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> Vocabulary:
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     if a.shards:
-        from im2vec.data.loader import expand_shards
+        from im2vec.data.shards import expand_shards
 
         try:
             paths = [p for spec in a.shards for p in expand_shards(spec)]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import bz2
 import re
 import string
-import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from im2vec.errors import BadValue, NotFound
+from im2vec.tags import normalize_tag, normalize_tags  # noqa: F401  (this module's normalization)
 
 COLUMNS_25 = ("line", "id", "hash", "user", "nickname", "date_taken", "date_uploaded", "device", "title",
               "description", "user_tags", "machine_tags", "longitude", "latitude", "accuracy", "page_url",
@@ -43,16 +43,6 @@ def url_decode(text: str) -> str:
         return unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
     except UnicodeDecodeError:
         raise Skip("bad_escape", text[:60]) from None
-
-
-def normalize_tag(tag: str) -> str:
-    """One spelling per tag: Unicode NFKC, lowercase, trimmed, inner runs of whitespace made one space."""
-    return " ".join(unicodedata.normalize("NFKC", tag).lower().split())
-
-
-def normalize_tags(tags: Iterable[str]) -> list[str]:
-    """Normalized, empty ones dropped, duplicates kept once in their first place."""
-    return list(dict.fromkeys(t for t in map(normalize_tag, tags) if t))
 
 
 def parse_line(raw: bytes | str, machine_tags: bool = False) -> dict:

@@ -38,7 +38,7 @@ from im2vec.eval.scoring import (
     fp32_scores,
     row_chunks,
 )
-from im2vec.wide.sampler import PAD
+from im2vec.tags import PAD
 
 KS = (1, 3, 5, 10)
 

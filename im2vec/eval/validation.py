@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from im2vec.data.loader import MEAN, STD, first_by_key, key_rank
+from im2vec.data.samples import MEAN, STD
+from im2vec.data.shards import first_by_key, key_rank
 from im2vec.errors import BadValue
 from im2vec.eval.intervals import GAMMA_RULES, bootstrap_means, choose, interval
 from im2vec.eval.metrics import (
@@ -22,7 +23,7 @@ from im2vec.eval.metrics import (
     recall_per_image,
 )
 from im2vec.eval.scoring import prior_topk, topk_tags
-from im2vec.wide.sampler import PAD
+from im2vec.tags import PAD
 
 K = 5  # the headline cut-off (precision@5, the noise share of the top 5)
 K_MAX = 10  # top lists are this long: precision@1, precision@5 and recall@10 all come from them

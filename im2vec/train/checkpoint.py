@@ -11,35 +11,14 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from im2vec.deep.encoder import ImageEncoder
 from im2vec.errors import BadValue, NotFound
-from im2vec.wide.zeroshot import TagVectorMap
-
-
-@dataclass
-class TrainedModel:
-    encoder: ImageEncoder  # in eval mode, on the CPU
-    table: Tensor  # (V, d) tag vectors, fp32
-    log_counts: Tensor  # (V,) log of each tag's training count
-    tags: list[str]
-    gamma: float  # the tagging score's γ: chosen on validation in training (else sampler.gamma)
-    image_size: int | None  # None in checkpoints written before it was recorded
-    fingerprint: str
-    path: str
-    tag_map: TagVectorMap | None = None  # model.tag_vectors: A and the tags' word vectors (table already includes A·w)
-    holdout_tags: list[str] = field(default_factory=list)  # tags kept out of training (zero-shot evaluation)
-    data: dict | None = None  # the data settings it was trained with (None in checkpoints before they were recorded)
-
-    @property
-    def index(self) -> dict[str, int]:
-        return {t: i for i, t in enumerate(self.tags)}
-
+from im2vec.eval.heldout import TrainedModel
+from im2vec.wide.tag_vectors import TagVectorMap
 
 WRITTEN_BY = "a checkpoint written by train.py (outputs/train/<time>/checkpoints/last.ckpt)"
 

@@ -55,27 +55,22 @@ from torch import Tensor, nn
 
 from im2vec.data.corpus import CorpusSpec, ensure_corpus
 from im2vec.data.datamodule import ShardDataModule
-from im2vec.data.images import TooLarge
-from im2vec.data.loader import (
+from im2vec.data.images import MAX_PIXELS, TooLarge
+from im2vec.data.loader import _NoSamples, stream_loader, worker_init
+from im2vec.data.samples import (
     IMAGE_EXTS,
-    MAX_PIXELS,
     MAX_UNUSABLE,
     META_ERRORS,
     SKIP_BAD_META,
     SKIP_IMAGE,
     SKIP_REASONS,
     SKIP_TOO_LARGE,
-    _NoSamples,
     _Samples,
     eval_view,
-    expand_shards,
     normalize,
-    rank_info,
-    rank_shards,
     read_meta,
-    stream_loader,
-    worker_init,
 )
+from im2vec.data.shards import expand_shards, rank_info, rank_shards
 from im2vec.deep.encoder import ImageEncoder, build_trunk
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
 from im2vec.train import threads

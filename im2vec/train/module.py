@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from im2vec.data.gpu_decode import finish_batch, is_encoded
-from im2vec.data.loader import SKIP_REASONS, normalize
+from im2vec.data.samples import SKIP_REASONS, normalize
 from im2vec.errors import BadValue
 from im2vec.eval.validation import ValidationReport
 from im2vec.wide.allocator import empty_hugepages
@@ -41,7 +41,7 @@ from im2vec.wide.sharded_table import (
     shard_of,
 )
 from im2vec.wide.tag_table import CPUTagTable, make_table_optimizer
-from im2vec.wide.zeroshot import TagVectorMap
+from im2vec.wide.tag_vectors import TagVectorMap
 
 
 @dataclass

@@ -18,14 +18,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from im2vec.data.corpus import ensure_word_vectors
 from im2vec.errors import BadValue, UserError, make, one_line
-from im2vec.eval.evaluating import heldout_figures
+from im2vec.eval.heldout import heldout_figures
 from im2vec.train import threads
 from im2vec.train.checkpoint import check_checkpoint_file, set_gamma
 from im2vec.train.module import Im2VecModule
 from im2vec.train.resilience import AtomicCheckpointIO, Preempted
 from im2vec.wide.allocator import tune_malloc
 from im2vec.wide.head import resolve_head
-from im2vec.wide.zeroshot import read_tag_vectors
+from im2vec.wide.tag_vectors import read_tag_vectors
 
 # the module moves only the images to the trunk's device (tag ids stay on the CPU for sampling), on purpose
 warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")

@@ -1,2 +1,2 @@
-"""Using a trained model: tag images and search them by tag (``predict``: ``Tagger`` and its command) and
-the web demo (``serve``)."""
+"""Using a trained model: tag images and search them by tag (``predict``: ``Tagger`` and its command), the
+web demo (``serve``) and evaluate.py's work on held-out shards (``evaluate``)."""

@@ -36,13 +36,13 @@ from PIL import Image
 from torch import Tensor
 
 from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
-from im2vec.data.loader import eval_view, normalize, to_uint8_tensor
+from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, run_cli
 from im2vec.eval.scoring import topk_tags
 from im2vec.train.checkpoint import TrainedModel, load_model, unpickling_reason
+from im2vec.wide.tag_vectors import mapped_vectors
 from im2vec.wide.wordvec import read_vectors
-from im2vec.wide.zeroshot import mapped_vectors
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})  # what the folder commands read
 INDEX_FORMAT = "im2vec-index-1"

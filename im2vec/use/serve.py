@@ -61,7 +61,7 @@ from starlette.routing import Route
 from torch import Tensor
 
 from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
-from im2vec.data.loader import eval_view, to_uint8_tensor
+from im2vec.data.samples import eval_view, to_uint8_tensor
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
 from im2vec.use.predict import Tagger, UnknownTag, _positive, load_index
 

@@ -90,7 +90,7 @@ def sampled_loss(s: SamplerConfig, table: CPUTagTable, u: Tensor, pos_ids: Tenso
     One gather for all rows: each distinct row is read and sent once, and the table receives one
     coalesced sparse gradient per step. ``dedupe=False`` reads the rows with a plain sparse
     ``nn.Embedding`` lookup instead (duplicates and all: the stock path, for the benchmark).
-    ``row_map(ids, rows) -> rows``: the tag vectors from the rows (``im2vec.wide.zeroshot.TagVectorMap``).
+    ``row_map(ids, rows) -> rows``: the tag vectors from the rows (``im2vec.wide.tag_vectors.TagVectorMap``).
     """
     ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
     rows = (table.gather if dedupe else table.lookup)(ids, u.device, u.dtype)  # (B·P + #neg, d)

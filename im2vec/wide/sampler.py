@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from im2vec.errors import BadValue
-
-PAD = -1
+from im2vec.tags import PAD
 
 
 class NegativeSampler:

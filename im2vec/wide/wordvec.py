@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import BadValue, NotFound
+from im2vec.tags import normalize_tag
 
 TEXT_BYTES = set(b"0123456789.-+eEinfaINFA \t\r\n")  # what a text file's numbers are made of
 
