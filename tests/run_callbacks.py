@@ -45,3 +45,16 @@ class DumpAtStart(pl.Callback):
                 whole[k] = int(v)
         if trainer.global_rank == 0:
             torch.save(whole, self.path)
+
+
+class TagMapAtStart(pl.Callback):
+    """Before the first batch of the (resumed) run: the word-vector map A (module.tag_map) as restored, to
+    ``path``."""
+
+    def __init__(self, path: str):
+        self.path, self.done = Path(path), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.done:
+            self.done = True
+            torch.save(pl_module.tag_map.proj.weight.detach().cpu().clone(), self.path)

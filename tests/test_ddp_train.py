@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -138,13 +137,12 @@ def test_kill_9_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
 
 
 def test_a_rank_killed_stops_the_other_with_an_error(tmp_path):
-    t0 = time.perf_counter()
+    """Not timed: a surviving rank that hangs instead of failing runs into train()'s timeout (240 s, well past
+    the collectives' 60 s), which kills the process group and fails the test."""
     run = train(tmp_path / "d", *DDP, "trainer.strategy.timeout.seconds=60", "callbacks.checkpoint.every_n_batches=2",
                 "+callbacks.kill._target_=run_callbacks.SignalAt", "+callbacks.kill.batch=3",
                 "+callbacks.kill.sig=SIGKILL", "+callbacks.kill.rank=1", timeout=240)
-    took = time.perf_counter() - t0
     assert run.returncode not in (0, 143), run.stderr[-2000:]
-    assert took < 200, f"the surviving rank took {took:.0f} s to stop"
     last = tmp_path / "d" / "checkpoints" / "last.ckpt"
     assert ckpt(last)["global_step"] == 2 * 2  # the every-2-batches checkpoint before the death
 

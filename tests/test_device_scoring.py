@@ -387,3 +387,35 @@ def test_validation_scores_on_the_trunks_device(make_cfg, monkeypatch):
     monkeypatch.setattr(ValidationReport, "compute", compute)
     train(make_cfg("trainer.max_epochs=1"))
     assert seen and all(d is not None and d.type == "cpu" for d in seen)
+
+
+def test_validation_device_follows_the_trunks_device(monkeypatch):
+    """The device handed to the scoring is where the module was moved, not a constant: the module is moved to
+    "meta" (standing in for a GPU, which this machine lacks; the table stays in host memory) and its
+    validation's end is run on a few vectors, stopped at the scoring."""
+    from types import SimpleNamespace
+
+    from im2vec.deep.encoder import ImageEncoder
+    from im2vec.train.module import Im2VecModule
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def compute(self, *a, **k):
+        seen.append(k.get("device"))
+        raise Stop
+
+    monkeypatch.setattr(ValidationReport, "compute", compute)
+    v = 50
+    counts = (1000.0 / torch.arange(1, v + 1)).round().clamp_min(1)
+    mod = Im2VecModule(ImageEncoder("small_cnn", 16), [f"t{i}" for i in range(v)], counts, 10)
+    mod.trainer = SimpleNamespace(sanity_checking=False, datamodule=SimpleNamespace(), global_step=0)
+    mod.report.add(torch.randn(4, 16), torch.randint(0, v, (4, 3)), torch.full((4, 3), -1), list("abcd"), None)
+    for device in (torch.device("cpu"), torch.device("meta")):  # meta last: nothing moves back from it
+        mod.to(device)
+        with pytest.raises(Stop):
+            mod.on_validation_epoch_end()
+        assert seen[-1] == device, (seen, device)
+    assert mod.table.weight.device.type == "cpu"

@@ -194,21 +194,41 @@ def test_loader_pins_for_a_gpu_trunk(make_cfg):
     assert torch_loader(dm.train_dataloader()).pin_memory is True
     assert torch_loader(dm.val_dataloader()).pin_memory is True
     assert torch_loader(instantiate(make_cfg().data).train_dataloader()).pin_memory is False
-    # train() sets it from where the trunk runs
-    seen = {}
-    real = Im2VecModule.setup
+
+
+def test_pinning_is_decided_by_the_trunks_device():
+    """The decision itself: pinned batches for a trunk on a GPU, none on the CPU (a GPU run cannot happen here)."""
+    from im2vec.train.training import pins_memory
+
+    assert pins_memory(torch.device("cuda")) is True and pins_memory(torch.device("cuda", 1)) is True
+    assert pins_memory("cuda:0") is True
+    assert pins_memory(torch.device("cpu")) is False and pins_memory(torch.device("meta")) is False
+
+
+def test_train_gives_the_loaders_the_decision_for_its_trunk(make_cfg, monkeypatch):
+    """train() asks the decision with the trainer's root device and hands its answer to the data module: the
+    decision is replaced by one answering True, and the run stopped when the module is set up."""
+    import im2vec.train.training as training
+
+    asked, seen = [], {}
+
+    class Stop(Exception):
+        pass
+
+    def decide(device):
+        asked.append(torch.device(device))
+        return True
 
     def setup(self, stage):
         seen["pin"] = self.trainer.datamodule.pin_memory
-        return real(self, stage)
+        raise Stop
 
-    import im2vec.train.module as module_mod
-    module_mod.Im2VecModule.setup = setup
-    try:
-        train(make_cfg("+debug=fdr"))
-    finally:
-        module_mod.Im2VecModule.setup = real
-    assert seen["pin"] is False  # a CPU trunk: nothing to pin (the GPU case is in python -m im2vec.bench.gpu)
+    monkeypatch.setattr(training, "pins_memory", decide)
+    monkeypatch.setattr(Im2VecModule, "setup", setup)
+    with pytest.raises(Stop):
+        train(make_cfg("trainer.max_epochs=1"))
+    assert [d.type for d in asked] == ["cpu"]  # the trunk's device here
+    assert seen["pin"] is True  # the data module got the decision's answer, not a constant
 
 
 # ---- 6. the overlapped step equals the serial step

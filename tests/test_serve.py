@@ -334,11 +334,16 @@ def test_chunked_upload_to_the_real_server(server, trained):
 
 
 def test_one_client_keeps_its_connection(server, trained):
+    """Keep-alive: the second request goes over the first one's socket (the same local port). The
+    HTTPConnection object alone proves nothing: http.client reopens a closed connection inside it."""
     c = Client(server)
     try:
         first = c.send(search_job(trained.tagger.tags[0]))
-        conn = c.conn
+        sock = c.conn.sock
+        assert sock is not None, "the server closed the connection after the first answer"
+        port = sock.getsockname()[1]
         second = c.send(Job("info", "GET", "/api/info"))
-        assert first.status == second.status == 200 and second.body["index"] is True and c.conn is conn
+        assert first.status == second.status == 200 and second.body["index"] is True
+        assert c.conn.sock is sock and c.conn.sock.getsockname()[1] == port
     finally:
         c.close()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from im2vec.data.corpus import SCENES, ensure_word_vectors, word_vectors
 from im2vec.data.datamodule import read_holdout
@@ -209,12 +210,18 @@ def test_evaluate_unseen_figures_equal_brute_force(zs, cache_dir, tmp_path):
 
 
 def test_resume_with_tag_vectors(zs, tmp_path):
+    """A resumes where the checkpoint left it: at the resumed run's first batch it equals the checkpoint's A
+    (tests/run_callbacks.py records it), then it trains on."""
     cfg = copy.deepcopy(zs.cfg)
     cfg.ckpt_path, cfg.trainer.max_epochs, cfg.paths.output_dir = str(zs.ckpt), 3, str(tmp_path)
-    before = load_model(zs.ckpt).tag_map.proj.weight.clone()
+    with open_dict(cfg):
+        cfg.callbacks["a_at_start"] = {"_target_": "run_callbacks.TagMapAtStart", "path": str(tmp_path / "a0.pt")}
+    saved = torch.load(zs.ckpt, map_location="cpu", weights_only=False)["state_dict"]["tag_map.proj.weight"]
     train(cfg)
+    at_start = torch.load(tmp_path / "a0.pt")
+    assert at_start.shape == saved.shape and torch.equal(at_start, saved)  # restored, not started afresh
     after = load_model(Path(tmp_path) / "checkpoints" / "last.ckpt")
-    assert not torch.equal(after.tag_map.proj.weight, before)  # A kept training from where it was
+    assert not torch.equal(after.tag_map.proj.weight, saved)  # and A kept training from where it was
 
 
 def test_tag_command_with_an_open_vocabulary(zs, tmp_path, capsys):

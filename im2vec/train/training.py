@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from im2vec.data.corpus import ensure_word_vectors
@@ -154,6 +155,12 @@ def recorded_data(data: DictConfig) -> dict:
     return out
 
 
+def pins_memory(trunk_device) -> bool:
+    """Whether the loaders put batches in page-locked memory: only for a trunk on a GPU, where they are copied
+    to the device without blocking the CPU (on a CPU trunk pinning only costs)."""
+    return torch.device(trunk_device).type == "cuda"
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     t0 = time.perf_counter()
     tune_malloc()  # large per-step temporaries reuse freed memory (im2vec/wide/allocator.py)
@@ -170,7 +177,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     # before any process group exists: with several ranks each builds only its own rows of the table
     shard = (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
     gpu = trainer.strategy.root_device.type == "cuda"
-    datamodule.pin_memory = gpu  # batches copied to the trunk without blocking the CPU
+    datamodule.pin_memory = pins_memory(trainer.strategy.root_device)
     overlap = cfg.optim.get("overlap", "auto")
     tc = cfg.get("threads") or {}
     # training batches from the split decoded once come from this process: no loader worker to leave a core to
