@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from im2vec.train.module import Im2VecModule, OptimConfig
-from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
+from im2vec.wide.head import SamplerConfig, draw_ids
 from im2vec.wide.sharded_table import ROW_STATE, rank_seed
+from im2vec.wide.tag_head import TagHead
 from im2vec.wide.tag_vectors import TagVectorMap
 
 V, D, B, T, SIDE, STEPS, SEED = 97, 16, 6, 4, 16, 4, 3
@@ -66,22 +67,23 @@ class Data(pl.LightningDataModule):
         return torch.utils.data.DataLoader(Batches(ranks), batch_size=None)
 
 
+class ConcatenatedHead(TagHead):
+    """Each step's ids drawn chunk by chunk with the generator each rank would use (an own ``draw``: the head
+    then gathers its rows on the step's thread, as the sharded head does)."""
+
+    def draw(self, tags):
+        parts = [draw_ids(self.cfg, self.pos_sampler, self.neg_sampler, tags[r * B:(r + 1) * B], g)
+                 for r, g in enumerate(self.gens)]
+        return tuple(torch.cat(x) for x in zip(*parts))
+
+
 class ConcatenatedRanks(Im2VecModule):
-    """One process; each step's ids drawn chunk by chunk with the generator each rank would use."""
+    """One process, the ranks' batches side by side."""
+    head_class = ConcatenatedHead
 
     def __init__(self, world: int, **kw):
         super().__init__(**kw)
-        self.gens = [torch.Generator().manual_seed(rank_seed(SEED, r)) for r in range(world)]
-
-    def _pipelined_loss(self, u, tags):  # a one-device table's step goes through the TableWorker: draw here instead
-        return self.head_loss(u, tags)
-
-    def head_loss(self, u, tags):
-        s = self.sampler_cfg
-        parts = [draw_ids(s, self.pos_sampler, self.neg_sampler, tags[r * B:(r + 1) * B], g)
-                 for r, g in enumerate(self.gens)]
-        pos, neg, weight = (torch.cat(x) for x in zip(*parts))
-        return sampled_loss(s, self.table, u, pos, neg, weight, row_map=self.tag_map)
+        self.head.gens = [torch.Generator().manual_seed(rank_seed(SEED, r)) for r in range(world)]
 
 
 def main() -> None:

@@ -106,19 +106,19 @@ def test_each_rank_restores_its_own_generator_and_rows():
             "im2vec": {"num_tags": 30, "dim": 8, "fingerprint": m.fingerprint, "world_size": 2, "gamma": 0.5,
                        "sampler_rngs": [g.get_state() for g in streams], "torch_rngs": [torch.get_rng_state()] * 2,
                        "sampler_rng": streams[0].get_state(), "torch_rng": torch.get_rng_state(), "cuda_rng": []}}
-    m.table = ShardedTagTable(m.counts, 8, 0.01, rank=1, world=2, full=full)  # what setup does on rank 1 of 2
+    m.head.table = m.table = ShardedTagTable(m.head.counts, 8, 0.01, rank=1, world=2, full=full)  # setup, rank 1 of 2
     m.on_load_checkpoint(ckpt)
-    assert torch.equal(m.gen.get_state(), streams[1].get_state())
+    assert torch.equal(m.head.gen.get_state(), streams[1].get_state())
     assert torch.equal(ckpt["state_dict"]["table.embedding.weight"], full[1::2])
-    st = m._table_opt_state["state"][0]
+    st = m.head._table_opt_state["state"][0]
     assert torch.equal(st["exp_avg"], (full * 2)[1::2]) and torch.equal(st["exp_avg_sq"], (full * 3)[1::2])
     assert st["step"] == 4 and ckpt["optimizer_states"][1]["state"] == {}  # kept out of Lightning's restore
     # on 3 ranks the saved streams do not map onto the ranks: a new stream from (seed, rank, step)
     m3 = _module(seed=5)
-    m3.table = ShardedTagTable(m3.counts, 8, 0.01, rank=1, world=3, full=full)
+    m3.head.table = m3.table = ShardedTagTable(m3.head.counts, 8, 0.01, rank=1, world=3, full=full)
     ckpt["state_dict"]["table.embedding.weight"] = full.clone()
     m3.on_load_checkpoint(ckpt)
-    assert not torch.equal(m3.gen.get_state(), streams[1].get_state())
+    assert not torch.equal(m3.head.gen.get_state(), streams[1].get_state())
     assert torch.equal(ckpt["state_dict"]["table.embedding.weight"], full[1::3])
 
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from im2vec.errors import BadValue
-from im2vec.train.module import Im2VecModule, check_precision
+from im2vec.train.module import Im2VecModule
+from im2vec.train.optim import check_precision
 from im2vec.train.training import train
 from im2vec.wide import pipeline
 from im2vec.wide.head import SamplerConfig, draw_ids, sampled_loss
 from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+from im2vec.wide.tag_head import Prepared, TagHead
 from im2vec.wide.tag_table import CPUTagTable
 
 
@@ -34,9 +36,10 @@ def _table_grad_under_bf16(head_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         u = lin(x)  # bf16, as a trunk's output under bf16-mixed
         assert u.dtype == torch.bfloat16
-        if head_fp32:  # what Im2VecModule.head_loss does
-            with torch.autocast("cpu", enabled=False):
-                loss = sampled_loss(s, table, u.float(), *ids)[0]
+        if head_fp32:  # the tag head's own loss (serial: the drawn ids given), under the trunk's autocast
+            head = TagHead(counts, 32, s, 0.3, seed=1)
+            head.table = table
+            loss = head.loss(u, Prepared(tags, ids=ids))[0]
         else:  # the head as the trunk's autocast leaves it: rows cast to bf16, repeated rows summed in bf16
             loss = sampled_loss(s, table, u, *ids)[0]
     loss.backward()
@@ -59,8 +62,8 @@ def test_module_head_is_fp32_under_bf16_autocast():
 
 
 def test_module_head_loss_under_autocast_equals_fp32(make_cfg):
-    """Im2VecModule.head_loss itself: the loss and the table gradient under bf16 autocast equal the fp32 head
-    on the same image vectors."""
+    """The module's tag head on its default (pipelined) path: the loss and the table gradient under bf16
+    autocast equal the fp32 head on the same image vectors."""
     from im2vec.deep.encoder import ImageEncoder
 
     counts = _counts()
@@ -70,8 +73,9 @@ def test_module_head_loss_under_autocast_equals_fp32(make_cfg):
     u = torch.randn(32, 16).bfloat16()
     tags = torch.randint(0, 500, (32, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_a = mods[0].head_loss(u, tags)[0]
-    loss_b = mods[1].head_loss(u.float(), tags)[0]
+        loss_a = mods[0].head.loss(u, mods[0].head.prepare(tags, u.device))[0]
+    loss_b = mods[1].head.loss(u.float(), mods[1].head.prepare(tags, u.device))[0]
+    assert mods[0].head.variant == "pipelined"
     assert loss_a.dtype == torch.float32
     (loss_a + loss_b).backward()
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
@@ -134,7 +138,7 @@ def test_load_from_checkpoint_keeps_the_table_in_host_memory(make_cfg, tmp_path)
 
     loaded = Im2VecModule.load_from_checkpoint(
         ckpt, map_location="meta", encoder=ImageEncoder("small_cnn", mod.table.dim), tags=mod.tags,
-        counts=mod.counts, total_batches=mod.total_batches, fingerprint=mod.fingerprint)
+        counts=mod.head.counts, total_batches=mod.total_batches, fingerprint=mod.fingerprint)
     assert loaded.table.weight.device.type == "cpu"
     torch.testing.assert_close(loaded.table.weight.detach(), mod.table.weight.detach(), rtol=0, atol=0)
     assert next(loaded.encoder.parameters()).device.type == "meta"  # the rest went where it was asked
@@ -243,16 +247,21 @@ def _fit(make_cfg, out, *overrides):
     return mod, {"table": mod.table.weight.detach().clone(), "m": state["exp_avg"].clone(),
                  "v": state["exp_avg_sq"].clone(), "step": state["step"], "lr": opt.param_groups[0]["lr"],
                  "trunk": torch.cat([p.detach().flatten() for p in mod.encoder.parameters()]),
-                 "gen": mod.gen.get_state()}, metrics
+                 "gen": mod.head.gen.get_state()}, metrics
 
 
 @pytest.mark.parametrize("sampler", [[], ["sampler.loss=softmax", "sampler.negatives=shared"]])
 def test_overlapped_step_equals_serial_step(make_cfg, tmp_path, monkeypatch, sampler):
     _, serial, m_serial = _fit(make_cfg, tmp_path / "serial", "optim.overlap=false", *sampler)
     mod, over, m_over = _fit(make_cfg, tmp_path / "overlap", "optim.overlap=true", *sampler)
-    assert mod.worker.overlap and mod._table_step is not None
+    assert mod.head.worker.overlap and mod.head._table_step is not None
     # the head as it was before the pipeline (sampled_loss through CPUTagTable.gather), serial
-    monkeypatch.setattr(Im2VecModule, "_pipelined_loss", lambda self, u, tags: self.head_loss(u, tags))
+
+    def serial_prepare(self, tags, device):
+        self.device = torch.device(device)
+        return Prepared(tags, ids=self.draw(tags))
+
+    monkeypatch.setattr(TagHead, "prepare", serial_prepare)
     _, old, _ = _fit(make_cfg, tmp_path / "old", "optim.overlap=false", *sampler)
     for name in serial:
         for other in (over, old):
@@ -269,7 +278,7 @@ def test_overlap_worker_error_surfaces(make_cfg, tmp_path, monkeypatch):
     def boom(self, *a):
         raise RuntimeError("table update failed")
 
-    monkeypatch.setattr(Im2VecModule, "_update_table", boom)
+    monkeypatch.setattr(TagHead, "_update_table", boom)
     with pytest.raises(RuntimeError, match="table update failed"):
         train(make_cfg("optim.overlap=true", "trainer.max_epochs=1"))
 
@@ -283,9 +292,9 @@ def test_overlap_refused_with_a_sharded_table():
     kw = dict(encoder=ImageEncoder("small_cnn", 16), tags=[str(i) for i in range(500)], counts=_counts(),
               total_batches=10, shard=(0, 2))  # rank 0 of 2: a sharded table
     with pytest.raises(BadValue, match="sharded"):
-        Im2VecModule(optim=OptimConfig(overlap=True), **kw).overlap
+        Im2VecModule(optim=OptimConfig(overlap=True), **kw).head.overlap
     mod = Im2VecModule(optim=OptimConfig(overlap="auto"), **kw)
-    assert mod.sharded and not mod.overlap and not mod.pipelined
+    assert mod.sharded and not mod.head.overlap and mod.head.variant == "sharded"
 
 
 def test_train_with_decode_on_the_trunks_device(make_cfg):
@@ -322,19 +331,23 @@ def test_logging_reads_the_device_only_on_log_steps(make_cfg, monkeypatch):
 
 
 def test_a_subclass_head_loss_is_used_and_stepped_with_overlap_on(make_cfg, monkeypatch):
-    """A subclass with its own head_loss keeps it (the pipelined step replaces only the stock head), and its
-    table gradient is stepped even with optim.overlap=true (no deferred step for a head that is not queued)."""
+    """A head with its own draw keeps it (the pipelined step's worker calls only the stock draw: this head runs
+    serial), and its table gradient is stepped even with optim.overlap=true (no deferred step for a head that
+    is not queued)."""
     import im2vec.train.training as training
 
     calls = []
 
-    class Own(Im2VecModule):
-        def head_loss(self, u, tags):
+    class OwnHead(TagHead):
+        def draw(self, tags):
             calls.append(1)
-            return super().head_loss(u, tags)
+            return super().draw(tags)
+
+    class Own(Im2VecModule):
+        head_class = OwnHead
 
     monkeypatch.setattr(training, "Im2VecModule", Own)
     _, objs = train(make_cfg("optim.overlap=true", "trainer.max_epochs=1"))
     mod = objs["module"]
-    assert isinstance(mod, Own) and len(calls) == 3 and not mod.pipelined
+    assert isinstance(mod, Own) and len(calls) == 3 and mod.head.variant == "serial"
     assert mod.optimizers()[1].optimizer.state[mod.table.weight]["step"] == 3  # every batch updated the table

@@ -27,7 +27,7 @@ def test_resume_is_exact(make_cfg, tmp_path, trunk):
     for key in ("exp_avg", "exp_avg_sq"):
         assert state_b[key].device.type == "cpu"
         assert torch.equal(state_a[key], state_b[key])
-    assert torch.equal(a.gen.get_state(), b.gen.get_state())
+    assert torch.equal(a.head.gen.get_state(), b.head.gen.get_state())
 
 
 def test_resume_with_other_dim_or_vocabulary_fails(make_cfg, tmp_path):

@@ -71,7 +71,7 @@ def test_head_loss_after_casting_module_to_bf16(negatives):
     module.to(torch.bfloat16)
     images, tags = _images_and_tags(2, 40, seed=4)
     u = module.encoder(images.to(torch.bfloat16))
-    loss, _, _ = module.head_loss(u, tags)
+    loss, _, _ = module.head.loss(u, module.head.prepare(tags, u.device))
     loss.backward()
     grad = module.table.weight.grad
     assert grad.is_sparse and grad.dtype == torch.float32 and grad.device.type == "cpu"
@@ -87,7 +87,7 @@ def test_table_log_counts_brute_force():
     assert table.embedding.sparse
 
 
-# ---------------------------------------------------------------- one optimizer step through head_loss
+# ---------------------------------------------------------------- one optimizer step through the tag head
 
 
 def _images_and_tags(b: int, v: int, seed: int = 0):
@@ -110,7 +110,7 @@ def test_table_step_leaves_unsampled_rows_untouched(negatives, optimizer):
     before = module.table.weight.detach().clone()
 
     u = module.encoder(images)  # (B, d)
-    loss, _, _ = module.head_loss(u, tags)
+    loss, _, _ = module.head.loss(u, module.head.prepare(tags, u.device))
     assert torch.isfinite(loss)
     loss.backward()
 
@@ -222,7 +222,7 @@ def test_head_loss_under_bf16_autocast_keeps_table_fp32(negatives):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         u = module.encoder(images)
         assert u.dtype == torch.bfloat16
-        loss, _, _ = module.head_loss(u, tags)
+        loss, _, _ = module.head.loss(u, module.head.prepare(tags, u.device))
     loss.backward()
     grad = module.table.weight.grad
     assert grad.is_sparse and grad.dtype == torch.float32 and grad.device.type == "cpu"

@@ -25,6 +25,7 @@ from im2vec.train.training import train
 from im2vec.use.evaluate import evaluate
 from im2vec.use.predict import Tagger, UnknownTag
 from im2vec.wide.head import SamplerConfig
+from im2vec.wide.tag_head import Prepared
 from im2vec.wide.tag_vectors import TagVectorMap, mapped_vectors, random_like
 
 V, D, DW = 300, 16, 12
@@ -88,8 +89,9 @@ def test_pipelined_step_equals_the_serial_head_with_tag_vectors():
     b = copy.deepcopy(a)
     tags = torch.randint(0, V, (6, 3))
     u = torch.randn(6, D)
-    la = a._pipelined_loss(u, tags)[0]
-    lb = b.head_loss(u, tags)[0]
+    la = a.head.loss(u, a.head.prepare(tags, u.device))[0]  # pipelined
+    lb = b.head.loss(u, Prepared(tags, ids=b.head.draw(tags)))[0]  # serial: sampled_loss
+    assert a.head.variant == "pipelined"
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
     la.backward()
     lb.backward()

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback
 
+from im2vec.bench.trunk_only import TrunkOnly
 from im2vec.errors import ArgumentParser, one_line
 from im2vec.train.module import Im2VecModule
 
@@ -211,26 +212,6 @@ def placement_failures(module: Im2VecModule, trunk_device: str, where: str, tabl
     return bad
 
 
-class TrunkOnly(Im2VecModule):
-    """The same module and step without the tag head: no ids drawn, no rows read or sent, no table update; the
-    loss is a trivial function of u. The difference to the full step is what the head costs."""
-
-    def _prepare(self, tags):
-        return None
-
-    def _pipelined_loss(self, u, tags):
-        return self._trivial(u)
-
-    def head_loss(self, u, tags):
-        return self._trivial(u)
-
-    @staticmethod
-    def _trivial(u):
-        loss = u.float().square().mean()
-        zero = loss.detach() * 0
-        return loss, zero, zero
-
-
 class Probe(Callback):
     """Windows of ``window`` batches timed between device synchronizations (none inside a window), the loader
     wait, the module's logged breakdown at each window's end, and the placement check at the first batch."""
@@ -254,7 +235,7 @@ class Probe(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         with contextlib.suppress(Exception):
-            self.overlap = bool(pl_module.overlap)
+            self.overlap = bool(pl_module.head.overlap)
         self.module_class = type(pl_module).__name__
         self.batches, self._last_end = 0, None
         self._reset()
@@ -404,9 +385,9 @@ def run_one(r: Run, p: Plan, keys: dict[str, bool], data: Path, vocab_path: Path
         if type(module) is not expected:  # the no-head run would time the head after all
             res["failures"].append(f"{r.name}: train() built {type(module).__name__}, not the bench's "
                                    f"{expected.__name__} (im2vec.train.training.build_module)")
-        if not r.head and res.get("table_prepare_ms", 0.0) > 0:  # TrunkOnly's overrides no longer cover the step
+        if not r.head and res.get("table_prepare_ms", 0.0) > 0:  # TrunkOnlyHead no longer covers the step
             res["failures"].append(f"{r.name}: the tag head still ran (train/table_prepare_ms "
-                                   f"{res['table_prepare_ms']:.2f}): update TrunkOnly to Im2VecModule's step")
+                                   f"{res['table_prepare_ms']:.2f}): update TrunkOnlyHead to TagHead's step")
         if probe.batches != r.batches:
             res["failures"].append(f"{r.name}: {probe.batches} batches trained, not {r.batches}")
         if r.resume_from:

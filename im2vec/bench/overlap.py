@@ -78,14 +78,10 @@ def _batches(n: int, batch: int, size: int, tags: int, per_image: int, seed: int
 def run_case(kind: str, args, negatives: int, counts: torch.Tensor, batches: list[dict]) -> float:
     """(ms per batch, the table side's ms per batch as the module logged it) of one case (``trunk``, ``head``,
     ``serial``, ``overlap``)."""
+    from im2vec.bench.trunk_only import TrunkOnly
     from im2vec.deep.encoder import ImageEncoder
     from im2vec.train.module import Im2VecModule, OptimConfig
     from im2vec.wide.head import SamplerConfig
-
-    class TrunkOnly(Im2VecModule):
-        def _pipelined_loss(self, u, tags):
-            loss = u.float().square().mean()
-            return loss, loss.detach(), loss.detach()
 
     cls = TrunkOnly if kind == "trunk" else Im2VecModule
     encoder = _NoTrunk(args.dim) if kind == "head" else ImageEncoder(args.trunk, args.dim)

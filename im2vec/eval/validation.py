@@ -208,6 +208,26 @@ class ValidationReport:
         self._row = {self.keys[i]: r for r, i in enumerate(keep.tolist())}  # key -> row of _top (the kept subset)
         return m
 
+    def compute_across(self, table: Tensor | None, log_counts: Tensor, step: int, max_images: int | None,
+                       device, group=None, rank: int = 0, world: int = 1) -> tuple[dict | None, int]:
+        """``compute`` for a run on ``world`` ranks: every rank's images to rank 0, which scores them against
+        the table (``table``: assembled there, None elsewhere), then the same figures and γ on every rank (γ goes
+        into every rank's checkpoint) -> (figures or None when no image was usable, images scored)."""
+        if world > 1:
+            self.gather(group, rank, world)
+        metrics = None
+        if rank == 0 and self.size:
+            metrics = self.compute(table, log_counts, step, max_images, device=device)
+        if world == 1:
+            return metrics, self.size
+        import torch.distributed as dist
+
+        box = [metrics, self.gamma, self.step, self.size]
+        dist.broadcast_object_list(box, src=0, group=group)
+        metrics, self.gamma, self.step, size = box
+        self.metrics = metrics or self.metrics
+        return metrics, size
+
     def log_pictures(self, tb, table: Tensor, log_counts: Tensor, step: int) -> None:
         """Tag vectors of the most frequent tags to the projector; a grid of images with their top 5."""
         n = self.projector_tags

@@ -103,3 +103,18 @@ def set_gamma(path: str | os.PathLike, gamma: float) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def check_resume(checkpoint: dict, num_tags: int, dim: int, fingerprint: str) -> dict:
+    """A checkpoint to resume training from -> its im2vec metadata; refused in one line when it is not an im2vec
+    checkpoint, or holds another table's shape or another vocabulary."""
+    meta = checkpoint.get("im2vec")
+    if meta is None:
+        raise BadValue("ckpt_path: not an im2vec checkpoint (no 'im2vec' entry)", "resume from a checkpoint written by train.py")
+    if (meta["num_tags"], meta["dim"]) != (num_tags, dim):
+        raise BadValue(f"ckpt_path: the checkpoint has a {meta['num_tags']}×{meta['dim']} tag table, this run "
+                       f"{num_tags}×{dim}", "resume with the vocabulary and model.dim it was trained with")
+    if meta["fingerprint"] != fingerprint:
+        raise BadValue("ckpt_path: the checkpoint was trained with another vocabulary (same size, other tags)",
+                       "resume with the vocabulary file it was trained on")
+    return meta

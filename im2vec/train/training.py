@@ -206,7 +206,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
         if zero and Path(best or "").is_file():
             set_gamma(best, module.gamma)  # the last checkpoint holds the same weights: give it the γ chosen on them
-    metrics = dict(module.val_metrics)
+    metrics = dict(module.report.metrics)
     if datamodule.test_shards and not trainer.fast_dev_run:  # the figures to report: images nothing was chosen on
         table = module.full_table()  # with a sharded table: assembled on rank 0, which scores the test images
         test = {}
