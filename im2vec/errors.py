@@ -169,6 +169,14 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(UserError(f"{self.prog}: {message}", f"see {self.prog} --help"))
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: a whole number ≥ 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {n}")
+    return n
+
+
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None, exit: bool = True) -> int:
     """Run a module command's ``main(argv)``: a user error (``as_user_error``) is one line and status 2
     unless ``--debug`` is among the arguments (anywhere; it is taken out before ``main`` sees them).

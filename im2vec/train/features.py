@@ -72,9 +72,8 @@ from im2vec.data.samples import (
 )
 from im2vec.data.shards import expand_shards, rank_info, rank_shards
 from im2vec.deep.encoder import ImageEncoder, build_trunk
-from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
+from im2vec.errors import ArgumentParser, BadValue, NotFound, positive_int, run_cli
 from im2vec.train import threads
-from im2vec.use.predict import _positive
 
 # the frozen trunk stays in eval mode through fit (FrozenTrunkEncoder.train) on purpose: Lightning's warning is noise
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
@@ -459,9 +458,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="with --trunk: a trunk.pt of an earlier extraction, a local "
                    ".pth or a torchvision weights name in torch's hub cache (default: random init from --seed)")
     p.add_argument("--seed", type=int, default=0, help="with --trunk and no --weights: the random init's seed")
-    p.add_argument("--image-size", type=_positive, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="side of the eval view (default: the checkpoint's training size; needed with --trunk)")
-    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="cpu", help="where the trunk runs (cpu, cuda, cuda:1, …)")
     p.add_argument("--num-workers", type=int, default=1, help="decoding processes beside the trunk (0: in it)")
     return p

@@ -38,7 +38,7 @@ from torch import Tensor
 from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
 from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.data.yfcc import normalize_tag
-from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, run_cli
+from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, positive_int, run_cli
 from im2vec.eval.scoring import topk_tags
 from im2vec.train.checkpoint import TrainedModel, load_model, unpickling_reason
 from im2vec.wide.tag_vectors import mapped_vectors
@@ -367,13 +367,6 @@ def run_search(args: argparse.Namespace) -> None:
         print(f"{index['paths'][i]}\t{score:.6f}")
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {n}")
-    return n
-
-
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m im2vec.use.predict", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -382,7 +375,7 @@ def parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help, description=help)
         c.add_argument("checkpoint", help="a training checkpoint (e.g. outputs/.../checkpoints/last.ckpt)")
         c.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1, ...)")
-        c.add_argument("--image-size", type=_positive, default=None,
+        c.add_argument("--image-size", type=positive_int, default=None,
                        help="resize images to this side (default: the size the checkpoint was trained on)")
         c.set_defaults(run=run)
         return c
@@ -390,9 +383,9 @@ def parser() -> argparse.ArgumentParser:
     t = command("tag", run_tag, "tag every image under a folder: one JSON line per image")
     t.add_argument("folder")
     t.add_argument("--out", required=True, help="the JSONL file to write")
-    t.add_argument("--k", type=_positive, default=5, help="tags per image")
+    t.add_argument("--k", type=positive_int, default=5, help="tags per image")
     t.add_argument("--gamma", type=float, default=None, help="γ of the tagging score (default: the checkpoint's)")
-    t.add_argument("--batch-size", type=_positive, default=64)
+    t.add_argument("--batch-size", type=positive_int, default=64)
     t.add_argument("--vocabulary", default=None, help="rank these tags (a file, one a line) instead of the "
                    "checkpoint's; tags it never saw need a checkpoint trained with model.tag_vectors")
     t.add_argument("--word-vectors", default=None, help="where --vocabulary's new tags' vectors are (default: "
@@ -400,11 +393,11 @@ def parser() -> argparse.ArgumentParser:
     i = command("index", run_index, "embed every image under a folder into an index file for search")
     i.add_argument("folder")
     i.add_argument("--out", required=True, help="the index file to write (e.g. index.pt)")
-    i.add_argument("--batch-size", type=_positive, default=64)
+    i.add_argument("--batch-size", type=positive_int, default=64)
     s = command("search", run_search, "print the images of an index that score highest for a tag")
     s.add_argument("index", help="an index written by `index` with the same checkpoint")
     s.add_argument("tag")
-    s.add_argument("--k", type=_positive, default=10, help="images to print")
+    s.add_argument("--k", type=positive_int, default=10, help="images to print")
     return p
 
 

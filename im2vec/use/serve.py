@@ -62,8 +62,8 @@ from torch import Tensor
 
 from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
 from im2vec.data.samples import eval_view, to_uint8_tensor
-from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
-from im2vec.use.predict import Tagger, UnknownTag, _positive, load_index
+from im2vec.errors import ArgumentParser, BadValue, NotFound, positive_int, run_cli
+from im2vec.use.predict import Tagger, UnknownTag, load_index
 
 STATIC = Path(__file__).resolve().parent / "static"
 MB = 1 << 20
@@ -417,7 +417,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, ...)")
     p.add_argument("--max-upload-mb", type=_positive_float, default=20.0, help="largest upload accepted (MB)")
-    p.add_argument("--threads", type=_positive, default=None, help="torch's intra-op threads (default: every core "
+    p.add_argument("--threads", type=positive_int, default=None, help="torch's intra-op threads (default: every core "
                                                               "this process may use)")
     p.add_argument("--screenshot", metavar="OUT.png", default=None,
                    help="instead of serving: open the page in headless Chromium, tag --upload, search --query "
