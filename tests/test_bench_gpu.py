@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from im2vec.bench import gpu
+from im2vec.bench import gpu, gpu_probe
 from im2vec.deep.encoder import ImageEncoder
 from im2vec.train.module import Im2VecModule
 from im2vec.wide.tag_table import make_table_optimizer
@@ -54,17 +54,17 @@ def _module_and_optimizer():
 
 def test_state_off_the_cpu_is_reported_and_fails(capsys):
     module, opt = _module_and_optimizer()
-    assert gpu.placement_failures(module, "cpu", "after fit", table_optimizer=opt, need_state=True) == []
-    assert any("trunk" in f and "not cuda" in f for f in gpu.placement_failures(module, "cuda", "x", opt))
+    assert gpu_probe.placement_failures(module, "cpu", "after fit", table_optimizer=opt, need_state=True) == []
+    assert any("trunk" in f and "not cuda" in f for f in gpu_probe.placement_failures(module, "cuda", "x", opt))
 
     state = opt.state[module.table.weight]
     state["exp_avg"] = state["exp_avg"].to("meta")  # as if a restore had moved it to the trunk's device
-    bad = gpu.placement_failures(module, "cpu", "after fit", table_optimizer=opt)
+    bad = gpu_probe.placement_failures(module, "cpu", "after fit", table_optimizer=opt)
     assert len(bad) == 1 and "'exp_avg'" in bad[0] and "meta" in bad[0]
 
     opt.state.clear()  # nothing to check is not a pass after a run with the head
-    assert gpu.placement_failures(module, "cpu", "after fit", table_optimizer=opt, need_state=True)
-    assert gpu.placement_failures(module, "cpu", "after fit", table_optimizer=opt, need_state=False) == []
+    assert gpu_probe.placement_failures(module, "cpu", "after fit", table_optimizer=opt, need_state=True)
+    assert gpu_probe.placement_failures(module, "cpu", "after fit", table_optimizer=opt, need_state=False) == []
 
     # the report: a failed placement check exits 1 with one line per reason, and shows FAIL in the table
     plan = gpu.dry_plan(2)
