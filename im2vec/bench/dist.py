@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from im2vec.bench.head import GiB, machine, meminfo, zipf_counts
+from im2vec.bench.head_cases import zipf_counts
+from im2vec.bench.machine import GiB, machine, meminfo
 from im2vec.errors import ArgumentParser, run_cli
 from im2vec.wide.sharded_table import rank_seed
 
@@ -54,7 +55,7 @@ def predicted_bytes(v: int, d: int, optimizer: str, world: int) -> float:
 
 
 def image_tags(tag_sampler, b: int, t: int, gen: torch.Generator) -> torch.Tensor:
-    """(B, T) tag ids drawn ∝ count, distinct within a row, PAD (-1) last (im2vec.bench.head.batch_tags
+    """(B, T) tag ids drawn ∝ count, distinct within a row, PAD (-1) last (im2vec.bench.head_cases.batch_tags
     with the sampler built once)."""
     from im2vec.wide.sampler import PAD
 
