@@ -20,7 +20,8 @@ from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.errors import UserError
 from im2vec.train.checkpoint import load_model
 from im2vec.train.training import train
-from im2vec.use.predict import BadImage, Tagger, main
+from im2vec.use.image_files import BadImage
+from im2vec.use.predict import Tagger, main
 
 
 @pytest.fixture(scope="module")

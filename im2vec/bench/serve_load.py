@@ -35,7 +35,7 @@ from pathlib import Path
 
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")  # predict.IMAGE_SUFFIXES, without torch
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")  # use.image_files.IMAGE_SUFFIXES, without torch
 
 
 @dataclass(frozen=True)

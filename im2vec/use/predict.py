@@ -35,27 +35,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from im2vec.data.images import MAX_PIXELS, TooLarge, open_image
 from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import ArgumentParser, BadValue, NotFound, UserError, positive_int, run_cli
 from im2vec.eval.scoring import topk_tags
 from im2vec.train.checkpoint import TrainedModel, load_model, unpickling_reason
+from im2vec.use.image_files import batched, find_images, read_image, read_images
 from im2vec.wide.tag_vectors import mapped_vectors
 from im2vec.wide.wordvec import read_vectors
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})  # what the folder commands read
 INDEX_FORMAT = "im2vec-index-1"
 
 ImageInput = Tensor | Sequence["str | os.PathLike | Image.Image"] | str | os.PathLike | Image.Image
-
-
-class BadImage(ValueError):
-    """An image file that cannot be read; ``reason`` is 'too_large' or 'bad_image'."""
-
-    def __init__(self, message: str, reason: str = "bad_image"):
-        super().__init__(message)
-        self.reason = reason
 
 
 class UnknownTag(UserError, KeyError):
@@ -63,17 +54,6 @@ class UnknownTag(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
-
-
-def read_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> Tensor:
-    """An image file as evaluation sees it: (3, size, size) uint8, resized and center-cropped."""
-    try:
-        img = open_image(Path(path).read_bytes(), max_pixels)
-        return to_uint8_tensor(eval_view(img, size))
-    except TooLarge as e:
-        raise BadImage(f"{path}: too large to decode ({e})", "too_large") from None
-    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds on bad bytes
-        raise BadImage(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def center_resize(x: Tensor, size: int) -> Tensor:
@@ -250,36 +230,7 @@ class Tagger:
         return h.hexdigest()[:16]
 
 
-# ---- a folder of images, as plain generator stages
-def find_images(folder: Path) -> tuple[list[Path], int]:
-    """Every file under ``folder`` with an image suffix (sorted), and how many other files there are."""
-    if not folder.is_dir():
-        raise NotFound(f"{folder}: not a folder", "give the folder of images to read")
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images, len(files) - len(images)
-
-
-def read_images(paths: Iterable[Path], size: int, skipped: Counter) -> Iterator[tuple[Path, Tensor]]:
-    """(path, (3, S, S) uint8) for every readable image; the others are counted in ``skipped`` by reason."""
-    for p in paths:
-        try:
-            yield p, read_image(p, size)
-        except BadImage as e:
-            skipped[e.reason] += 1
-
-
-def batched(items: Iterable, n: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
+# ---- a folder of images through the Tagger (its stages: im2vec.use.image_files)
 def embed_folder(tagger: Tagger, folder: Path, paths: list[Path], batch_size: int,
                  skipped: Counter) -> Iterator[tuple[list[str], Tensor]]:
     """(names relative to ``folder``, image vectors (B, d)) per batch of readable images."""
