@@ -21,9 +21,10 @@ pytest.importorskip("starlette", reason="the demo needs the serve extra: pip ins
 from test_serve import trained  # noqa: E402,F401 -- the fixture: one tiny training run for this module too
 
 from im2vec.bench.serve_load import Client, search_job, tag_job  # noqa: E402
+from im2vec.use.browser import ALL_LOADED, CHROMIUM_ARGS, wait_until  # noqa: E402
 from im2vec.use.predict import load_index  # noqa: E402
 from im2vec.use.predict import main as predict_main  # noqa: E402
-from im2vec.use.serve import ALL_LOADED, CHROMIUM_ARGS, create_app, running, wait_until  # noqa: E402
+from im2vec.use.serve import create_app, running  # noqa: E402
 
 VIEWPORT = {"width": 1200, "height": 800}
 

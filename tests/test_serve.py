@@ -19,9 +19,10 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from im2vec.bench.serve_load import Client, Job, fire, mixed_jobs, multipart, search_job  # noqa: E402
 from im2vec.train.training import train  # noqa: E402
+from im2vec.use.demo import MB  # noqa: E402
 from im2vec.use.predict import Tagger, load_index  # noqa: E402
 from im2vec.use.predict import main as predict_main  # noqa: E402
-from im2vec.use.serve import MB, create_app, running  # noqa: E402
+from im2vec.use.serve import create_app, running  # noqa: E402
 from im2vec.use.serve import main as serve_main  # noqa: E402
 
 SECRET = b"outside the indexed folder"
