@@ -24,9 +24,9 @@ from im2vec.train.features import (
     MANIFEST,
     TRUNK_FILE,
     main,
-    read_trunk_file,
     trunk_digest,
 )
+from im2vec.train.frozen_trunk import read_trunk_file
 from im2vec.train.training import train
 from im2vec.use.predict import Tagger
 

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _bench(args, work: Path) -> dict:
     from im2vec.data.corpus import CorpusSpec, ensure_corpus
     from im2vec.train import threads
-    from im2vec.train.features import extract, load_trunk
+    from im2vec.train.features import extract
+    from im2vec.train.frozen_trunk import load_trunk
 
     feats = work / "features"
     common = [f"paths.cache_dir={args.cache_dir}", f"data.batch_size={args.batch}", f"model.dim={args.dim}",
