@@ -15,10 +15,10 @@ from im2vec.data.ingest import (
     Settings,
     collection_samples,
     main,
-    prepare_image,
     run,
     split_of,
 )
+from im2vec.data.ingest_shard import prepare_image
 from im2vec.data.yfcc import (
     COLUMNS_25,
     Skip,

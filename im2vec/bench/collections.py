@@ -30,7 +30,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from im2vec.data.ingest import SPLITS, Settings, collection_samples, run, split_of
+from im2vec.data.ingest import run, split_of
+from im2vec.data.ingest_sources import SPLITS, Settings, collection_samples
 from im2vec.data.vocab import count_from_shards, from_counts
 
 KINDS = ("users", "random")

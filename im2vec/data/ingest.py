@@ -18,71 +18,28 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import io
 import json
 import os
 import random
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
-import webdataset as wds
-from PIL import Image, ImageOps
-
-from im2vec.data.images import MAX_PIXELS, TooLarge, open_image, to_rgb
-from im2vec.data.stamps import input_changed, input_stamp
-from im2vec.data.yfcc import (
-    DEFAULT_TEMPLATE,
-    Skip,
-    image_path,
-    normalize_tags,
-    parse_line,
-    read_lines,
+from im2vec.data.images import MAX_PIXELS
+from im2vec.data.ingest_shard import shard_name, stats_name, write_json, write_shard
+from im2vec.data.ingest_sources import (
+    SPLIT_BY,
+    SPLITS,
+    Item,
+    Settings,
+    collection_samples,
+    yfcc_samples,
 )
+from im2vec.data.stamps import input_changed, input_stamp
+from im2vec.data.yfcc import DEFAULT_TEMPLATE, Skip
 from im2vec.errors import ArgumentParser, BadValue, NotFound, run_cli
-
-SPLITS = ("train", "val", "test")
-SPLIT_BY = ("id", "user", "manifest")
-KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others: JPEG
-SHARD_MTIME = 1_000_000_000  # every tar member's time: the same input gives the same shard bytes on every run
-
-
-@dataclass
-class Settings:
-    """Everything that decides which sample lands in which shard: a resumed run must match it."""
-
-    source: str = "yfcc"  # yfcc | collection
-    inputs: list[str] = field(default_factory=list)
-    root: str = ""  # the image mirror (yfcc) or the collection's folder: resumed runs must read the same
-    shard_size: int = 5000
-    split_by: str = "id"  # id | user (one uploader's photos never straddle splits) | manifest (its "split" field)
-    val_fraction: float = 0.01
-    test_fraction: float = 0.01
-    salt: str = "im2vec"
-    machine_tags: bool = False
-    template: str = DEFAULT_TEMPLATE
-    max_side: int | None = None  # shrink images whose longest side is longer (re-encoded as JPEG)
-    max_pixels: int = MAX_PIXELS
-    quality: int = 90
-    # samples are written in a random order, seeded, within windows of this many samples of a split (0: the
-    # input's order): a manifest sorted by folder or uploader would otherwise give shards of one slice each
-    shuffle_window: int = 200_000
-    shuffle_seed: int = 0
-
-    def __post_init__(self):
-        if self.split_by not in SPLIT_BY:
-            raise BadValue(f"ingest: split_by must be one of {', '.join(SPLIT_BY)}, not {self.split_by!r}",
-                           "use --split-by id, user or (collections) manifest")
-        if self.split_by == "manifest" and self.source != "collection":
-            raise BadValue("ingest: split_by 'manifest' needs a collection manifest", "use it with `ingest collection`, whose manifest has a 'split' field")
-        if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
-            raise BadValue("ingest: val_fraction and test_fraction must be ≥ 0 and sum to less than 1", "change --val-fraction / --test-fraction")
-        if self.shard_size < 1:
-            raise BadValue("ingest: shard_size must be ≥ 1", "change --shard-size")
-        if self.shuffle_window < 0:
-            raise BadValue("ingest: shuffle_window must be ≥ 0", "change --shuffle-window (0: keep the input's order)")
 
 
 def split_of(value: str, val_fraction: float, test_fraction: float, salt: str = "im2vec") -> str:
@@ -92,194 +49,6 @@ def split_of(value: str, val_fraction: float, test_fraction: float, salt: str = 
     u = int.from_bytes(h, "big") / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
-
-# ---------------------------------------------------------------- the worker side: images -> a shard
-def prepare_image(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int | None = None,
-                  quality: int = 90) -> tuple[str, bytes]:
-    """(extension, bytes) to store, or Skip(missing_image | unreadable_image | corrupt_image | too_large).
-
-    JPEG/PNG/WebP bytes are stored unchanged after one decode at 1/8 scale proves them whole (a
-    truncated JPEG fails here, not in training). An image is decoded and re-encoded as JPEG when it
-    is in another format, carries an EXIF rotation (applied here: shards hold upright pixels) or is
-    longer than ``max_side``."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise Skip("missing_image", str(path)) from None
-    except OSError as e:
-        raise Skip("unreadable_image", f"{path}: {e}") from None
-    try:
-        img = open_image(data, max_pixels)
-        shrink = bool(max_side) and max(img.size) > max_side
-        if img.format in KEPT_FORMATS and _orientation(img) == 1 and not shrink:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # all the data, 1/8 the work
-            img.load()
-            return KEPT_FORMATS[img.format], data
-        if shrink:
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at the smallest scale still ≥ max_side
-        img = to_rgb(ImageOps.exif_transpose(img))
-        if shrink:
-            img.thumbnail((max_side, max_side), Image.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=quality)
-        return "jpg", buf.getvalue()
-    except TooLarge as e:
-        raise Skip("too_large", f"{path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 -- PIL raises many kinds on bad bytes; none may stop an ingest
-        raise Skip("corrupt_image", f"{path}: {type(e).__name__}: {e}") from None
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(0x0112, 1))  # EXIF Orientation: 1 is upright
-    except Exception:  # noqa: BLE001 -- unreadable EXIF: the pixels are still good, take them as they are
-        return 1
-
-
-def shard_name(out: Path, split: str, index: int) -> Path:
-    return out / split / f"shard-{index:06d}.tar"
-
-
-def stats_name(shard: Path) -> Path:
-    return shard.with_name(shard.name[: -len(".tar")] + ".stats.json")
-
-
-def write_shard(out: str, split: str, index: int, samples: list[tuple[str, str, dict]], max_pixels: int,
-                max_side: int | None, quality: int) -> dict:
-    """Write one shard of (key, image path, metadata) samples; returns and stores its stats."""
-    shard = shard_name(Path(out), split, index)
-    tmp = shard.with_name(f"{shard.name}.tmp{os.getpid()}")  # a writer orphaned by a killed run never shares it
-    written, skipped, examples, users = 0, Counter(), {}, Counter()
-    with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
-        for key, path, meta in samples:
-            try:
-                ext, data = prepare_image(path, max_pixels, max_side, quality)
-            except Skip as e:
-                skipped[e.reason] += 1
-                examples.setdefault(e.reason, str(e))
-                continue
-            sink.write({"__key__": key, ext: data, "json": _json_bytes(meta)})
-            written += 1
-            if meta.get("user") not in (None, ""):
-                users[str(meta["user"])] += 1
-    if written:
-        _fsync(tmp)
-        os.replace(tmp, shard)  # only whole shards carry the final name
-    else:
-        tmp.unlink()  # every image skipped: a stats file only (an empty tar would be drawn in training)
-    # samples per uploader: the loader's uploader balance (data.user_temperature) reads these (im2vec.data.loader.user_counts)
-    stats = {"split": split, "index": index, "written": written, "skipped": dict(skipped), "examples": examples,
-             "users": dict(users)}
-    _write_json(stats_name(shard), stats)  # written last: its presence marks the shard finished
-    return stats
-
-
-def _json_bytes(obj, **kwargs) -> bytes:
-    """UTF-8 JSON; text that is not UTF-8 (a file name read with surrogate escapes) as \\u escapes."""
-    try:
-        return json.dumps(obj, ensure_ascii=False, **kwargs).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, ensure_ascii=True, **kwargs).encode("ascii")
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(_json_bytes(obj, indent=1, sort_keys=True))
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """On disk before it is renamed: after a power cut a finished-looking shard is a whole one."""
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-# ---------------------------------------------------------------- sources: lines -> samples or skips
-Item = tuple[str, str, dict, str] | Skip  # (key, image path, metadata, split key) or why not
-
-
-def yfcc_samples(s: Settings, progress=None) -> Iterator[Item]:
-    """The metadata's photos, each with its image's place in the mirror ``s.root``."""
-    for line in read_lines(s.inputs, progress):
-        if isinstance(line, Skip):
-            yield line
-            continue
-        try:
-            rec = parse_line(line, s.machine_tags)
-            path = image_path(rec, s.root, s.template)
-        except Skip as e:
-            yield e
-            continue
-        meta = {"tags": rec["tags"], "id": rec["id"], "user": rec["user"], "title": rec["title"]}
-        yield rec["id"], str(path), meta, rec[s.split_by]
-
-
-def collection_samples(s: Settings, progress=None) -> Iterator[Item]:
-    """A manifest beside a folder of images: JSONL {"image": path, "tags": [...], ...} or TSV
-    path<TAB>tag1,tag2. Paths are relative to ``s.root`` (default: the manifest's folder); a path
-    that leads outside it is refused (outside_root)."""
-    (manifest,) = s.inputs
-    base = Path(s.root or Path(manifest).parent).resolve()
-    suffixes = [x.lower() for x in Path(manifest).suffixes if x.lower() != ".bz2"]  # read_lines decompresses .bz2
-    jsonl = bool(suffixes) and suffixes[-1] in (".jsonl", ".json", ".ndjson")
-    seen: set[str] = set()
-    for n, line in enumerate(read_lines([manifest], progress), 1):
-        if isinstance(line, Skip):
-            yield line
-            continue
-        try:
-            text = line.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            yield Skip("bad_utf8", f"{manifest}:{n}")
-            continue
-        if not text.strip() or (not jsonl and text.startswith("#")):
-            continue  # blank lines and TSV comments are not samples
-        try:
-            if jsonl:
-                row = json.loads(text)
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise ValueError("expected an object with an 'image' path")
-                tags = row.get("tags") or []
-                tags = tags.split(",") if isinstance(tags, str) else tags
-                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                    raise ValueError("'tags' must be a list of strings")
-                extra = {k: v for k, v in row.items() if k not in ("image", "tags")}
-            else:
-                cols = text.split("\t")
-                if len(cols) != 2:
-                    raise ValueError(f"{len(cols)} columns, expected path<TAB>tags")
-                row, tags, extra = {"image": cols[0]}, cols[1].split(","), {}
-            if "\0" in row["image"]:
-                raise ValueError("a NUL character in the image path")
-            json.dumps([row, tags], ensure_ascii=False).encode("utf-8")  # lone surrogates ("\udcff") fail here
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeEncodeError; nested past the parser's depth
-            yield Skip("bad_line", f"{manifest}:{n}: {type(e).__name__}: {str(e)[:200]}")
-            continue
-        path = (base / row["image"]).resolve()
-        if not path.is_relative_to(base):
-            yield Skip("outside_root", f"{manifest}:{n}: {row['image']} is outside {base}")
-            continue
-        tags = normalize_tags(tags)
-        if not tags:
-            yield Skip("no_tags", f"{manifest}:{n}")
-            continue
-        rel = path.relative_to(base).as_posix()
-        if rel in seen:
-            yield Skip("duplicate", f"{manifest}:{n}: {rel}")
-            continue
-        seen.add(rel)
-        meta = {"id": rel, **extra, "tags": tags}
-        user = meta.get("user")
-        if s.split_by == "user" and (user is None or user == ""):
-            yield Skip("no_user", f"{manifest}:{n}: --split-by user needs a 'user' field")
-            continue
-        if s.split_by == "manifest" and meta.get("split") not in SPLITS:
-            yield Skip("no_split", f"{manifest}:{n}: --split-by manifest needs a 'split' field, one of {SPLITS}")
-            continue
-        key = hashlib.sha1(rel.encode()).hexdigest()[:20]  # no dots in keys (webdataset splits on them)
-        split_key = {"user": user, "manifest": meta.get("split")}.get(s.split_by, meta["id"])
-        yield key, str(path), meta, str(split_key)
 
 
 # ---------------------------------------------------------------- the main loop
@@ -374,7 +143,7 @@ def run(s: Settings, items: Iterable[Item], out: str | Path, workers: int = 0, v
         "examples": examples,
     }
     summary["warnings"] = split_warnings(summary, s)
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     if verbose:
         print(format_summary(summary, out), file=sys.stderr)
     return summary
@@ -402,7 +171,7 @@ def _check_settings(out: Path, s: Settings) -> None:
                 raise BadValue(f"ingest: {p} changed since the ingest into {out} started ({changed})",
                                "restore the original file, or ingest into a fresh folder")
     else:
-        _write_json(path, {**mine, "input_stamps": [input_stamp(p) for p in s.inputs]})
+        write_json(path, {**mine, "input_stamps": [input_stamp(p) for p in s.inputs]})
 
 
 MIN_HELD_OUT = (300, 10)  # images, uploaders: fewer in a held-out split and its figures' intervals over uploaders
