@@ -1,8 +1,11 @@
 """The real Hydra config, composed once per test with CPU-only, tiny settings and a tiny corpus."""
 
+import hashlib
 import struct
+import tarfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +37,27 @@ def make_cfg(cache_dir, tmp_path):
             return compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}",
                                                f"paths.output_dir={out or tmp_path}", *overrides])
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cache_dir, tmp_path_factory):
+    """The tiny default run (TINY: 2 epochs, validation with the γ sweep at each), trained once per session for
+    every test that needs a trained checkpoint and not a training of its own (predict, serve, browser, evaluate,
+    the γ and test-split checks, ...): cfg, out (its output folder), ckpt, metrics, module, datamodule, trainer,
+    jpegs (12 validation JPEGs). Read it, never write into it: its checkpoint's bytes are checked at the end."""
+    from im2vec.train.training import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}"])
+    metrics, objs = train(cfg)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    with tarfile.open(objs["datamodule"].val_shards[0]) as tar:
+        jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")][:12]
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    yield SimpleNamespace(cfg=cfg, out=out, ckpt=ckpt, metrics=metrics, objs=objs, module=objs["module"],
+                          datamodule=objs["datamodule"], trainer=objs["trainer"], jpegs=jpegs)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest, "a test wrote into the shared tiny_run checkpoint"
 
 
 @pytest.fixture

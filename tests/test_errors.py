@@ -41,6 +41,7 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # two train.py processes (torch and Lightning loaded in each); in-process: test_train.py's yfcc test
 def test_the_yfcc_experiment_without_data(tmp_path):
     proc = _run("train.py", "+experiment=yfcc", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
     _one_error_line(proc, "data: no shards match", "yfcc/train/shard-", "python -m im2vec.data.ingest")
@@ -49,18 +50,27 @@ def test_the_yfcc_experiment_without_data(tmp_path):
     assert full.returncode == 1 and "Traceback" in full.stderr and "NotFound: data: no shards match" in full.stderr
 
 
+@pytest.mark.slow  # two evaluate.py processes; in-process: test_evaluate.py (set ckpt_path), load_model's NotFound below
 def test_evaluate_without_a_checkpoint_or_with_a_missing_one(tmp_path):
     _one_error_line(_run("evaluate.py", f"hydra.run.dir={tmp_path / 'a'}"), "no checkpoint given", "ckpt_path=")
     _one_error_line(_run("evaluate.py", "ckpt_path=missing.ckpt", f"hydra.run.dir={tmp_path / 'b'}"),
                     "no checkpoint at missing.ckpt")
 
 
-def test_train_refuses_a_checkpoint_cut_short_and_bad_overrides(tmp_path):
+@pytest.mark.slow  # a train.py process that loads torch and Lightning; in-process: the cut-anywhere test below
+def test_train_refuses_a_checkpoint_cut_short(tmp_path):
     ckpt = _checkpoint_file(tmp_path / "last.ckpt")
     data = ckpt.read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     _one_error_line(_run("train.py", f"ckpt_path={tmp_path / 'cut.ckpt'}", f"hydra.run.dir={tmp_path / 'r1'}"),
                     "is cut short or not a checkpoint", "copy it again")
+
+
+def test_train_and_evaluate_refuse_bad_overrides(tmp_path):
+    """The scripts' one-line errors, in their own processes (an override mistake is reported before torch loads;
+    the sweep's job loads it)."""
+    _one_error_line(_run("evaluate.py", "no_such_key=1", f"hydra.run.dir={tmp_path / 'e'}"),
+                    "Could not override 'no_such_key'", "python evaluate.py")
     _one_error_line(_run("train.py", "no_such_key=1", f"hydra.run.dir={tmp_path / 'r2'}"),
                     "Could not override 'no_such_key'", "--cfg job")
     _one_error_line(_run("train.py", "model=no_such_model", f"hydra.run.dir={tmp_path / 'r3'}"),
@@ -69,6 +79,7 @@ def test_train_refuses_a_checkpoint_cut_short_and_bad_overrides(tmp_path):
     _one_error_line(sweep, "data.batch_size='abc' is not an integer", "sweep job 0: data.batch_size=abc")
 
 
+@pytest.mark.slow  # train.py and a DataLoader worker process; in-process: the dataloader-worker test below
 def test_training_with_another_collections_vocabulary_stops_and_says_why(make_cfg, tmp_path):
     shards = instantiate(make_cfg().data).train_shards  # the tiny corpus, written once per session
     other = tmp_path / "other_vocab.tsv"
@@ -107,9 +118,8 @@ def test_a_checkpoint_cut_anywhere_is_refused_never_loaded_half(tmp_path):
         load_model(tmp_path / "missing.ckpt")
 
 
-def test_resuming_with_a_checkpoint_of_another_vocabulary_is_one_user_error(make_cfg, tmp_path):
-    metrics, run = train(make_cfg(out=tmp_path / "first"))
-    ckpt = Path(run["trainer"].checkpoint_callback.best_model_path)
+def test_resuming_with_a_checkpoint_of_another_vocabulary_is_one_user_error(tiny_run, make_cfg, tmp_path):
+    ckpt = Path(tiny_run.trainer.checkpoint_callback.best_model_path)  # the shared tiny default run's
     assert ckpt.is_file()
     smaller = make_cfg("data.vocab_min_count=3", f"ckpt_path={ckpt}", out=tmp_path / "resumed")
     with pytest.raises(BadValue, match="tag table, this run") as e:

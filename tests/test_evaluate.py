@@ -3,11 +3,10 @@
 import json
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from im2vec.train.training import train
 from im2vec.use.evaluate import evaluate
 
 
@@ -18,15 +17,10 @@ def _eval_cfg(cache_dir, out, *overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-    from hydra import compose as _compose
-
-    out = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = _compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}"])
-    metrics, objs = train(cfg)
-    val_shards = str(objs["datamodule"].val_shards[0]).rsplit("/", 1)[0] + "/val-*.tar"
-    return out / "checkpoints" / "last.ckpt", metrics, val_shards
+def trained(tiny_run):
+    """The tiny default run (conftest.tiny_run, shared): its checkpoint, figures, validation shards."""
+    val_shards = str(tiny_run.datamodule.val_shards[0]).rsplit("/", 1)[0] + "/val-*.tar"
+    return tiny_run.ckpt, tiny_run.metrics, val_shards
 
 
 def test_evaluate_writes_every_output(trained, cache_dir, tmp_path):

@@ -367,13 +367,9 @@ def _eval_cfg(cache_dir, out, *overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-    """The tiny default run (2 epochs, validation at each: γ chosen at the last one)."""
-    from im2vec.train.training import train
-
-    out = tmp_path_factory.mktemp("gamma-run")
-    metrics, objs = train(_train_cfg(cache_dir, out))
-    return out, metrics, objs
+def trained(tiny_run):
+    """The tiny default run (2 epochs, validation at each: γ chosen at the last one): conftest.tiny_run, shared."""
+    return tiny_run.out, tiny_run.metrics, tiny_run.objs
 
 
 def _read_shards(shards: list[str]) -> dict[str, dict]:

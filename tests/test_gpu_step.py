@@ -103,14 +103,14 @@ def test_module_setup_refuses_fp16():
 
 
 # ---- 3. the table and its optimizer state stay in host memory
-def test_resume_never_routes_table_state_through_the_trunks_device(make_cfg, tmp_path, monkeypatch):
+def test_resume_never_routes_table_state_through_the_trunks_device(tiny_run, make_cfg, tmp_path, monkeypatch):
     """Lightning's restore moves every optimizer state tensor to the root device: record what it is handed
-    while resuming, and check the table's moments are not among them (they are restored on the CPU)."""
+    while resuming (the shared tiny run's 2 epochs, one more), and check the table's moments are not among them
+    (they are restored on the CPU)."""
     import pytorch_lightning.strategies.strategy as strategy_mod
 
-    first, objs = train(make_cfg("trainer.max_epochs=1", out=tmp_path / "a"))
-    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    v, d = objs["module"].table.num_tags, objs["module"].table.dim
+    ckpt = tiny_run.ckpt
+    v, d = tiny_run.module.table.num_tags, tiny_run.module.table.dim
     moved = []
     real = strategy_mod._optimizer_to_device
 
@@ -120,20 +120,18 @@ def test_resume_never_routes_table_state_through_the_trunks_device(make_cfg, tmp
         return real(optimizer, device)
 
     monkeypatch.setattr(strategy_mod, "_optimizer_to_device", record)
-    _, objs2 = train(make_cfg("trainer.max_epochs=2", f"ckpt_path={ckpt}", out=tmp_path / "b"))
+    _, objs2 = train(make_cfg("trainer.max_epochs=3", f"ckpt_path={ckpt}", out=tmp_path / "b"))
     assert moved, "the instrument saw nothing: Lightning's restore path changed"
     assert (v, d) not in moved
     state = objs2["module"].optimizers()[1].optimizer.state[objs2["module"].table.weight]
     assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].shape == (v, d)
 
 
-def test_load_from_checkpoint_keeps_the_table_in_host_memory(make_cfg, tmp_path):
+def test_load_from_checkpoint_keeps_the_table_in_host_memory(tiny_run):
     """load_from_checkpoint(map_location=DEVICE) must not read the table onto DEVICE: the file is read to
     the CPU, then the module moved (the table stays). "meta" stands in for the GPU: a table read onto it
-    would have no values."""
-    _, objs = train(make_cfg("trainer.max_epochs=1"))
-    mod = objs["module"]
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    would have no values. (The shared tiny run's checkpoint and module.)"""
+    mod, ckpt = tiny_run.module, tiny_run.ckpt
     from im2vec.deep.encoder import ImageEncoder
 
     loaded = Im2VecModule.load_from_checkpoint(

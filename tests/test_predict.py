@@ -5,38 +5,31 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY, png_bomb
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, png_bomb
 from PIL import Image
 
 from im2vec.data.images import open_image
 from im2vec.data.samples import eval_view, normalize, to_uint8_tensor
 from im2vec.errors import UserError
 from im2vec.train.checkpoint import load_model
-from im2vec.train.training import train
 from im2vec.use.image_files import BadImage
 from im2vec.use.predict import Tagger, main
 
 
 @pytest.fixture(scope="module")
-def trained(cache_dir, tmp_path_factory):
-    """One tiny training run (a few seconds): its checkpoint, the module it returned, held-out JPEGs."""
-    out = tmp_path_factory.mktemp("predict-run")
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
-                                          "trainer.max_epochs=1", "validation.val_gammas=[0.0]"])
-    _, objs = train(cfg)
-    with tarfile.open(objs["datamodule"].val_shards[0]) as tar:
-        jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")][:10]
-    module = objs["module"].eval()
-    return SimpleNamespace(ckpt=out / "checkpoints" / "last.ckpt", module=module, jpegs=jpegs,
-                           tagger=Tagger.from_checkpoint(out / "checkpoints" / "last.ckpt"))
+def trained(tiny_run):
+    """The session's tiny training run (conftest.tiny_run): its checkpoint, the module it returned (in eval mode
+    here, put back as it was after), held-out JPEGs, a Tagger of this module's own."""
+    module, was_training = tiny_run.module, tiny_run.module.training
+    module.eval()
+    yield SimpleNamespace(ckpt=tiny_run.ckpt, module=module, jpegs=tiny_run.jpegs[:10],
+                          tagger=Tagger.from_checkpoint(tiny_run.ckpt))
+    module.train(was_training)
 
 
 @pytest.fixture(scope="module")

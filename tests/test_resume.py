@@ -8,7 +8,10 @@ from im2vec.train.training import train
 DET = ["trainer.deterministic=true", "trainer.check_val_every_n_epoch=2"]
 
 
-@pytest.mark.parametrize("trunk", ["small_cnn", "mobilenet_v3_small"])  # the second keeps a dropout layer
+@pytest.mark.parametrize("trunk", [
+    "small_cnn",
+    pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),  # keeps a dropout layer; the same check, 3× the time
+])
 def test_resume_is_exact(make_cfg, tmp_path, trunk):
     det = [*DET, f"model.trunk={trunk}"]
     _, straight = train(make_cfg(*det, out=tmp_path / "straight"))
@@ -30,9 +33,8 @@ def test_resume_is_exact(make_cfg, tmp_path, trunk):
     assert torch.equal(a.head.gen.get_state(), b.head.gen.get_state())
 
 
-def test_resume_with_other_dim_or_vocabulary_fails(make_cfg, tmp_path):
-    train(make_cfg("trainer.max_epochs=1", out=tmp_path / "first"))
-    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+def test_resume_with_other_dim_or_vocabulary_fails(tiny_run, make_cfg, tmp_path):
+    ckpt = tiny_run.ckpt  # the shared tiny default run's
     with pytest.raises(ValueError, match="tag table"):
         train(make_cfg("model.dim=8", f"ckpt_path={ckpt}", out=tmp_path / "dim"))
     with pytest.raises(ValueError, match="tag table|vocabulary"):

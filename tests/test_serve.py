@@ -5,20 +5,17 @@ concurrent requests against the real server."""
 import http.client
 import io
 import json
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TINY, png_bomb
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, png_bomb
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the demo needs the serve extra: pip install -e '.[serve]'")
 from starlette.testclient import TestClient  # noqa: E402
 
 from im2vec.bench.serve_load import Client, Job, fire, mixed_jobs, multipart, search_job  # noqa: E402
-from im2vec.train.training import train  # noqa: E402
 from im2vec.use.demo import MB  # noqa: E402
 from im2vec.use.predict import Tagger, load_index  # noqa: E402
 from im2vec.use.predict import main as predict_main  # noqa: E402
@@ -29,17 +26,9 @@ SECRET = b"outside the indexed folder"
 
 
 @pytest.fixture(scope="module")
-def trained(cache_dir, tmp_path_factory):
-    """One tiny training run (a few seconds): its checkpoint, a Tagger on it, held-out JPEGs."""
-    out = tmp_path_factory.mktemp("serve-run")
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, f"paths.cache_dir={cache_dir}", f"paths.output_dir={out}",
-                                          "trainer.max_epochs=1", "validation.val_gammas=[0.0]"])
-    _, objs = train(cfg)
-    with tarfile.open(objs["datamodule"].val_shards[0]) as tar:
-        jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")][:12]
-    ckpt = out / "checkpoints" / "last.ckpt"
-    return SimpleNamespace(ckpt=ckpt, jpegs=jpegs, tagger=Tagger.from_checkpoint(ckpt))
+def trained(tiny_run):
+    """The session's tiny training run (conftest.tiny_run): its checkpoint, a Tagger on it, held-out JPEGs."""
+    return SimpleNamespace(ckpt=tiny_run.ckpt, jpegs=tiny_run.jpegs, tagger=Tagger.from_checkpoint(tiny_run.ckpt))
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,22 @@ def _tensorboard(out):
     return ea
 
 
-def test_train_writes_metrics_checkpoint_and_tensorboard(make_cfg, tmp_path):
-    metrics, objs = train(make_cfg())
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+def test_train_writes_metrics_checkpoint_and_tensorboard(tiny_run):
+    """What the tiny default run (conftest.tiny_run, shared) wrote into its output folder."""
+    out, metrics, objs = tiny_run.out, tiny_run.metrics, tiny_run.objs
+    saved = json.loads((out / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
     for key in ("val/precision@5", "val/precision@5_prior", "val/clean_precision@5", "val/clean_precision@5_prior",
                 "val/noise_share@5", "val_gamma/clean_precision@5/0", "val_gamma/noise_share@5/2.5"):
         assert 0.0 <= saved[key] <= 1.0, key
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    ea = _tensorboard(tmp_path)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    ea = _tensorboard(out)
     scalars = set(ea.Tags()["scalars"])
     for tag in ("train/loss", "train/pos_score", "train/neg_score", "train/lr", "train/images_per_s",
                 "train/table_update_ms", "data/skipped_no_tag", "val/precision@5", "val/precision@5_prior"):
         assert tag in scalars, tag
     assert "val/top5_tags" in ea.Tags()["images"]
-    assert (tmp_path / "tensorboard" / "projector_config.pbtxt").is_file()
+    assert (out / "tensorboard" / "projector_config.pbtxt").is_file()
     table = objs["module"].table
     assert table.weight.device.type == "cpu" and table.weight.dtype == torch.float32
 

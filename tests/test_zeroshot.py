@@ -171,9 +171,8 @@ def test_tagger_open_vocabulary_scores_equal_brute_force(zs):
         tagger.tag(images, vocabulary=["red", "nosuchword"])
 
 
-def test_open_vocabulary_needs_word_vectors(tmp_path, make_cfg):
-    train(make_cfg("trainer.max_epochs=1", "validation.val_gammas=[0.0]", out=tmp_path))
-    tagger = Tagger.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+def test_open_vocabulary_needs_word_vectors(tiny_run, tmp_path, make_cfg):
+    tagger = Tagger.from_checkpoint(tiny_run.ckpt)  # trained without word vectors
     with pytest.raises(UnknownTag, match="no word vectors"):
         tagger.tag(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), vocabulary=["red", "not a tag here"])
     with pytest.raises(BadValue, match="freeze_tag_vectors"):
