@@ -17,6 +17,7 @@ PASSED = ("| placement, main | PASS |", "| placement, resume | PASS |", "| place
           "| every run finishes as configured | PASS |")
 
 
+@pytest.mark.slow  # the benchmark's whole dry run (several trainings in a process of its own)
 def test_dry_run_passes_the_placement_checks(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "im2vec.bench.gpu", "--dry-run", "--out", str(out),

@@ -73,6 +73,7 @@ def test_goals_are_computed_from_the_results(report):
     assert "wide part of a whole step" in goals
 
 
+@pytest.mark.slow  # the same cases as the in-process report above, each in a process of its own
 def test_cases_run_in_child_processes(tmp_path):
     out = tmp_path / "one.json"
     proc = subprocess.run([sys.executable, "-m", "im2vec.bench", "--sizes", "400", "--heads", "sparse_adam",

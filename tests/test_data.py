@@ -187,6 +187,29 @@ def _ranked_keys(rank: int, shards: list[str], vocab_path: str, rdv: str, out: s
         json.dump(result, f)
 
 
+def _check_two_ranks(r0: dict, r1: dict) -> None:
+    assert len(r0["train"]) == len(r1["train"]) == 60 and r0["train_batches"] == r1["train_batches"] == 15
+    assert not set(r0["train"]) & set(r1["train"])  # disjoint across ranks
+    assert set(r0["train"]) == {f"{10 * j + i:05d}" for j in (0, 2) for i in range(10)}  # both workers' shards read
+    assert not set(r0["eval"]) & set(r1["eval"])
+    assert sorted(r0["eval"] + r1["eval"]) == [f"{i:05d}" for i in range(40)]  # every image once
+
+
+def test_two_ranks_given_explicitly_see_disjoint_samples(tmp_path):
+    """Each rank's loaders (rank and world size given, 2 workers each) in this one process: what the spawned
+    gloo test below checks with the rank taken from torch.distributed."""
+    shards = [_write(tmp_path / f"s{j}.tar", [_sample(10 * j + i, ["sea"]) for i in range(10)]) for j in range(4)]
+    got = []
+    for rank in range(2):
+        train = train_loader(shards, VOCAB, image_size=16, batch_size=4, batches_per_epoch=15, num_workers=2,
+                             seed=0, shuffle_buffer=8, rank=rank, world_size=2)
+        evals = eval_loader(shards, VOCAB, image_size=16, batch_size=4, num_workers=2, rank=rank, world_size=2)
+        got.append({"train": [k for b in train for k in b["keys"]], "eval": [k for b in evals for k in b["keys"]],
+                    "train_batches": len(list(train))})
+    _check_two_ranks(*got)
+
+
+@pytest.mark.slow  # two spawned processes (torch loaded in each); the same figures: the test above
 def test_two_ranks_see_disjoint_samples(tmp_path):
     import torch.multiprocessing as mp
 
@@ -200,12 +223,7 @@ def test_two_ranks_see_disjoint_samples(tmp_path):
     for p in procs:
         p.join(timeout=240)
         assert p.exitcode == 0
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
-    assert len(r0["train"]) == len(r1["train"]) == 60 and r0["train_batches"] == r1["train_batches"] == 15
-    assert not set(r0["train"]) & set(r1["train"])  # disjoint across ranks
-    assert set(r0["train"]) == {f"{10 * j + i:05d}" for j in (0, 2) for i in range(10)}  # both workers' shards read
-    assert not set(r0["eval"]) & set(r1["eval"])
-    assert sorted(r0["eval"] + r1["eval"]) == [f"{i:05d}" for i in range(40)]  # every image once
+    _check_two_ranks(*(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)))
 
 
 def _smooth_photo(w: int, h: int) -> bytes:

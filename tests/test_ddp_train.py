@@ -57,7 +57,9 @@ def assert_restored(dump: Path, checkpoint: Path) -> None:
     assert got["batches"] * 2 == c["global_step"]
 
 
-@pytest.mark.parametrize("tag_vectors", [[], ["--tag-vectors"]], ids=["table", "tag_vectors"])
+# the default run's one multi-process training (train.py's DDP path); every other run here is marked slow
+@pytest.mark.parametrize("tag_vectors", [[], pytest.param(["--tag-vectors"], marks=pytest.mark.slow)],
+                         ids=["table", "tag_vectors"])
 def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path, tag_vectors):
     """With --tag-vectors, a third of the tags are r + A·w (model.tag_vectors): A trained by DDP beside the trunk."""
     script = ROOT / "tests" / "ddp_equivalence.py"
@@ -77,6 +79,7 @@ def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path, tag_vec
     assert ("A" in ref["whole"]) == bool(tag_vectors)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
     # one process, a signal when batch 3 starts: batch 3 completes, the checkpoint has 4 batches, exit 143
     # SLURM's pre-emption warning (sbatch --signal=USR1@120) is handled as SIGTERM is
@@ -117,6 +120,7 @@ def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
     assert torch.equal(model.table, c2["state_dict"]["table.embedding.weight"])
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
     run = train(tmp_path / "k", "callbacks.checkpoint.every_n_batches=2",
                 "+callbacks.kill._target_=run_callbacks.SignalAt", "+callbacks.kill.batch=5",
@@ -136,6 +140,7 @@ def test_kill_9_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
+@pytest.mark.slow
 def test_a_rank_killed_stops_the_other_with_an_error(tmp_path):
     """Not timed: a surviving rank that hangs instead of failing runs into train()'s timeout (240 s, well past
     the collectives' 60 s), which kills the process group and fails the test."""
@@ -166,6 +171,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
     return outs
 
 
+@pytest.mark.slow
 def test_torchrun_recipes_one_node_and_two_nodes(tmp_path):
     """The README's launch lines, on CPU: torchrun on one node, and two 'nodes' meeting at a c10d rendezvous."""
     from test_dist import free_port
@@ -186,6 +192,7 @@ def test_torchrun_recipes_one_node_and_two_nodes(tmp_path):
     assert ckpt(tmp_path / "two" / "checkpoints" / "last.ckpt")["im2vec"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_slurm_recipe_with_the_environment_srun_gives_its_tasks(tmp_path):
     """`srun python train.py trainer=ddp …`: srun starts every task itself with SLURM_* variables; here two
     processes get exactly those (1 node, 2 tasks) and Lightning's SLURM environment takes it from there."""

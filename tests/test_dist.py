@@ -21,7 +21,7 @@ def spawn(fn, world: int, *args) -> None:
     mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_w_rank_steps_equal_one_big_batch(world, tmp_path):
     out = tmp_path / "sharded.pt"
     spawn(w.head_steps, world, str(out))
@@ -48,7 +48,7 @@ def test_sharded_reads_and_writes_only_the_shard():
     assert torch.equal(back, full)
 
 
-@pytest.mark.parametrize("empty_rank", [-1, 1])
+@pytest.mark.parametrize("empty_rank", [pytest.param(-1, marks=pytest.mark.slow), 1])  # 1: also an empty rank
 def test_validation_over_ranks_gives_one_process_figures(tmp_path, empty_rank):
     from im2vec.eval.validation import ValidationReport
 

@@ -95,8 +95,8 @@ def _feed(fifo: Path, data: bytes, proc: subprocess.Popen, deadline: float) -> N
         f.write(data)
 
 
-@pytest.mark.parametrize("fed,workers,pause", [(0, 0, 0.0), (1, 0, 0.05), (3, 0, 0.0), (7, 0, 0.3), (11, 2, 0.05),
-                                               (15, 0, 0.3)])
+@pytest.mark.parametrize("fed,workers,pause", [(0, 0, 0.0), *(pytest.param(*p, marks=pytest.mark.slow) for p in [
+    (1, 0, 0.05), (3, 0, 0.0), (7, 0, 0.3)]), (11, 2, 0.05), pytest.param(15, 0, 0.3, marks=pytest.mark.slow)])
 def test_an_ingest_killed_at_any_point_resumes_to_the_uninterrupted_output(tmp_path, fed, workers, pause):
     manifest = _collection(tmp_path / "photos")
     assert main(_args(manifest, tmp_path / "reference", 0))["written"] is not None

@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, TINY
 
 
+@pytest.mark.slow  # two trainings in a train.py process; the default run's -m check: test_errors.py (a sweep job's error)
 def test_two_value_sweep(cache_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "sampler.beta=0.0,1.0", *TINY, "trainer.max_epochs=1",
            f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={tmp_path}"]
