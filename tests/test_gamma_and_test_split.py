@@ -683,7 +683,6 @@ def test_run_skips_runs_in_the_jsonl_and_appends_new_ones(tmp_path, monkeypatch)
     assert calls == [] and len(again) == 4 and len(path.read_text().splitlines()) == 4
 
 
-@pytest.mark.slow  # a whole training through the benchmark; training's test figures: the tiny_run tests above
 def test_run_one_trains_and_returns_test_figures(cache_dir, tmp_path):
     r = quality.run_one("corpus", str(tmp_path / "unused"), [*TINY, "trainer.max_epochs=1",
                                                              f"paths.cache_dir={cache_dir}"], 1, tmp_path / "run")
