@@ -328,7 +328,7 @@ def test_logging_reads_the_device_only_on_log_steps(make_cfg, monkeypatch):
     assert values and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
 
 
-def test_a_subclass_head_loss_is_used_and_stepped_with_overlap_on(make_cfg, monkeypatch):
+def test_a_head_with_its_own_draw_is_used_and_stepped_with_overlap_on(make_cfg, monkeypatch):
     """A head with its own draw keeps it (the pipelined step's worker calls only the stock draw: this head runs
     serial), and its table gradient is stepped even with optim.overlap=true (no deferred step for a head that
     is not queued)."""

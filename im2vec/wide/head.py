@@ -2,7 +2,7 @@
 
 ``draw_ids`` draws a batch's positive and negative tag ids on the CPU; ``sampled_loss`` gathers
 their rows from the CPU tag table (each distinct row once), scores them against the image vectors
-on the trunk's device and returns the negative-sampling loss. ``Im2VecModule`` and the tag-head
+on the trunk's device and returns the negative-sampling loss. ``TagHead`` (im2vec/wide/tag_head.py) and the tag-head
 benchmark (``python -m im2vec.bench``) both call these two.
 """
 

@@ -110,7 +110,7 @@ class HeadInputs:
     neg_shape: tuple[int, ...]
     extras: dict[str, Tensor | None]  # negative weights, log sampling probabilities: on the device
     ready: object = None  # a CUDA event the head waits for (the side stream's copies), else None
-    prepare_ms: float = 0.0  # the CPU side's time, draw included (set by Im2VecModule._prepare)
+    prepare_ms: float = 0.0  # the CPU side's time, draw included (set by TagHead._gather_rows)
 
 
 class TableWorker:
