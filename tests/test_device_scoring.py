@@ -146,14 +146,15 @@ def test_topk_tags_equals_the_pass_of_before_and_the_brute_force(ties, chunk, bu
     got = topk_tags(u, table, lc, GAMMAS, k, chunk=chunk, budget=budget, device="cpu", images=images)
     old = OLD_topk_tags(u, table, lc, GAMMAS, k, chunk=chunk, budget=budget)
     for g in GAMMAS:
-        assert torch.equal(got[g][0], old[g][0]) and torch.equal(got[g][1], old[g][1]), g
+        # the scores as before; the ids too where no scores tie (equal scores: tag-id order now, torch.topk's before)
+        assert torch.equal(got[g][0], old[g][0]) and (ties or torch.equal(got[g][1], old[g][1])), g
         full = u @ table.t() + g * lc  # (N, V): the brute force
         ref = torch.topk(full, k, dim=1)
         assert torch.allclose(got[g][0], ref.values, atol=1e-5)
         assert torch.allclose(full.gather(1, got[g][1]), got[g][0], atol=1e-5)  # each score is its tag's
         assert all(len(set(row)) == k for row in got[g][1].tolist())
-        if not ties:
-            assert torch.equal(got[g][1], ref.indices)
+        by_id = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :k]  # equal scores: smaller id first
+        assert torch.equal(got[g][1], by_id if ties else ref.indices)
 
 
 def test_topk_tags_k_above_v_and_no_images():
@@ -279,6 +280,15 @@ def test_finite_check_off_the_cpu_waits_for_done():
 
 
 # ---------------------------------------------------------------- validation and held-out figures
+def by_id_topk(u, table, log_counts, gammas, k):
+    """The brute force with equal scores in tag-id order: {γ: (scores (N, k), ids (N, k))}."""
+    out = {}
+    for g in gammas:
+        srt = torch.sort(u @ table.t() + g * log_counts, dim=1, descending=True, stable=True)
+        out[g] = (srt.values[:, :k], srt.indices[:, :k])
+    return out
+
+
 def _report(counts, noise, by) -> ValidationReport:
     return ValidationReport([f"t{i}" for i in range(len(counts))], counts, noise, 0.3, [0.0, 0.25, 0.5, 1.0, 2.0],
                             projector_tags=10, grid_images=0, choose_gamma=True, gamma_by=by)
@@ -299,7 +309,8 @@ def test_validation_figures_equal_the_pass_of_before(monkeypatch, ties, by):
         return real(*a, **kw)
 
     figures = {}
-    for name, fn in (("old", lambda *a, device=None, **kw: OLD_topk_tags(*a, **kw)), ("new", spy)):
+    before = OLD_topk_tags if not ties else by_id_topk  # equal scores: tag-id order now, torch.topk's before
+    for name, fn in (("old", lambda *a, device=None, **kw: before(*a, **kw)), ("new", spy)):
         monkeypatch.setattr(validation, "topk_tags", fn)
         r = _report(counts, noise, by)
         for a in range(0, 40, 9):

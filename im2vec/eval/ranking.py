@@ -35,8 +35,10 @@ from im2vec.eval.scoring import (
     FiniteCheck,
     as_device,
     check_finite,
+    first_k as _first_k,
     fp32_scores,
     row_chunks,
+    topk_by_index as _topk_by_index,
 )
 from im2vec.tags import PAD
 
@@ -133,26 +135,6 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
                     o[sl] = torch.where(b["valid"], x, torch.zeros_like(x)).cpu()
     split = lambda x: list(torch.split(x, widths, dim=1))  # noqa: E731
     return TagRanks(out_top, list(truths), split(out[0]), split(out[1]), split(out[2]))
-
-
-def _first_k(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k best of a few candidates per row, equal scores in tag-index order."""
-    by_id = torch.argsort(ids, dim=1)
-    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, order), ids.gather(1, order)
-
-
-def _topk_by_index(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """torch.topk, except that equal scores are taken in index order (torch.topk picks any of them):
-    rows whose k-th score ties with scores left out are sorted stably instead."""
-    ts, ti = torch.topk(s, k, dim=1)
-    kth = ts[:, -1:]
-    cut = ((s == kth).sum(1) > (ts == kth).sum(1)).nonzero().flatten()
-    if len(cut):
-        srt = torch.sort(s[cut], dim=1, descending=True, stable=True)
-        ts[cut], ti[cut] = srt.values[:, :k], srt.indices[:, :k]
-    return _first_k(ts, ti, k)
 
 
 def rank_prior(log_counts: Tensor, truths: list[Tensor], kmax: int = 10) -> TagRanks:

@@ -119,8 +119,11 @@ def row_chunks(device: torch.device, rows: int, *tensors: Tensor) -> Iterator[tu
 def topk_tags(
     u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float], k: int, chunk: int = ROWS,
     budget: int | None = None, device: str | torch.device | None = None, images: int = IMAGES,
+    ids: Tensor | None = None,
 ) -> dict[float, tuple[Tensor, Tensor]]:
     """u (N, d), table (V, d), log_counts (V,) -> {γ: (scores (N, k), tag ids (N, k))}, on the CPU.
+    Equal scores are taken in tag-id order (whatever the chunks: a sharded pass merges to the same lists).
+    ``ids`` (V,) ascending: the tags' ids when ``table`` holds some rows of a larger one (a rank's shard).
 
     One pass over the table, ``chunk`` rows at a time (copied to ``device``, default the CPU, once per
     pass), and one matrix product per chunk and batch of images serves every γ: only the cheap add and
@@ -131,7 +134,7 @@ def topk_tags(
     """
     dev = as_device(device)
     budget = budget or (1 << 23 if dev.type == "cpu" else 1 << 26)
-    u = u.float().cpu()
+    u, ids = u.float().cpu(), None if ids is None else ids.to(dev)
     check_finite(u=u, log_counts=log_counts, **{f"gamma {g}": g for g in gammas})  # the table: chunk by chunk
     n, v = u.shape[0], table.shape[0]
     k = min(k, v)
@@ -153,17 +156,37 @@ def topk_tags(
                     raw = ug[b0 : b0 + batch] @ rows.t()  # (B, c)
                     finite(scores=raw)  # finite inputs can still overflow
                     for g in gammas:
-                        s, i = torch.topk(raw + g * lc, min(k, raw.shape[1]), dim=1)  # (B, ≤k)
+                        s, i = topk_by_index(raw + g * lc, min(k, raw.shape[1]))  # (B, ≤k)
                         # raw, γ and lc finite: a sum that overflows is ±inf, and decides the top k only if in it
                         finite(scores=s)
-                        s, i = torch.cat([best[g][j][0], s], 1), torch.cat([best[g][j][1], i + start], 1)
-                        top = torch.topk(s, min(k, s.shape[1]), dim=1)  # merge with the best so far (chunks may be < k)
-                        best[g][j] = (top.values, i.gather(1, top.indices))
+                        i = i + start if ids is None else ids[i + start]
+                        # merge with the best so far (chunks may be < k)
+                        best[g][j] = first_k(torch.cat([best[g][j][0], s], 1), torch.cat([best[g][j][1], i], 1), k)
             finite.done()
             for g in gammas:
                 out[g][0][i0 : i0 + ug.shape[0]] = torch.cat([s for s, _ in best[g]]).cpu()
                 out[g][1][i0 : i0 + ug.shape[0]] = torch.cat([i for _, i in best[g]]).cpu()
     return out
+
+
+def first_k(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best of a few candidates per row, equal scores in tag-id order."""
+    by_id = torch.argsort(ids, dim=1)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def topk_by_index(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk, except that equal scores are taken in index order (torch.topk picks any of them):
+    rows whose k-th score ties with scores left out are sorted stably instead."""
+    ts, ti = torch.topk(s, k, dim=1)
+    kth = ts[:, -1:]
+    cut = ((s == kth).sum(1) > (ts == kth).sum(1)).nonzero().flatten()
+    if len(cut):
+        srt = torch.sort(s[cut], dim=1, descending=True, stable=True)
+        ts[cut], ti[cut] = srt.values[:, :k], srt.indices[:, :k]
+    return first_k(ts, ti, k)
 
 
 def prior_topk(counts: Tensor, n: int, k: int) -> Tensor:
