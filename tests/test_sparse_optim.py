@@ -234,3 +234,40 @@ def test_huge_page_advice_only_for_large_cpu_tensors():
     assert t.shape == (3000, 1024) and t.dtype == torch.float32
     like = empty_hugepages(like=t)
     assert like.shape == t.shape and like.data_ptr() != t.data_ptr()
+
+
+HAMMER = """
+import threading, torch
+import im2vec.wide.sparse_optim as so
+so.set_table_threads(2)
+table = torch.randn(20_000, 16)
+def gather():
+    rows = torch.arange(0, 20_000, 3)
+    for _ in range(100):
+        so.gather_rows(table.detach(), rows)
+def update():
+    p = torch.nn.Parameter(torch.randn(20_000, 16))
+    opt = so.SparseAdam([p], lr=1e-3)
+    rows = torch.arange(1, 20_000, 2)
+    for _ in range(100):
+        p.grad = torch.sparse_coo_tensor(rows[None], torch.randn(len(rows), 16), p.shape)
+        opt.step()
+        so.gather_rows(p.detach(), rows)
+threads = [threading.Thread(target=f) for f in (gather, update, gather)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("ok")
+"""
+
+
+def test_two_threads_can_launch_the_parallel_kernels_at_once():
+    """numba's workqueue layer aborts the process (exit 134, "Concurrent access has been detected") when two threads
+    launch parallel kernels at once: a callback gathering rows beside the table worker's update must not kill the
+    run. In a child process, so that an abort fails this test instead of killing pytest."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", HAMMER], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])

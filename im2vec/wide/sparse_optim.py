@@ -23,8 +23,10 @@ Parameters that are not contiguous float32 CPU tensors take the stock code path.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -151,14 +153,25 @@ def set_table_threads(n: int | None) -> None:
     TABLE_THREADS = None if n is None else max(1, int(n))
 
 
+# numba's workqueue layer aborts the whole process ("Concurrent access has been detected", exit 134) when two
+# threads launch parallel kernels at once (the table worker's update beside, say, a callback gathering rows):
+# one parallel launch at a time in this process, the others wait their turn (the serial kernels need no lock)
+_PARALLEL_LAUNCH = threading.Lock()
+
+
 def _kernel(parallel, serial, rows: int):
-    """The parallel kernel (with numba's thread count set for the calling thread) or the serial one."""
+    """The serial kernel, or the parallel one behind the launch lock."""
     if rows < PARALLEL_ROWS:
         return serial
+    return functools.partial(_launch, parallel)
+
+
+def _launch(parallel, *args) -> None:
     n = max(1, min(TABLE_THREADS or torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:  # numba's count is per thread: the table worker thread sets its own
-        numba.set_num_threads(n)
-    return parallel
+    with _PARALLEL_LAUNCH:
+        if numba.get_num_threads() != n:  # numba's count is per thread: the table worker thread sets its own
+            numba.set_num_threads(n)
+        parallel(*args)
 
 
 def _cpu_contiguous(*tensors: Tensor) -> bool:
