@@ -126,3 +126,87 @@ def validation_problem():
     keys = [f"img{i:04d}" for i in range(n)]
     images = torch.rand(n, 3, 8, 8, generator=g)
     return counts, table, u, obs, clean, keys, images
+
+
+def empty_rank_steps(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1's batches hold no image (data.decode=gpu, every JPEG failed): TagHead steps on every rank; rank 0
+    saves its losses, u's gradients and the assembled table and moments. Then, with a ShardedTagTable alone,
+    rank 1's batches cut to 2 images: each rank's loss weighted by ``share``."""
+    from im2vec.wide.tag_head import TagHead
+
+    init(rank, world, port)
+    counts, full, steps = problem(world)
+    s = SamplerConfig(num_negatives=K, num_positives=P)
+    head = TagHead(counts, D, s, 0.01, seed=3)
+    head.table.weight.data.copy_(full)
+    head.shard(rank, world, timeout_s=30)
+    opt = make_table_optimizer("sparse_adam", [head.table.weight], 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    losses, grads = [], []
+    for per_rank in steps:
+        u, tags, _ = per_rank[rank]
+        if rank == 1:
+            u, tags = u[:0], tags[:0]  # (0, D), (0, P)
+        u = u.clone().requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
+        head.backward(loss, lambda x: x.backward())
+        head.step(opt, sched)
+        losses.append(loss.detach())
+        grads.append(u.grad)
+    state = opt.state[head.table.weight]
+    result = {"loss": torch.stack(losses), "u_grad": torch.cat(grads), "weight": head.table.assemble(),
+              **{k: assemble_rows(state[k], V, rank, world, head.group) for k in ("exp_avg", "exp_avg_sq")}}
+
+    table = ShardedTagTable(counts, D, 0.01, rank, world, head.group, full=full)
+    opt = make_table_optimizer("sparse_adam", [table.weight], 0.05)
+    for per_rank in steps:
+        u, pos, neg = (x[:2] if rank == 1 else x for x in per_rank[rank])
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = sampled_loss(s, table, u.clone().requires_grad_(True), pos, neg, None)
+        (loss * table.share(u.shape[0])).backward()
+        table.reduce_grads()
+        opt.step()
+    result["uneven"] = table.assemble()
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def empty_rank_reference(world: int) -> dict:
+    """One process: rank 0's batches alone through a one-device TagHead (the same seed: the same draws), and the
+    ranks' uneven batches concatenated."""
+    from im2vec.wide.tag_head import TagHead
+    from im2vec.wide.tag_table import CPUTagTable
+
+    counts, full, steps = problem(world)
+    s = SamplerConfig(num_negatives=K, num_positives=P)
+    head = TagHead(counts, D, s, 0.01, seed=3)
+    head.table.weight.data.copy_(full)
+    opt = make_table_optimizer("sparse_adam", [head.table.weight], 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    losses, grads = [], []
+    for per_rank in steps:
+        u, tags, _ = per_rank[0]
+        u = u.clone().requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
+        head.backward(loss, lambda x: x.backward())
+        head.step(opt, sched)
+        losses.append(loss.detach())
+        grads.append(u.grad)
+    state = opt.state[head.table.weight]
+    result = {"loss": torch.stack(losses), "u_grad": torch.cat(grads), "weight": head.table.weight.detach().clone(),
+              "exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone()}
+
+    table = CPUTagTable(counts, D)
+    table.weight.data.copy_(full)
+    opt = make_table_optimizer("sparse_adam", [table.weight], 0.05)
+    for per_rank in steps:
+        u, pos, neg = (torch.cat([a, b[:2]]) for a, b in zip(*per_rank))
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = sampled_loss(s, table, u.clone().requires_grad_(True), pos, neg, None)
+        loss.backward()
+        opt.step()
+    result["uneven"] = table.weight.detach().clone()
+    return result

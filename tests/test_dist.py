@@ -36,6 +36,46 @@ def test_w_rank_steps_equal_one_big_batch(world, tmp_path):
         assert 0 < int(moved.sum()) < w.V, "the steps touch some rows, not all"
 
 
+def test_an_empty_rank_neither_hangs_nor_crashes_and_adds_nothing(tmp_path):
+    """Rank 1 of 2 has no image (a batch whose every JPEG failed): both ranks step (a hang ends at the groups'
+    30-60 s timeouts, a crash fails the spawn). The step is then one process's step on rank 0's batch alone: its
+    loss, the table and Adam's moments; u's gradient is that one's × W, which DDP's average divides back. With
+    uneven batches (5 and 2 images) the table's step is one process's on the 7 concatenated."""
+    out = tmp_path / "empty.pt"
+    spawn(w.empty_rank_steps, 2, str(out))
+    got, want = torch.load(out), w.empty_rank_reference(2)
+    assert torch.isfinite(got["loss"]).all() and torch.equal(got["loss"], want["loss"])
+    torch.testing.assert_close(got["u_grad"] / 2, want["u_grad"], rtol=0, atol=1e-7)
+    for key in ("weight", "exp_avg", "exp_avg_sq", "uneven"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("head", ["sampled", "full"])
+def test_an_empty_batch_on_one_device_has_loss_zero_and_leaves_the_table(head):
+    from im2vec.wide.head import SamplerConfig
+    from im2vec.wide.tag_head import TagHead
+
+    h = TagHead(torch.arange(20, 0, -1), 4, SamplerConfig(head=head, num_negatives=3), 0.01, seed=0)
+    before = h.table.weight.detach().clone()
+    opt = h.make_optimizer("sparse_adam", 0.1)
+    a = torch.randn(4, 4, requires_grad=True)  # a trunk's last layer
+    u = torch.zeros(0, 4) @ a  # (0, d)
+    loss, s_pos, s_neg = h.loss(u, h.prepare(torch.zeros(0, 2, dtype=torch.long), torch.device("cpu")))
+    assert (loss.item(), s_pos.item(), s_neg.item()) == (0.0, 0.0, 0.0)  # not a mean over 0 images (NaN)
+    h.backward(loss, lambda x: x.backward())
+    h.step(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    assert torch.equal(a.grad, torch.zeros(4, 4)) and torch.equal(h.table.weight.detach(), before)
+
+
+def test_a_sharded_table_refuses_lookup_and_forward_by_global_id():
+    from im2vec.wide.sharded_table import ShardedTagTable
+
+    table = ShardedTagTable(torch.ones(10), 4, 0.01, rank=1, world=2)
+    for read in (lambda: table.lookup(torch.tensor([7]), "cpu"), lambda: table(torch.tensor([7]))):
+        with pytest.raises(RuntimeError, match="rank 1 of 2 holds only the rows with id % W == rank.*gather"):
+            read()
+
+
 def test_sharded_reads_and_writes_only_the_shard():
     from im2vec.wide.sharded_table import shard_of, shard_rows
 

@@ -67,6 +67,9 @@ def draw_ids(s: SamplerConfig, pos_sampler: PositiveSampler, neg_sampler: Negati
     """The sampled head's ids for a batch's tags (B, T) on the CPU -> (positives (B, P), negatives
     (B, K) or (K,) when shared, negative weights (B, K) or None)."""
     b = tags.shape[0]
+    if b == 0:  # an empty batch (data.decode=gpu: every JPEG failed): no ids, nothing drawn
+        empty = torch.empty(0, dtype=torch.long)
+        return empty.view(0, s.num_positives), empty.view(0, s.num_negatives), None
     pos_ids = pos_sampler.sample(tags, s.num_positives, gen)  # (B, P)
     weight = None
     if s.loss == "in_batch":  # the candidates are the batch's positives; an image's own tags are masked

@@ -68,6 +68,10 @@ def exchange_group(timeout_s: float = 1800.0):
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
+_NO_LOCAL_READ = ("ShardedTagTable.{}: rank {} of {} holds only the rows with id % W == rank (local row id // W), so "
+                  "global ids would read the wrong rows; use gather(ids, device) on every rank, then reduce_grads()")
+
+
 class ShardedTagTable(CPUTagTable):
     """Rank ``rank``'s rows of a (V, d) table; ``gather`` / ``reduce_grads`` exchange rows with the others.
 
@@ -101,6 +105,13 @@ class ShardedTagTable(CPUTagTable):
     def num_tags(self) -> int:
         return self.total
 
+    # ---- what the local shard cannot do: CPUTagTable's lookup and forward index it with global ids
+    def lookup(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+        raise RuntimeError(_NO_LOCAL_READ.format("lookup", self.rank, self.world))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        raise RuntimeError(_NO_LOCAL_READ.format("forward", self.rank, self.world))
+
     # ---- the exchange
     def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]) -> None:
         t0 = time.perf_counter()
@@ -130,6 +141,17 @@ class ShardedTagTable(CPUTagTable):
         rows = torch.empty_like(rows_in)
         rows[order] = rows_in  # back in the order of uniq
         return rows, (order, asked, send_split, recv_split)
+
+    def share(self, n: int) -> float:
+        """This rank's weight when its mean over n images enters an average over the W ranks (DDP's for the
+        trunk, ``reduce_grads``' /W for the table): n·W/N, N the images of all ranks (one all_reduce), so that the
+        step is the mean over every rank's images whatever each holds; 1.0 when every rank has as many, 0 for
+        an empty rank (and 0 everywhere when N = 0)."""
+        t0 = time.perf_counter()
+        total = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(total, group=self.group)
+        self.stats["exchange_s"] += time.perf_counter() - t0
+        return n * self.world / int(total) if n else 0.0
 
     def gather(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
         """ids (...) -> rows (..., d) on ``device``, each distinct row fetched once from its owner.

@@ -82,6 +82,7 @@ class TagHead(TableStateMixin):
         self._table_opt_state = None  # the table optimizer's state read from a checkpoint, restored on the CPU
         self._prepare_ms = 0.0
         self._step_stats: dict[str, float] = {}
+        self._share = 1.0  # sharded: this rank's weight in the mean over all ranks' images (ShardedTagTable.share)
 
     # ---- which variant, and where
     @property
@@ -152,7 +153,7 @@ class TagHead(TableStateMixin):
         gathered and copied (on the worker thread while the trunk runs, with overlap)."""
         self.device = torch.device(device)
         variant = self.variant
-        if variant == "full":
+        if variant == "full" or (tags.shape[0] == 0 and variant != "sharded"):  # (sharded: the exchange even so)
             return Prepared(tags)
         if variant != "pipelined":
             return Prepared(tags, ids=self.draw(tags))
@@ -174,6 +175,10 @@ class TagHead(TableStateMixin):
         the trunk's precision (bf16 would sum a repeated row's gradient in bf16)."""
         with torch.autocast(u.device.type, enabled=False):
             u = u.float()
+            if self.sharded:  # every rank, before the exchange: how many images each rank brings
+                self._share = self.table.share(u.shape[0])
+            if u.shape[0] == 0:  # an empty batch: no mean over 0 images (NaN); sharded, the exchange all the same
+                return self._empty_loss(u, prep)
             if self.cfg.head == "full":
                 every = torch.arange(self.table.num_tags)
                 rows = self.table.lookup(every, u.device, torch.float32)  # (V, d)
@@ -183,6 +188,15 @@ class TagHead(TableStateMixin):
             if prep.ids is not None:  # serial or sharded: the rows gathered (from their owners) here
                 return sampled_loss(self.cfg, self.table, u, *prep.ids, row_map=self.tag_map)
             return self._pipelined_loss(u, prep)
+
+    def _empty_loss(self, u: Tensor, prep: Prepared) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss 0 for a batch of no images, still joined to the trunk (u (0, d)), so backward runs as on any
+        step (DDP's all-reduce included); sharded, this rank still asks for its (no) rows and serves the others',
+        and reduce_grads sends nothing back."""
+        if self.sharded:
+            self.table.gather(torch.empty(0, dtype=torch.long), u.device, u.dtype)
+        zero = u.sum() * 0.0  # ()
+        return zero, zero.detach(), zero.detach()
 
     def _pipelined_loss(self, u: Tensor, prep: Prepared) -> tuple[Tensor, Tensor, Tensor]:
         w = self.worker
@@ -231,8 +245,8 @@ class TagHead(TableStateMixin):
                 backward(loss)
                 return
             before = dict(self.table.stats)
-            try:
-                backward(loss)
+            try:  # weighted by this rank's share: the W ranks' average is the mean over all their images
+                backward(loss if self._share == 1.0 else loss * self._share)
             finally:
                 self.table.reduce_grads()
         st = self.table.stats  # this step's exchange, logged with the step
