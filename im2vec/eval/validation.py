@@ -23,6 +23,7 @@ from im2vec.eval.metrics import (
     recall_per_image,
 )
 from im2vec.eval.scoring import prior_topk, topk_tags
+from im2vec.eval.shard_scoring import merge_to_rank0, shard_topk
 from im2vec.tags import PAD
 
 K = 5  # the headline cut-off (precision@5, the noise share of the top 5)
@@ -110,28 +111,32 @@ class ValidationReport:
                 self.images = torch.cat([self.images[old], fresh]) if old else fresh
                 self.image_keys = [self.image_keys[i] for i in old] + [keys[i] for i in new]
 
-    def gather(self, group, rank: int, world: int) -> None:
+    def gather(self, group, rank: int, world: int, everywhere: bool = False) -> None:
         """Every rank's images of this pass onto rank 0 (its report then holds them all, as one device's
         would: the same key-hash subset and grid, so the same figures); the other ranks' reports are
-        emptied. Every rank must call it."""
+        emptied, or (``everywhere``) hold every rank's vectors and tags too, without the grid's images.
+        Every rank must call it."""
         import torch.distributed as dist
 
-        mine = (self.u, self.obs, self.clean, self.keys, self.users, self.images, self.image_keys)
-        every = [None] * world if rank == 0 else None
-        dist.gather_object(mine, every, dst=0, group=group)
+        mine = (self.u, self.obs, self.clean, self.keys, self.users)
+        every = [None] * world if rank == 0 or everywhere else None
+        if everywhere:
+            dist.all_gather_object(every, mine, group=group)
+        else:
+            dist.gather_object(mine, every, dst=0, group=group)
+        shown = [None] * world if rank == 0 else None
+        dist.gather_object((self.images, self.image_keys), shown, dst=0, group=group)
         self.reset()
-        if rank != 0:
-            return
-        pool, pool_keys = [], []
-        for u, obs, clean, keys, users, images, image_keys in every:
+        for u, obs, clean, keys, users in every or []:
             self.u += u
             self.obs += obs
             self.clean += clean
             self.keys += keys
             self.users += users
-            if images is not None:
-                pool.append(images)
-                pool_keys += image_keys
+        if rank != 0:
+            return
+        pool = [images for images, _ in shown if images is not None]
+        pool_keys = [k for images, image_keys in shown if images is not None for k in image_keys]
         if pool:
             best = sorted(range(len(pool_keys)), key=lambda i: key_rank(pool_keys[i]))[: self.grid_images]
             self.images = torch.cat(pool)[torch.tensor(best, dtype=torch.long)]
@@ -144,10 +149,18 @@ class ValidationReport:
         The scores of every tag are computed on ``device`` (default: the CPU; training passes the
         trunk's), the host table going there a chunk of rows at a time: one pass for every γ of the
         sweep. Everything after the top-10 lists (metrics, the choice of γ) is on the CPU."""
-        keep = first_by_key(self.keys, max_images)  # the same subset whatever the loader's settings
-        u, obs, clean = torch.cat(self.u)[keep], _cat_padded(self.obs)[keep], _cat_padded(self.clean)[keep]
+        keep, u, obs, clean = self._kept(max_images)
         top = {g: ids for g, (_, ids) in topk_tags(u, table, log_counts, self.gammas, K_MAX, device=device).items()}
-        prior = prior_topk(self.counts, len(u), K_MAX)
+        return self.figures(top, keep, obs, clean, step)
+
+    def _kept(self, max_images: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The images scored: (their rows in the pass, u (N, d), observed and clean tags (N, ·) PAD-padded)."""
+        keep = first_by_key(self.keys, max_images)  # the same subset whatever the loader's settings
+        return keep, torch.cat(self.u)[keep], _cat_padded(self.obs)[keep], _cat_padded(self.clean)[keep]
+
+    def figures(self, top: dict[float, Tensor], keep: Tensor, obs: Tensor, clean: Tensor, step: int) -> dict:
+        """The figures from each γ's top-10 lists (N, 10) of the kept images (``_kept``); chooses γ."""
+        prior = prior_topk(self.counts, len(obs), K_MAX)
         has_clean = bool((clean >= 0).any())
         crit = self.gamma_by
         if crit == "auto":
@@ -208,20 +221,28 @@ class ValidationReport:
         self._row = {self.keys[i]: r for r, i in enumerate(keep.tolist())}  # key -> row of _top (the kept subset)
         return m
 
-    def compute_across(self, table: Tensor | None, log_counts: Tensor, step: int, max_images: int | None,
+    def compute_across(self, table: Tensor, log_counts: Tensor, step: int, max_images: int | None,
                        device, group=None, rank: int = 0, world: int = 1) -> tuple[dict | None, int]:
-        """``compute`` for a run on ``world`` ranks: every rank's images to rank 0, which scores them against
-        the table (``table``: assembled there, None elsewhere), then the same figures and γ on every rank (γ goes
-        into every rank's checkpoint) -> (figures or None when no image was usable, images scored)."""
-        if world > 1:
-            self.gather(group, rank, world)
-        metrics = None
-        if rank == 0 and self.size:
-            metrics = self.compute(table, log_counts, step, max_images, device=device)
+        """``compute`` for a run on ``world`` ranks whose table is sharded by rows: ``table`` is this rank's
+        rows (ids rank, rank + world, …; the whole table when ``world`` is 1). Every rank gets every rank's
+        image vectors, scores them against its own rows and keeps each image's top 10; the lists merge on rank
+        0 (im2vec/eval/shard_scoring.py), which computes the figures of one process; they and γ then go to
+        every rank (γ goes into every rank's checkpoint) -> (figures or None when no image was usable, images
+        scored). The table is never assembled."""
         if world == 1:
-            return metrics, self.size
+            return (self.compute(table, log_counts, step, max_images, device=device) if self.size else None), self.size
         import torch.distributed as dist
 
+        self.gather(group, rank, world, everywhere=True)
+        metrics = None
+        if self.size:  # the same on every rank now
+            keep, u, obs, clean = self._kept(max_images)
+            scores, ids = shard_topk(u, table, log_counts, self.gammas, K_MAX, rank, world, device)
+            merged = merge_to_rank0(scores, ids, group, rank, world)
+            if merged is not None:  # rank 0
+                k = min(K_MAX, log_counts.shape[0])
+                metrics = self.figures({g: merged[1][j, :, :k] for j, g in enumerate(self.gammas)}, keep, obs,
+                                       clean, step)
         box = [metrics, self.gamma, self.step, self.size]
         dist.broadcast_object_list(box, src=0, group=group)
         metrics, self.gamma, self.step, size = box
@@ -229,7 +250,8 @@ class ValidationReport:
         return metrics, size
 
     def log_pictures(self, tb, table: Tensor, log_counts: Tensor, step: int) -> None:
-        """Tag vectors of the most frequent tags to the projector; a grid of images with their top 5."""
+        """Tag vectors of the most frequent tags to the projector (``table``: at least their rows, the first
+        ``projector_tags``: the vocabulary is sorted by count); a grid of images with their top 5."""
         n = self.projector_tags
         tb.add_embedding(table[:n].clone(), metadata=self.tags[:n], tag="tag_vectors", global_step=step)
         if self.images is not None:

@@ -225,7 +225,7 @@ class Im2VecModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         max_images = getattr(self.trainer.datamodule, "val_max_images", None)  # a key-hash subset: data.eval_loader
-        table = self.full_table()  # sharded: assembled on rank 0, which scores every rank's images
+        table, projector = self.head.own_vectors(self.report.projector_tags)  # sharded: this rank's rows, scored here
         rank, world = (self.table.rank, self.table.world) if self.sharded else (0, 1)
         metrics, size = self.report.compute_across(table, self.table.log_counts, self.global_step, max_images,
                                                    self.device, self.head.group, rank, world)
@@ -246,7 +246,7 @@ class Im2VecModule(pl.LightningModule):
         if tb is not None and hasattr(tb, "add_embedding") and self.trainer.is_global_zero:
             # the x-axis of the scalars: batches (global_step counts two optimizer steps per batch)
             step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-            self.report.log_pictures(tb, table, self.table.log_counts, step)
+            self.report.log_pictures(tb, projector, self.table.log_counts, step)
 
     @property
     def gamma(self) -> float:

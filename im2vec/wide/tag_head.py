@@ -35,7 +35,7 @@ from im2vec.wide.head import SamplerConfig, draw_ids, head_extras, loss_on_rows,
 from im2vec.wide.loss import full_bce_loss, multi_hot
 from im2vec.wide.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
 from im2vec.wide.sampler import NegativeSampler, PositiveSampler
-from im2vec.wide.sharded_table import ShardedTagTable, exchange_group, rank_seed
+from im2vec.wide.sharded_table import ShardedTagTable, assemble_rows, exchange_group, rank_seed, shard_rows
 from im2vec.wide.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.wide.tag_vectors import TagVectorMap
 from im2vec.wide.table_state import TableStateMixin
@@ -314,3 +314,17 @@ class TagHead(TableStateMixin):
         if table is not None and self.tag_map is not None:
             table = self.tag_map.full(table)
         return table
+
+    def own_vectors(self, first: int = 0) -> tuple[Tensor, Tensor | None]:
+        """The tag vectors to score with, never the whole table on one rank: (this rank's rows (n_r, d): ids rank,
+        rank + W, … when sharded, all V on one device; the ``first`` tags' (the most frequent: the projector's) on
+        rank 0, from their owners, None elsewhere). r_t + A·w_t with tag vectors. Sharded: every rank calls it."""
+        self.drain()
+        rows, t = self.table.weight.detach(), self.table
+        if not self.sharded:
+            rows = rows if self.tag_map is None else self.tag_map.full(rows)
+            return rows, rows[:first]
+        if self.tag_map is not None:
+            rows = self.tag_map.full(rows, ids=torch.arange(t.rank, t.num_tags, t.world))
+        first = min(first, t.num_tags)
+        return rows, assemble_rows(rows[: shard_rows(first, t.rank, t.world)], first, t.rank, t.world, t.group)

@@ -97,13 +97,13 @@ class TagVectorMap(nn.Module):
         return rows + mapped.to(rows.dtype)
 
     @torch.no_grad()
-    def full(self, table: Tensor, chunk: int = 65536) -> Tensor:
-        """The (V, d) tag vectors from the whole table (V, d) on the CPU, in chunks of rows."""
+    def full(self, table: Tensor, chunk: int = 65536, ids: Tensor | None = None) -> Tensor:
+        """The (V, d) tag vectors from the whole table (V, d) on the CPU, in chunks of rows; or, with ``ids``
+        (n,), the vectors of those tags from their rows ``table`` (n, d) (a rank's shard)."""
         out = torch.empty_like(table)
         a = self.proj.weight.detach().float().cpu()  # (d, d_w)
         for i in range(0, len(table), chunk):
-            ids = torch.arange(i, min(i + chunk, len(table)))
-            w, has = self.words(ids)
+            w, has = self.words(torch.arange(i, min(i + chunk, len(table))) if ids is None else ids[i : i + chunk])
             rows = table[i : i + chunk].float()
             if self.freeze:
                 rows = rows * (~has).unsqueeze(1)
