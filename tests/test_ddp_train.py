@@ -1,9 +1,9 @@
 """Real multi-process training: Lightning DDP on 2 CPU processes (gloo) through train.py.
 
 - a few steps of DDP equal one process on the concatenated batches (trunk and whole table);
-- SIGTERM (on either rank) writes a checkpoint after the batch in progress and exits 143; the same
-  command with ckpt_path= continues, on 1 or 2 ranks, with the table and moments bit-exact after
-  the reshard (2 → 1 and 1 → 2);
+- SIGTERM (on either rank) writes a checkpoint after the batch in progress and exits 143 (2 ranks: a DCP
+  folder, each rank its own rows); the same command with ckpt_path= continues, on 1, 2 or 3 ranks, with the
+  table and moments bit-exact after the reshard (2 → 1, 2 → 3 and 1 → 2);
 - kill -9 loses at most the batches since the last every-N checkpoint;
 - a rank killed with -9 makes the other stop with an error, not hang.
 """
@@ -43,6 +43,11 @@ def train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.Co
 
 
 def ckpt(path: Path) -> dict:
+    """A checkpoint's contents; a sharded run's DCP folder read whole, as one device holds it."""
+    if path.is_dir():
+        from im2vec.train.checkpoint import read_checkpoint
+
+        return read_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -104,15 +109,21 @@ def test_sigterm_checkpoints_and_resumes_across_world_sizes(tmp_path):
                 "+callbacks.sig.rank=1")
     assert two.returncode == 143, two.stderr[-3000:]
     pre2 = tmp_path / "two" / "checkpoints" / "preempted.ckpt"
+    assert (pre2 / "__1_0.distcp").is_file()  # a DCP folder: each rank wrote its own rows
     c2 = ckpt(pre2)
     assert c2["global_step"] == 2 * 3 and c2["im2vec"]["world_size"] == 2
-    assert c2["state_dict"]["table.embedding.weight"].shape[0] == c2["im2vec"]["num_tags"]  # the whole table
+    assert c2["state_dict"]["table.embedding.weight"].shape[0] == c2["im2vec"]["num_tags"]  # read whole
     # 2 -> 1 rank
     res1 = train(tmp_path / "res1", f"ckpt_path={pre2}", "+callbacks.dump._target_=run_callbacks.DumpAtStart",
                  f"+callbacks.dump.path={tmp_path / 'dump21.pt'}")
     assert res1.returncode == 0, res1.stderr[-3000:]
     assert_restored(tmp_path / "dump21.pt", pre2)
     assert ckpt(tmp_path / "res1" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
+    # 2 -> 3 ranks: each reads its rows of the folder
+    res3 = train(tmp_path / "res3", *DDP[:-1], "trainer.devices=3", f"ckpt_path={pre2}",
+                 "+callbacks.dump._target_=run_callbacks.DumpAtStart", f"+callbacks.dump.path={tmp_path / 'dump23.pt'}")
+    assert res3.returncode == 0, res3.stderr[-3000:]
+    assert_restored(tmp_path / "dump23.pt", pre2)
     # evaluation and prediction read a checkpoint written by 2 ranks as any other
     from im2vec.use.predict import load_model
 

@@ -8,6 +8,7 @@ checkpoint is refused with one line (``UserError``), never loaded half.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -18,15 +19,23 @@ import torch
 from im2vec.deep.encoder import ImageEncoder
 from im2vec.errors import BadValue, NotFound
 from im2vec.eval.heldout import TrainedModel
+from im2vec.wide.row_checkpoint import METADATA, ROW_SHARDS, is_sharded_checkpoint, read_sharded
 from im2vec.wide.tag_vectors import TagVectorMap
 
+GAMMA_FILE = "im2vec_gamma.json"  # in a DCP checkpoint folder: the tagging γ chosen after it was written
 WRITTEN_BY = "a checkpoint written by train.py (outputs/train/<time>/checkpoints/last.ckpt)"
 
 
 def check_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
-    """Refuse, with one line, a checkpoint file that is missing, cut short or not a torch checkpoint:
-    reads only the zip directory at the file's end (cheap whatever the file's size)."""
+    """Refuse, with one line, a checkpoint file that is missing, cut short or not a torch checkpoint (reads only
+    the zip directory at the file's end, cheap whatever the file's size), or a checkpoint folder (DCP, written by
+    the ranks of a sharded run) without its metadata, which DCP writes last."""
     path = Path(path)
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            raise BadValue(f"{what}: {path} is a folder without {METADATA}: not a checkpoint, or one whose save did "
+                           "not finish", f"give {WRITTEN_BY}")
+        return path
     if not path.is_file():
         raise NotFound(f"{what}: no checkpoint at {path}", f"give {WRITTEN_BY}")
     try:
@@ -44,7 +53,12 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """A training checkpoint's contents, weights-only; refused with one line when it cannot be."""
     path = check_checkpoint_file(path, what)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_dir():  # every tensor whole, the table's rows in id order, as one device holds them
+            ckpt = read_sharded(path, rank=0, world=1)
+            ckpt.pop(ROW_SHARDS)
+            ckpt = with_recorded_gamma(ckpt, path)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise BadValue(f"{what}: {path} refused by weights-only loading: {unpickling_reason(e)}",
                        f"give {WRITTEN_BY}; im2vec never unpickles arbitrary objects") from None
@@ -98,11 +112,25 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
 def set_gamma(path: str | os.PathLike, gamma: float) -> None:
     """Record ``gamma`` as a training checkpoint's tagging γ (written to a temporary file, then renamed)."""
     path = Path(path)
+    if path.is_dir():  # a DCP folder is written once: the γ goes beside its files, read with them
+        read_checkpoint(path)
+        tmp = path / (GAMMA_FILE + ".tmp")
+        tmp.write_text(json.dumps({"gamma": float(gamma)}))
+        os.replace(tmp, path / GAMMA_FILE)
+        return
     ckpt = read_checkpoint(path)
     ckpt["im2vec"]["gamma"] = float(gamma)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def with_recorded_gamma(ckpt: dict, path: str | os.PathLike) -> dict:
+    """A DCP checkpoint folder's contents with the γ that ``set_gamma`` recorded beside them, if any."""
+    recorded = Path(path) / GAMMA_FILE
+    if recorded.is_file() and isinstance(ckpt.get("im2vec"), dict):
+        ckpt["im2vec"]["gamma"] = float(json.loads(recorded.read_text())["gamma"])
+    return ckpt
 
 
 def check_resume(checkpoint: dict, num_tags: int, dim: int, fingerprint: str) -> dict:

@@ -272,7 +272,8 @@ class Im2VecModule(pl.LightningModule):
         return [opt_dense, opt_table], [torch.optim.lr_scheduler.LambdaLR(opt, f) for opt in (opt_dense, opt_table)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        streams = self.head.save_state(checkpoint)  # sharded: the whole table and its state, as one device writes them
+        per_rank = getattr(self._trainer and self._trainer.strategy, "row_shards", False)  # RowShardedDDP: DCP
+        streams = self.head.save_state(checkpoint, per_rank)  # sharded: each rank's rows, or all assembled on rank 0
         checkpoint["im2vec"] = {
             "tags": self.tags, "fingerprint": self.fingerprint, "num_tags": self.table.num_tags,
             "dim": self.table.dim, **streams, "torch_rng": torch.get_rng_state(),

@@ -5,6 +5,9 @@ on SIGTERM (or SLURM's pre-emption signal) that writes a checkpoint first.
   it), fsyncs it, renames it over ``<name>`` and fsyncs the folder: a crash during a save leaves the
   previous file whole. It reads checkpoints memory-mapped, so W ranks on one host reading one file
   share its pages and each copies only its own rows of the table.
+- A sharded table (``trainer=ddp``: ``RowShardedDDP``) is saved as a DCP folder instead, which every rank
+  writes its own rows of (im2vec/wide/row_checkpoint.py: written as ``<name>.tmp-dcp``, metadata last, then
+  exchanged with ``<name>`` in one rename); each rank reads back only what it needs, for any world size.
 - ``Checkpoints`` is Lightning's ``ModelCheckpoint`` counting in batches (``every_n_batches``; the
   trainer's global step counts two optimizer steps per batch) as well as at every epoch's end.
 - ``Preemption`` turns SIGTERM (and the signals in ``signals``, e.g. SIGUSR1 for ``sbatch
@@ -22,8 +25,13 @@ import signal
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
+
+from im2vec.train.checkpoint import with_recorded_gamma
+from im2vec.wide.row_checkpoint import ROW_SHARDS, is_sharded_checkpoint, read_sharded, save_sharded
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped before the end, checkpoint written
 
@@ -49,11 +57,22 @@ def fsync_replace(tmp: str | Path, path: str | Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written under a temporary name, fsynced and renamed; read memory-mapped."""
+    """Checkpoints written under a temporary name, fsynced and renamed; read memory-mapped. A checkpoint whose
+    table is sharded (``ROW_SHARDS``) is a DCP folder: every rank calls this, each writes its own rows."""
+
+    def __init__(self):
+        super().__init__()
+        self._group = None  # a gloo group for DCP's planning (the default group may be NCCL): made at the first save
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
+        if ROW_SHARDS in checkpoint:
+            spec = checkpoint[ROW_SHARDS]
+            if spec["world"] > 1 and self._group is None:  # every rank is here: a collective
+                self._group = dist.new_group(backend="gloo")
+            save_sharded(checkpoint, path, spec["rank"], spec["world"], self._group)
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -64,10 +83,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if is_sharded_checkpoint(path):  # the table's rows stay on disk (SavedRows): each rank reads its own
+            ckpt = read_sharded(path, rank=None)
+            ckpt.pop(ROW_SHARDS)
+            return with_recorded_gamma(ckpt, path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         # mmap: pages are read when used and shared between ranks; the tensors are copy-on-write
         return torch.load(path, map_location="cpu", mmap=True, weights_only=bool(weights_only))
+
+
+class RowShardedDDP(DDPStrategy):
+    """Lightning's DDP, except that a checkpoint of a sharded table is written by every rank (its own rows, through
+    ``AtomicCheckpointIO``), not assembled on rank 0 and written by it alone."""
+
+    row_shards = True  # read by Im2VecModule.on_save_checkpoint
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if ROW_SHARDS in checkpoint:
+            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        else:
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
 
 class Checkpoints(ModelCheckpoint):

@@ -204,7 +204,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if datamodule.val_shards and not trainer.fast_dev_run and module.report.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final held-out figures
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
-        if zero and Path(best or "").is_file():
+        if zero and best and Path(best).exists():  # a file, or a DCP folder (a sharded run)
             set_gamma(best, module.gamma)  # the last checkpoint holds the same weights: give it the γ chosen on them
     metrics = dict(module.report.metrics)
     if datamodule.test_shards and not trainer.fast_dev_run:  # the figures to report: images nothing was chosen on
