@@ -93,3 +93,48 @@ def sharded_validation(rank: int, world: int, port: int, out: str, ties: bool, t
     if rank == 0:
         torch.save(gathered, out)
     dist.destroy_process_group()
+
+
+def embedded(ties: bool) -> dict:
+    """What heldout.embed_shards returns for the test images of ``problem`` (some with no clean tag)."""
+    counts, table, tag_map, u, obs, clean, keys, images = problem(ties, False)
+    obs = obs.clone()
+    obs[::6, 1:] = -1  # images with one observed tag
+    return {"u": [u], "obs": obs, "clean": clean, "keys": keys, "thumbs": images, "skipped": 3}
+
+
+def closing_figures(table, counts, ties: bool, group=None, rank: int = 0, world: int = 1) -> dict:
+    """heldout.heldout_figures (training's closing test figures) on ``embedded`` (embed_shards replaced: on rank 0
+    only), with ``table`` this rank's rows."""
+    import im2vec.eval.heldout as heldout
+
+    def embed(*a, **kw):
+        assert rank == 0, "only rank 0 embeds the test images"
+        return embedded(ties)
+
+    heldout.embed_shards = embed
+    log_counts = counts.double().clamp_min(1).log().float()
+    return heldout.heldout_figures(torch.nn.Linear(2, 2), table, log_counts, [f"t{i}" for i in range(V)], 0.5, [],
+                                   32, torch.arange(0, V, 7), GAMMAS, group=group, rank=rank, world=world)
+
+
+def sharded_closing_figures(rank: int, world: int, port: int, out: str, ties: bool) -> None:
+    """heldout_figures on every rank with its own rows; ShardedTagTable.assemble and assemble_rows refused."""
+    from dist_workers import init
+
+    import im2vec.wide.sharded_table as sharded
+
+    init(rank, world, port)
+    group = dist.new_group(backend="gloo")
+
+    def refuse(*a, **kw):
+        raise AssertionError("the closing figures assembled the table")
+
+    sharded.ShardedTagTable.assemble = sharded.assemble_rows = refuse
+    counts, table = problem(ties, False)[:2]
+    m = closing_figures(table[rank::world].clone(), counts, ties, group, rank, world)
+    got = [None] * world if rank == 0 else None
+    dist.gather_object(m, got, dst=0)
+    if rank == 0:
+        torch.save(got, out)
+    dist.destroy_process_group()

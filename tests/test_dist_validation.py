@@ -84,3 +84,19 @@ def test_a_shards_word_vector_rows_are_those_of_the_whole_table():
         for rank in range(world):
             part = tag_map.full(table[rank::world].clone(), chunk=50, ids=torch.arange(rank, w.V, world))
             torch.testing.assert_close(part, whole[rank::world], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("ties,world", [(True, 2), pytest.param(False, 3, marks=pytest.mark.slow)])
+def test_sharded_closing_test_figures_equal_one_process_exactly(tmp_path, ties, world):
+    """training's closing test figures (tagging with mAP and ties, retrieval, the prior, the γ sweep) with every
+    rank scoring its own rows: rank 0's equal one process's, key for key; the other ranks return none."""
+    out = tmp_path / "test.pt"
+    spawn(w.sharded_closing_figures, world, str(out), ties)
+    got = torch.load(out, weights_only=False)
+    counts, table = w.problem(ties, False)[:2]
+    want = w.closing_figures(table, counts, ties)
+    assert all(g == {} for g in got[1:])
+    assert set(got[0]) == set(want) and len(want) > 100
+    bad = [k for k in want if not same(got[0][k], want[k])]
+    assert not bad, bad
+    assert want["test/tagging/map"] > want["test/prior/tagging/map"] or ties  # a real model: not all ties or zeros

@@ -15,7 +15,7 @@ from im2vec.data.samples import SKIP_NO_TAG, SKIP_REASONS, normalize
 from im2vec.data.shards import first_by_key
 from im2vec.data.vocab import Vocabulary
 from im2vec.deep.encoder import ImageEncoder
-from im2vec.errors import BadValue
+from im2vec.errors import BadValue, UserError
 from im2vec.eval.metrics import noise_share, precision_at_k
 from im2vec.eval.ranking import (
     KS,
@@ -25,6 +25,7 @@ from im2vec.eval.ranking import (
     tagging_metrics,
 )
 from im2vec.eval.scoring import topk_tags
+from im2vec.eval.shard_heldout import shard_score_model, share_images
 from im2vec.eval.validation import _cat_padded
 from im2vec.tags import PAD
 from im2vec.wide.tag_vectors import TagVectorMap
@@ -138,22 +139,38 @@ def gamma_sweep(u: Tensor, table: Tensor, log_counts: Tensor, gammas: list[float
 def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor, tags: list[str], gamma: float,
                     shards: list[str], image_size: int, noise_ids: Tensor | None = None, gammas: list[float] = (),
                     batch_size: int = 256, num_workers: int = 0, max_images: int | None = None,
-                    prefix: str = "test/", device: str | torch.device | None = None) -> dict[str, float]:
+                    prefix: str = "test/", device: str | torch.device | None = None, group=None, rank: int = 0,
+                    world: int = 1) -> dict[str, float]:
     """A trained encoder and table on held-out shards at ``gamma``, beside the frequency prior:
     training's closing test figures (``test/tagging/precision@5``, ``test/prior/tagging/map``, …) and
     the test γ sweep (``test/gamma_sweep/…``: a diagnostic, not a choice). At most ``max_images``
     images, chosen by key hash (YFCC's 1 % test split is a million photos: evaluate.py scores more).
     ``device``: where to embed and score (default: where the encoder is; Lightning moves the module to
     the CPU when ``fit`` ends, so training passes its root device). The table stays on the host and
-    goes to the device a chunk of rows at a time."""
+    goes to the device a chunk of rows at a time.
+
+    A table sharded over ``world`` ranks (every rank calls it, ``table`` its own rows: ids rank, rank + world, …):
+    rank 0 embeds the images, every rank scores them against its rows (im2vec/eval/shard_heldout.py); the figures,
+    one process's, on rank 0, {} elsewhere. The table is never assembled."""
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     model = TrainedModel(encoder.eval(), table.detach().float().cpu(), log_counts.float().cpu(), tags, gamma,
                          image_size, "", "")
     try:
-        data = embed_shards([model], shards, image_size, batch_size, num_workers, max_images, str(device))
+        data = embed_shards([model], shards, image_size, batch_size, num_workers, max_images, str(device)) \
+            if rank == 0 else None
+    except UserError as e:
+        if world == 1:
+            raise
+        data = e  # raised on every rank by share_images
     finally:
         encoder.train(was_training)
+    if world > 1:
+        data = share_images(data, group)
+        clean = data["clean"] if bool((data["clean"] != PAD).any()) else None
+        m = shard_score_model(data["u"][0], model.table, model.log_counts, gamma, sorted(set(gammas) | {gamma}),
+                              data["obs"], clean, noise_ids, rank, world, group, device)
+        return {} if m is None else _heldout_out(m, data, gamma, prefix)
     clean = data["clean"] if bool((data["clean"] != PAD).any()) else None
     m, _ = score_model(data["u"][0], model.table, model.log_counts, gamma, data["obs"], clean, noise_ids, None, "",
                        device)
@@ -161,6 +178,10 @@ def heldout_figures(encoder: torch.nn.Module, table: Tensor, log_counts: Tensor,
                          device)[0])
     m.update(gamma_sweep(data["u"][0], model.table, model.log_counts, sorted(set(gammas) | {gamma}), data["obs"],
                          clean, noise_ids, device=device))
+    return _heldout_out(m, data, gamma, prefix)
+
+
+def _heldout_out(m: dict, data: dict, gamma: float, prefix: str) -> dict[str, float]:
     m.update({"images": float(len(data["keys"])), "skipped_images": float(data["skipped"]), "gamma": gamma})
     return {prefix + k: v for k, v in m.items()}
 

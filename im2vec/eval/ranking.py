@@ -52,13 +52,19 @@ class TagRanks:
     n_gt: list[Tensor]  # each (N, T): tags scoring strictly above the true tag
     n_ge: list[Tensor]  # each (N, T): tags scoring at least as high, the tag itself included
     true_scores: list[Tensor]  # each (N, T)
+    top_scores: Tensor | None = None  # (N, kmax) the scores of top_ids
 
 
 @torch.no_grad()
 def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths: list[Tensor],
               kmax: int = 10, batch: int = 256, budget: int | None = None, device: str | torch.device | None = None,
-              rows: int | None = None, images: int = IMAGES) -> TagRanks:
+              rows: int | None = None, images: int = IMAGES, row_ids: Tensor | None = None,
+              true_scores: Tensor | None = None) -> TagRanks:
     """One chunked pass over the V tags for every image of ``u`` (N, d); see the module docstring.
+
+    A rank's shard of the tags (im2vec/eval/shard_heldout.py): ``row_ids`` (n,) ascending, the global ids of
+    ``table``'s rows (``log_counts`` theirs too), and ``true_scores`` (N, T) every true tag's score, computed
+    where its row is; the counts and the top list (global ids) are then over these rows only.
 
     ``budget`` bounds the scores held at once (a batch of at most ``batch`` images × a chunk of tags,
     budget // images of the batch; default 2^22 on the CPU, 2^24 on another device). The pass runs on
@@ -75,13 +81,15 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
     kmax = min(kmax, v)
     widths = [t.shape[1] for t in truths]
     ids = torch.cat([t.cpu() for t in truths], 1)  # (N, T)
+    loc = ids.clamp(min=0) if row_ids is None else _row_of(ids.clamp(min=0), row_ids)  # (N, T): row in table or -1
     cols = max(1, budget // max(1, min(batch, n)))  # tags per product of a full batch
     if rows is None and dev.type == "cpu":
         rows = max(1, v)  # the whole table, a view: every batch's chunks of tags are those of before
     else:
         rows = cols * max(1, (rows or ROWS) // cols)  # table rows per copy: whole chunks of a full batch
     images = batch * max(1, images // batch)  # groups of whole batches
-    out_top = torch.empty(n, kmax, dtype=torch.long)
+    out_top, out_top_s = torch.empty(n, kmax, dtype=torch.long), torch.empty(n, kmax)
+    row_ids = None if row_ids is None else row_ids.to(dev)
     out = [torch.zeros(n, sum(widths), dtype=torch.long) for _ in range(2)] + [torch.zeros(n, sum(widths))]
     with fp32_scores(dev):
         for i0 in range(0, n, images):  # a group of images on the device: one pass over the table
@@ -91,13 +99,17 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
                 ub = ug[b0 : b0 + batch]  # (B, d)
                 idb = ids[i0 + b0 : i0 + b0 + ub.shape[0]]  # (B, T)
                 safe = idb.clamp(min=0)
-                true_rows = table[safe].float().to(dev)  # (B, T, d): the true tags' rows, gathered on the host
-                st = torch.einsum("bd,btd->bt", ub, true_rows) + gamma * log_counts[safe].to(dev)  # (B, T)
+                if true_scores is None:
+                    true_rows = table[safe].float().to(dev)  # (B, T, d): the true tags' rows, gathered on the host
+                    st = torch.einsum("bd,btd->bt", ub, true_rows) + gamma * log_counts[safe].to(dev)  # (B, T)
+                else:
+                    st = true_scores[i0 + b0 : i0 + b0 + ub.shape[0]].float().to(dev)
                 # thresholds: each true score, and the float just below it (s > that ⟺ s ≥ the true score)
                 below = torch.nextafter(st, torch.full_like(st, -torch.inf))
                 thr, order = torch.sort(torch.cat([st, below], 1), dim=1)
                 state.append({"ub": ub, "cols": max(1, budget // ub.shape[0]),  # a last, smaller batch: wider
-                              "valid": (idb != PAD).to(dev), "safe": safe.to(dev), "st": st, "thr": thr,
+                              "valid": (idb != PAD).to(dev), "safe": loc[i0 + b0 : i0 + b0 + ub.shape[0]].to(dev),
+                              "st": st, "thr": thr,
                               "order": order, "gt": torch.zeros(idb.shape, dtype=torch.long, device=dev),
                               "ge": torch.zeros(idb.shape, dtype=torch.long, device=dev),
                               "best_s": torch.full((ub.shape[0], 0), -torch.inf, device=dev),
@@ -114,13 +126,14 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
                         s = b["ub"] @ trows[c0 - r0 : c1 - r0].t() + gamma * tlc[c0 - r0 : c1 - r0]  # (B, C)
                         finite(scores=s)  # finite inputs can still overflow
                         ts, ti = _topk_by_index(s, min(kmax, s.shape[1]))
+                        ti = ti + c0 if row_ids is None else row_ids[ti + c0]
                         b["best_s"], b["best_i"] = _first_k(torch.cat([b["best_s"], ts], 1),
-                                                            torch.cat([b["best_i"], ti + c0], 1), kmax)
+                                                            torch.cat([b["best_i"], ti], 1), kmax)
                         above = _count_above(s, b["thr"], b["order"])  # (B, 2T): scores strictly above each threshold
                         t = b["st"].shape[1]
                         b["gt"] += above[:, :t]
                         b["ge"] += above[:, t:]
-                        # a tag against itself is a tie, whatever rounding the two products took
+                        # a tag against itself is a tie, whatever rounding the two products took ("safe": its row)
                         valid, safe, st = b["valid"], b["safe"], b["st"]
                         own = valid & (safe >= c0) & (safe < c0 + s.shape[1])
                         s_own = s.gather(1, (safe - c0).clamp(0, s.shape[1] - 1))
@@ -130,11 +143,19 @@ def rank_tags(u: Tensor, table: Tensor, log_counts: Tensor, gamma: float, truths
             finite.done()
             for b0, b in zip(range(i0, n, batch), state):
                 sl = slice(b0, b0 + b["ub"].shape[0])
-                out_top[sl] = b["best_i"].cpu()
+                out_top[sl], out_top_s[sl] = b["best_i"].cpu(), b["best_s"].cpu()
                 for o, x in zip(out, (b["gt"], b["ge"], b["st"])):
                     o[sl] = torch.where(b["valid"], x, torch.zeros_like(x)).cpu()
     split = lambda x: list(torch.split(x, widths, dim=1))  # noqa: E731
-    return TagRanks(out_top, list(truths), split(out[0]), split(out[1]), split(out[2]))
+    return TagRanks(out_top, list(truths), split(out[0]), split(out[1]), split(out[2]), out_top_s)
+
+
+def _row_of(ids: Tensor, row_ids: Tensor) -> Tensor:
+    """The row of each id in a table of the tags ``row_ids`` (ascending), -1 where it has none."""
+    if not len(row_ids):
+        return torch.full_like(ids, -1)
+    pos = torch.searchsorted(row_ids, ids).clamp(max=len(row_ids) - 1)
+    return torch.where(row_ids[pos] == ids, pos, -1)
 
 
 def rank_prior(log_counts: Tensor, truths: list[Tensor], kmax: int = 10) -> TagRanks:

@@ -208,16 +208,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             set_gamma(best, module.gamma)  # the last checkpoint holds the same weights: give it the γ chosen on them
     metrics = dict(module.report.metrics)
     if datamodule.test_shards and not trainer.fast_dev_run:  # the figures to report: images nothing was chosen on
-        table = module.full_table()  # with a sharded table: assembled on rank 0, which scores the test images
+        table = module.head.own_vectors()[0]  # sharded: this rank's rows; each rank scores the test images on its own
+        rank, world = (module.table.rank, module.table.world) if module.sharded else (0, 1)
         test = {}
-        if zero:
-            try:
-                test = heldout_figures(module.encoder, table, module.table.log_counts, module.tags,
-                                       module.gamma, datamodule.test_shards, datamodule.image_size, datamodule.noise_ids,
-                                       list(cfg.validation.val_gammas), datamodule.val_batch_size,
-                                       datamodule.num_workers, datamodule.val_max_images,
-                                       device=trainer.strategy.root_device)
-            except UserError as e:  # the trained model is saved: say why there are no test figures, do not fail the run
+        try:  # sharded: every rank takes part (rank 0 embeds the images and gets the figures)
+            test = heldout_figures(module.encoder, table, module.table.log_counts, module.tags,
+                                   module.gamma, datamodule.test_shards, datamodule.image_size, datamodule.noise_ids,
+                                   list(cfg.validation.val_gammas), datamodule.val_batch_size,
+                                   datamodule.num_workers, datamodule.val_max_images,
+                                   device=trainer.strategy.root_device, group=module.head.group, rank=rank, world=world)
+        except UserError as e:  # the trained model is saved: say why there are no test figures, do not fail the run
+            if zero:
                 print(f"im2vec: warning: no test figures: {one_line(e)}", file=sys.stderr)
         del table
         metrics.update(test)
