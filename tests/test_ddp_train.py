@@ -4,7 +4,7 @@
 - SIGTERM (on either rank) writes a checkpoint after the batch in progress and exits 143 (2 ranks: a DCP
   folder, each rank its own rows); the same command with ckpt_path= continues, on 1, 2 or 3 ranks, with the
   table and moments bit-exact after the reshard (2 → 1, 2 → 3 and 1 → 2);
-- kill -9 loses at most the batches since the last every-N checkpoint;
+- kill -9 loses at most the batches since the last every-N checkpoint (a file on 1 rank, a DCP folder on 2);
 - a rank killed with -9 makes the other stop with an error, not hang.
 """
 
@@ -149,6 +149,23 @@ def test_kill_9_loses_at_most_the_batches_since_the_last_checkpoint(tmp_path):
         assert end["global_step"] == 2 * 2 * N
         ends.append(end["state_dict"])
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_sharded_run_keeps_the_last_every_n_folder(tmp_path):
+    """2 ranks, every-2-batch DCP folders, rank 0 killed with -9 as batch 5 starts: the folder written after batch
+    4 is whole, and the run resumes from it on 2 ranks with the table and moments exact."""
+    run = train(tmp_path / "k", *DDP, "callbacks.checkpoint.every_n_batches=2",
+                "+callbacks.kill._target_=run_callbacks.SignalAt", "+callbacks.kill.batch=5",
+                "+callbacks.kill.sig=SIGKILL", timeout=240)
+    assert run.returncode == -signal.SIGKILL
+    last = tmp_path / "k" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and ckpt(last)["global_step"] == 2 * 4
+    res = train(tmp_path / "k2", *DDP, f"ckpt_path={last}", "+callbacks.dump._target_=run_callbacks.DumpAtStart",
+                f"+callbacks.dump.path={tmp_path / 'dump.pt'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_restored(tmp_path / "dump.pt", last)
+    assert ckpt(tmp_path / "k2" / "checkpoints" / "last.ckpt")["global_step"] == 2 * 2 * N
 
 
 @pytest.mark.slow
