@@ -103,6 +103,17 @@ def test_pipelined_step_equals_the_serial_head_with_tag_vectors():
     assert any(p is a.tag_map.proj.weight for p in a.dense_parameters())  # trained by AdamW beside the trunk
 
 
+def test_adamw_does_not_decay_the_word_vector_map():
+    """A is not decayed, as the rows r are not: decay would move what A·w carries into r, and a tag never seen
+    with an image has only A·w. The trunk's weights still are."""
+    m = _module(_map(False)[0])
+    m._trainer = SimpleNamespace(is_global_zero=False)  # configure_optimizers asks only whether to print
+    opt_dense = m.configure_optimizers()[0][0]
+    decay = {id(p): g["weight_decay"] for g in opt_dense.param_groups for p in g["params"]}
+    assert decay[id(m.tag_map.proj.weight)] == 0.0
+    assert decay[id(next(p for p in m.encoder.parameters() if p.ndim >= 2))] == m.optim_cfg.weight_decay > 0
+
+
 def test_vocabulary_exclude_keeps_the_held_out_counts(tmp_path):
     (tmp_path / "v.tsv").write_text("a\t9\nb\t7\nc\t5\nd\t3\n")
     v = Vocabulary.load(tmp_path / "v.tsv", exclude={"b", "zz"})

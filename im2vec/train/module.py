@@ -263,7 +263,7 @@ class Im2VecModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim_cfg
-        opt_dense = dense_optimizer(self.dense_parameters(), o, self.device,
+        opt_dense = dense_optimizer(self.dense_parameters(), o, self.device, undecayed=self.tag_map,
                                     say=self.trainer is None or self.trainer.is_global_zero,
                                     table=f"{o.table_optimizer} on the {self.table.num_tags:,}×{self.table.dim} tag table"
                                     + (f", sharded by rows over {self.table.world} ranks" if self.sharded else ""))

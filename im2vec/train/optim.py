@@ -54,12 +54,16 @@ def warmup_cosine(warmup: int, total: int, floor: float):
     return f
 
 
-def dense_optimizer(params: list, o: OptimConfig, device: torch.device, say: bool = True, table: str = ""):
-    """AdamW over what trains on the trunk's device: conv and linear weights decayed, biases and norm scales not
-    (the groups printed, with ``table`` saying what the table's optimizer is); on a GPU the fused kernel (one
-    launch for all parameters, no step counter read back to the host)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+def dense_optimizer(params: list, o: OptimConfig, device: torch.device, say: bool = True, table: str = "",
+                    undecayed: torch.nn.Module | None = None):
+    """AdamW over what trains on the trunk's device: conv and linear weights decayed, biases, norm scales and
+    ``undecayed``'s parameters (the word-vector map A) not (the groups printed, with ``table`` saying what the
+    table's optimizer is); on a GPU the fused kernel (one launch for all parameters, no step counter read back to
+    the host). A is not decayed because the rows r are not (the table's own optimizer): decaying A alone would
+    move what A·w carries into r over a run, and a tag never seen with an image has only A·w (README, zero-shot)."""
+    keep = {id(p) for p in undecayed.parameters()} if undecayed is not None else set()
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in keep]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in keep]
     if say:
         print(f"im2vec: AdamW on {sum(p.numel() for p in decay):,} decayed + {sum(p.numel() for p in no_decay):,} "
               f"undecayed trunk parameters; {table}")
