@@ -8,6 +8,9 @@ own copy of the samplers' tables.
 
 A training step, on every rank, over a gloo group of CPU tensors (``exchange_group``):
 
+0. ``share(n)``: the ranks' image counts summed (one all_reduce), so that each rank's mean loss can be
+   weighted by n·W/N: a step is the mean over all ranks' images, also when they hold unequal or no
+   batches (an empty rank still goes through every step below, with no ids);
 1. ``gather(ids)``: the distinct ids of the rank's batch go to their owners (``all_to_all_single``
    of sizes, then of local row numbers); each owner reads the requested rows and sends them back (a
    second ``all_to_all_single``); the rows are scored on the trunk's device as on one device.
@@ -20,7 +23,7 @@ A training step, on every rank, over a gloo group of CPU tensors (``exchange_gro
 4. The table optimizer updates the shard's touched rows (one fused pass, ``im2vec.wide.sparse_optim``).
 
 Ordering, so that the two groups cannot deadlock each other: every rank issues the table's
-collectives in the same order (sizes, ids, rows; then gradients) on the table's own gloo group, and
+collectives in the same order (counts, sizes, ids, rows; then gradients) on the table's own gloo group, and
 only from the training step's thread, before backward (1) and after it (3); the trunk's all-reduce
 runs on the default group inside backward (2) and has finished when (3) starts. No collective of
 one group is ever waited on while the other group has one outstanding.
