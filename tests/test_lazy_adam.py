@@ -254,10 +254,12 @@ def _checkpoint(obj):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("use_numba", [True, False])
-def test_sparse_adam_state_moves_to_lazy_adam(monkeypatch, one_thread, use_numba):
-    """Rows the global-count optimizer moved start with row_step = its step count; the others at 0."""
+@pytest.mark.parametrize("use_numba,chunk_rows", [(True, 1 << 16), (False, 1 << 16), (True, 7)])
+def test_sparse_adam_state_moves_to_lazy_adam(monkeypatch, one_thread, use_numba, chunk_rows):
+    """Rows the global-count optimizer moved start with row_step = its step count; the others at 0 (the moments
+    read chunk_rows rows at a time: never a V×d boolean tensor)."""
     monkeypatch.setattr(so, "USE_NUMBA", use_numba)
+    monkeypatch.setattr(so, "MOVED_CHUNK_ROWS", chunk_rows)
     v, d, lr, k = 30, 4, 0.02, 5
     b1, b2, eps = 0.9, 0.999, 1e-8
     gen = torch.Generator().manual_seed(3)

@@ -144,6 +144,7 @@ if numba is not None:
             out[i, :] = w[idx[i], :]
 
 PARALLEL_ROWS = 256  # fewer touched rows than this: the serial kernel
+MOVED_CHUNK_ROWS = 1 << 16  # rows read at a time when a global-count state turns lazy: never a V×d boolean tensor
 TABLE_THREADS: int | None = None  # numba threads for the table's kernels (im2vec.train.threads); None: torch's count
 
 
@@ -287,7 +288,8 @@ class SparseAdam(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 if self.row_steps and "row_step" not in state:
                     # fresh, or state written by the global-count optimizer: rows it moved count as that old
-                    state["row_step"] = torch.where(v.ne(0).any(1), state["step"] - 1, 0).to(torch.int32).cpu()
+                    moved = torch.cat([c.ne(0).any(1).cpu() for c in v.split(MOVED_CHUNK_ROWS)])  # (V,), by chunks
+                    state["row_step"] = torch.zeros(len(moved), dtype=torch.int32).masked_fill_(moved, state["step"] - 1)
                 if self.row_steps:
                     self._row_step(p, state, group)
                     continue
