@@ -179,10 +179,13 @@ def first_k(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def topk_by_index(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk, except that equal scores are taken in index order (torch.topk picks any of them):
-    rows whose k-th score ties with scores left out are sorted stably instead."""
-    ts, ti = torch.topk(s, k, dim=1)
-    kth = ts[:, -1:]
-    cut = ((s == kth).sum(1) > (ts == kth).sum(1)).nonzero().flatten()
+    rows whose k-th score ties with scores left out (the (k+1)-th equals it) are sorted stably instead."""
+    if k < 1 or k >= s.shape[1]:  # all of them (or none): which ones is not in question
+        ts, ti = torch.topk(s, k, dim=1)
+        return first_k(ts, ti, k)
+    ts, ti = torch.topk(s, k + 1, dim=1)
+    cut = (ts[:, k] == ts[:, k - 1]).nonzero().flatten()
+    ts, ti = ts[:, :k].contiguous(), ti[:, :k].contiguous()
     if len(cut):
         srt = torch.sort(s[cut], dim=1, descending=True, stable=True)
         ts[cut], ti[cut] = srt.values[:, :k], srt.indices[:, :k]
