@@ -56,8 +56,9 @@ class TableStateMixin:
                 return read_rows(v, rank, world)
             return shard_of(v, rank, world) if self.sharded and isinstance(v, Tensor) else v
 
-        sd = checkpoint["state_dict"]
-        sd[TABLE_KEY] = mine(sd[TABLE_KEY])
+        sd = checkpoint.get("state_dict") or {}
+        if TABLE_KEY in sd:  # (Lightning's checkpoints always have it; a hook called on its own may not)
+            sd[TABLE_KEY] = mine(sd[TABLE_KEY])
         states = checkpoint.get("optimizer_states") or []
         if len(states) == 2:  # restored in restore_optimizer_state, on the CPU, this rank's rows
             opt = states[TABLE_OPTIMIZER]
