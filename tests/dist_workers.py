@@ -128,6 +128,20 @@ def validation_problem():
     return counts, table, u, obs, clean, keys, images
 
 
+def _tag_head_steps(head, opt, sched, batches) -> dict:
+    """A TagHead's steps (prepare, loss, backward, step) on (u, tags) batches -> the losses and u's gradients."""
+    losses, grads = [], []
+    for u, tags in batches:
+        u = u.clone().requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
+        head.backward(loss, lambda x: x.backward())
+        head.step(opt, sched)
+        losses.append(loss.detach())
+        grads.append(u.grad)
+    return {"loss": torch.stack(losses), "u_grad": torch.cat(grads)}
+
+
 def empty_rank_steps(rank: int, world: int, port: int, out: str) -> None:
     """Rank 1's batches hold no image (data.decode=gpu, every JPEG failed): TagHead steps on every rank; rank 0
     saves its losses, u's gradients and the assembled table and moments. Then, with a ShardedTagTable alone,
@@ -142,20 +156,9 @@ def empty_rank_steps(rank: int, world: int, port: int, out: str) -> None:
     head.shard(rank, world, timeout_s=30)
     opt = make_table_optimizer("sparse_adam", [head.table.weight], 0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    losses, grads = [], []
-    for per_rank in steps:
-        u, tags, _ = per_rank[rank]
-        if rank == 1:
-            u, tags = u[:0], tags[:0]  # (0, D), (0, P)
-        u = u.clone().requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
-        head.backward(loss, lambda x: x.backward())
-        head.step(opt, sched)
-        losses.append(loss.detach())
-        grads.append(u.grad)
+    batches = [(u[:0], tags[:0]) if rank == 1 else (u, tags) for u, tags, _ in (x[rank] for x in steps)]  # rank 1 empty
     state = opt.state[head.table.weight]
-    result = {"loss": torch.stack(losses), "u_grad": torch.cat(grads), "weight": head.table.assemble(),
+    result = {**_tag_head_steps(head, opt, sched, batches), "weight": head.table.assemble(),
               **{k: assemble_rows(state[k], V, rank, world, head.group) for k in ("exp_avg", "exp_avg_sq")}}
 
     table = ShardedTagTable(counts, D, 0.01, rank, world, head.group, full=full)
@@ -185,18 +188,9 @@ def empty_rank_reference(world: int) -> dict:
     head.table.weight.data.copy_(full)
     opt = make_table_optimizer("sparse_adam", [head.table.weight], 0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    losses, grads = [], []
-    for per_rank in steps:
-        u, tags, _ = per_rank[0]
-        u = u.clone().requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
-        head.backward(loss, lambda x: x.backward())
-        head.step(opt, sched)
-        losses.append(loss.detach())
-        grads.append(u.grad)
+    batches = [(u, tags) for u, tags, _ in (x[0] for x in steps)]
     state = opt.state[head.table.weight]
-    result = {"loss": torch.stack(losses), "u_grad": torch.cat(grads), "weight": head.table.weight.detach().clone(),
+    result = {**_tag_head_steps(head, opt, sched, batches), "weight": head.table.weight.detach().clone(),
               "exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone()}
 
     table = CPUTagTable(counts, D)
