@@ -39,8 +39,17 @@ def problem(world: int):
     return counts, table, steps
 
 
-def head_steps(rank: int, world: int, port: int, out: str) -> None:
-    """W-rank steps of every table optimizer; rank 0 saves the assembled table and state."""
+def hot_ids(step: int) -> torch.Tensor:
+    """The rows replicated on every rank from ``step`` on (``head_steps(hot=True)``): none at step 0 (the state to
+    sync at step 1 is then the sharded steps'), one set at step 1, another at step 2 (the first one flushed)."""
+    if step == 0:
+        return torch.empty(0, dtype=torch.long)
+    return torch.arange(0, V, 3) if step == 1 else torch.arange(1, V // 2)
+
+
+def head_steps(rank: int, world: int, port: int, out: str, hot: bool = False) -> None:
+    """W-rank steps of every table optimizer; rank 0 saves the assembled table and state. With ``hot``, rows are
+    replicated on every rank (im2vec/wide/hot_rows.py) from step 1 on, another set from step 2."""
     init(rank, world, port)
     counts, full, steps = problem(world)
     group = dist.new_group(backend="gloo")
@@ -49,7 +58,9 @@ def head_steps(rank: int, world: int, port: int, out: str) -> None:
     for name in OPTIMIZERS:
         table = ShardedTagTable(counts, D, 0.01, rank, world, group, full=full)
         opt = make_table_optimizer(name, [table.weight], 0.05)
-        for per_rank in steps:
+        for t, per_rank in enumerate(steps):
+            if hot:
+                table.set_hot(hot_ids(t), opt)
             u, pos, neg = per_rank[rank]
             u = u.clone().requires_grad_(True)
             opt.zero_grad(set_to_none=True)
@@ -57,6 +68,8 @@ def head_steps(rank: int, world: int, port: int, out: str) -> None:
             loss.backward()
             table.reduce_grads()
             opt.step()
+            table.step_hot(opt)
+        table.flush_hot(opt)
         state = opt.state[table.weight]
         whole = {k: assemble_rows(v, V, rank, world, group) for k, v in state.items() if k in ROW_STATE}
         whole["weight"] = table.assemble()
@@ -142,23 +155,26 @@ def _tag_head_steps(head, opt, sched, batches) -> dict:
     return {"loss": torch.stack(losses), "u_grad": torch.cat(grads)}
 
 
-def empty_rank_steps(rank: int, world: int, port: int, out: str) -> None:
-    """Rank 1's batches hold no image (data.decode=gpu, every JPEG failed): TagHead steps on every rank; rank 0
-    saves its losses, u's gradients and the assembled table and moments. Then, with a ShardedTagTable alone,
-    rank 1's batches cut to 2 images: each rank's loss weighted by ``share``."""
+def empty_rank_steps(rank: int, world: int, port: int, out: str, hot_rows: int = 0) -> None:
+    """Rank 1's batches hold no image (data.decode=gpu, every JPEG failed): TagHead steps on every rank (``hot_rows``
+    of them replicated); rank 0 saves its losses, u's gradients and the assembled table and moments. Then, with a
+    ShardedTagTable alone, rank 1's batches cut to 2 images: each rank's loss weighted by ``share``."""
     from im2vec.wide.tag_head import TagHead
 
     init(rank, world, port)
     counts, full, steps = problem(world)
     s = SamplerConfig(num_negatives=K, num_positives=P)
-    head = TagHead(counts, D, s, 0.01, seed=3)
+    head = TagHead(counts, D, s, 0.01, seed=3, hot_rows=hot_rows)
     head.table.weight.data.copy_(full)
     head.shard(rank, world, timeout_s=30)
     opt = make_table_optimizer("sparse_adam", [head.table.weight], 0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     batches = [(u[:0], tags[:0]) if rank == 1 else (u, tags) for u, tags, _ in (x[rank] for x in steps)]  # rank 1 empty
     state = opt.state[head.table.weight]
-    result = {**_tag_head_steps(head, opt, sched, batches), "weight": head.table.assemble(),
+    result = _tag_head_steps(head, opt, sched, batches)
+    result["hot_rows"] = 0 if head.table.hot is None else head.table.hot.size
+    head.drain()  # the replicated rows back into their owners' shards
+    result = {**result, "weight": head.table.assemble(),
               **{k: assemble_rows(state[k], V, rank, world, head.group) for k in ("exp_avg", "exp_avg_sq")}}
 
     table = ShardedTagTable(counts, D, 0.01, rank, world, head.group, full=full)

@@ -21,10 +21,14 @@ def spawn(fn, world: int, *args) -> None:
     mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
-@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
-def test_w_rank_steps_equal_one_big_batch(world, tmp_path):
+@pytest.mark.parametrize("world,hot", [pytest.param(1, False, marks=pytest.mark.slow), (2, False), (2, True),
+                                       pytest.param(3, False, marks=pytest.mark.slow),
+                                       pytest.param(3, True, marks=pytest.mark.slow)])
+def test_w_rank_steps_equal_one_big_batch(world, hot, tmp_path):
+    """hot: rows replicated on every rank from the second step (their state synced from the sharded steps), another
+    set from the third (the first flushed back into the shards): the same steps as one process."""
     out = tmp_path / "sharded.pt"
-    spawn(w.head_steps, world, str(out))
+    spawn(w.head_steps, world, str(out), hot)
     got, want = torch.load(out), w.reference(world)
     for name in w.OPTIMIZERS:
         assert set(got[name]) == set(want[name]), name
@@ -36,14 +40,16 @@ def test_w_rank_steps_equal_one_big_batch(world, tmp_path):
         assert 0 < int(moved.sum()) < w.V, "the steps touch some rows, not all"
 
 
-def test_an_empty_rank_neither_hangs_nor_crashes_and_adds_nothing(tmp_path):
+@pytest.mark.parametrize("hot_rows", [0, 60])
+def test_an_empty_rank_neither_hangs_nor_crashes_and_adds_nothing(tmp_path, hot_rows):
     """Rank 1 of 2 has no image (a batch whose every JPEG failed): both ranks step (a hang ends at the groups'
     30-60 s timeouts, a crash fails the spawn). The step is then one process's step on rank 0's batch alone: its
     loss, the table and Adam's moments; u's gradient is that one's × W, which DDP's average divides back. With
     uneven batches (5 and 2 images) the table's step is one process's on the 7 concatenated."""
     out = tmp_path / "empty.pt"
-    spawn(w.empty_rank_steps, 2, str(out))
+    spawn(w.empty_rank_steps, 2, str(out), hot_rows)
     got, want = torch.load(out), w.empty_rank_reference(2)
+    assert got["hot_rows"] == hot_rows  # (TagHead: the 60 rows most drawn, replicated from the first step)
     assert torch.isfinite(got["loss"]).all() and torch.equal(got["loss"], want["loss"])
     torch.testing.assert_close(got["u_grad"] / 2, want["u_grad"], rtol=0, atol=1e-7)
     for key in ("weight", "exp_avg", "exp_avg_sq", "uneven"):

@@ -59,7 +59,7 @@ class Im2VecModule(pl.LightningModule):
         self.encoder = encoder
         self.sampler_cfg, self.optim_cfg = sampler or SamplerConfig(), optim or OptimConfig()
         self.head = self.head_class(counts, encoder.dim, self.sampler_cfg, self.optim_cfg.table_init_std, seed,
-                                    self.optim_cfg.overlap, shard, tag_map)
+                                    self.optim_cfg.overlap, shard, tag_map, hot_rows=self.optim_cfg.hot_rows)
         # the head's table and word-vector map are registered here: their state-dict keys and device moves
         self.table, self.tag_map = self.head.table, tag_map
         # DDP syncs the trunk only: the table (sharded across ranks) and its CPU buffers are the head's business

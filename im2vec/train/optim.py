@@ -26,6 +26,9 @@ class OptimConfig:
     # the trunk, with the serial step's exact arithmetic (im2vec/wide/pipeline.py): "auto" = on when the trunk is on a
     # GPU and the table is not sharded; true / false
     overlap: str | bool = "auto"
+    # sharded (trainer=ddp): the rows kept on every rank, their gradients all-reduced (im2vec/wide/hot_rows.py):
+    # 0 none, N the N most drawn, a fraction τ in (0, 1) those a rank's batch draws with probability ≥ τ
+    hot_rows: int | float = 0
 
     def __post_init__(self):
         if self.overlap not in ("auto", True, False):

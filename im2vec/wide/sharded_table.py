@@ -44,11 +44,9 @@ from torch import Tensor, nn
 
 from im2vec.errors import BadValue
 from im2vec.wide.allocator import empty_hugepages
+from im2vec.wide.hot_rows import ROW_STATE, HotRows  # ROW_STATE: the per-row optimizer state (sharded like the rows)
 from im2vec.wide.sparse_optim import gather_rows
 from im2vec.wide.tag_table import CPUTagTable
-
-# optimizer state tensors that are per row of the table (sharded like it); the rest ("step") is global
-ROW_STATE = ("exp_avg", "exp_avg_sq", "row_step", "sum")
 
 
 def shard_rows(num_tags: int, rank: int, world: int) -> int:
@@ -103,6 +101,8 @@ class ShardedTagTable(CPUTagTable):
         self.register_buffer("log_counts", counts.double().clamp_min(1).log().float())  # (V,): the whole vocabulary
         self._pending = None
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "exchange_s": 0.0}
+        self.hot: HotRows | None = None  # the hot rows replicated on every rank (im2vec/wide/hot_rows.py)
+        self.images = 0  # all ranks' images in the last step (share)
 
     @property
     def num_tags(self) -> int:
@@ -154,6 +154,7 @@ class ShardedTagTable(CPUTagTable):
         total = torch.tensor([n], dtype=torch.long)
         dist.all_reduce(total, group=self.group)
         self.stats["exchange_s"] += time.perf_counter() - t0
+        self.images = int(total)
         return n * self.world / int(total) if n else 0.0
 
     def gather(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
@@ -162,9 +163,19 @@ class ShardedTagTable(CPUTagTable):
         if self._pending is not None:
             raise RuntimeError("ShardedTagTable.gather called twice without reduce_grads in between")
         uniq, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
-        rows, route = self.fetch(uniq)
+        if self.hot is None:
+            rows, route = self.fetch(uniq)
+            hot = None
+        else:  # the hot rows from the replica, the tail from its owners
+            slot = self.hot.slot[uniq].long()
+            is_hot = slot >= 0
+            hot = (is_hot, slot[is_hot])
+            tail, route = self.fetch(uniq[~is_hot])
+            rows = torch.empty(uniq.numel(), self.dim)
+            rows[~is_hot] = tail
+            rows[is_hot] = self.hot.weight.detach()[hot[1]]
         rows.requires_grad_(True)
-        self._pending = (rows, route)
+        self._pending = (rows, route, hot)
         out = rows.to(device=device, dtype=dtype, non_blocking=True)
         return out.index_select(0, inverse.flatten().to(out.device)).view(*ids.shape, out.shape[1])
 
@@ -174,15 +185,37 @@ class ShardedTagTable(CPUTagTable):
         on every rank, as on one device)."""
         if self._pending is None:
             raise RuntimeError("ShardedTagTable.reduce_grads without a gather")
-        rows, (order, asked, send_split, recv_split) = self._pending
+        rows, (order, asked, send_split, recv_split), hot = self._pending
         self._pending = None
         grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
+        if hot is not None:  # the replica's rows: summed over the ranks in one all-reduce
+            self.hot.reduce(hot[1], grad[hot[0]], self.group, self.stats)
+            grad = grad[~hot[0]]
         got = torch.empty(sum(recv_split), self.dim)
         self._all_to_all(got, grad[order].contiguous(), recv_split, send_split)
         local = self.embedding.weight
         g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False)
         g = g.coalesce()  # a row asked for by several ranks: its gradients summed once
         local.grad = g
+
+    # ---- the hot rows (im2vec/wide/hot_rows.py)
+    def set_hot(self, ids: Tensor, table_opt=None) -> None:
+        """Replicate the rows ``ids`` on every rank (every rank calls it with the same ids: a collective), their
+        values and, when ``table_opt`` has state (a resume), their optimizer state from their owners."""
+        self.flush_hot(table_opt)
+        self.hot = HotRows(ids, self.total, self.dim, self.rank, self.world) if ids.numel() else None
+        if self.hot is not None:
+            self.hot.sync(self.embedding.weight, table_opt, self.group)
+
+    def step_hot(self, table_opt) -> None:
+        """After ``table_opt.step()``: the replica's update (every rank the same)."""
+        if self.hot is not None:
+            self.hot.step(table_opt)
+
+    def flush_hot(self, table_opt) -> None:
+        """The replica's rows and state into this rank's shard: before anything reads the shard."""
+        if self.hot is not None:
+            self.hot.flush(self.embedding.weight, table_opt)
 
     # ---- whole tensors on rank 0
     def assemble(self, local: Tensor | None = None) -> Tensor | None:

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from im2vec.errors import BadValue
 from im2vec.wide.head import SamplerConfig, draw_ids, head_extras, loss_on_rows, sampled_loss
+from im2vec.wide.hot_rows import check_setting as check_hot
+from im2vec.wide.hot_rows import choose_hot
 from im2vec.wide.loss import full_bce_loss, multi_hot
 from im2vec.wide.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
 from im2vec.wide.sampler import NegativeSampler, PositiveSampler
@@ -65,8 +67,11 @@ _deferred_table_step._wrapped_by_lr_sched = True  # torch's LR scheduler: the re
 class TagHead(TableStateMixin):
     def __init__(self, counts: Tensor, dim: int, sampler: SamplerConfig, table_init_std: float, seed: int,
                  overlap: str | bool = "auto", shard: tuple[int, int] | None = None,
-                 tag_map: TagVectorMap | None = None):
+                 tag_map: TagVectorMap | None = None, hot_rows: int | float = 0):
         self.cfg, self.counts, self.seed, self.init_std, self.overlap_setting = sampler, counts, seed, table_init_std, overlap
+        check_hot(hot_rows)
+        self.hot_setting, self._hot_decided = hot_rows, False  # sharded: rows replicated on every rank (hot_rows.py)
+        self._raw_opt = None  # the table optimizer (its state: the hot rows' sync and flush)
         if shard is not None and shard[1] > 1:  # rank r of W (known from the Trainer): only this rank's rows,
             # the same values as one device's table, never the whole table in this process
             self.table = ShardedTagTable(counts, dim, table_init_std, *shard, single_device_rows=True)
@@ -142,6 +147,7 @@ class TagHead(TableStateMixin):
             self.table = ShardedTagTable(self.counts, self.table.dim, self.init_std, rank, world, group, full=full)
             del full
         self.gen = torch.Generator().manual_seed(rank_seed(self.seed, rank))
+        self._hot_decided = False
 
     # ---- a step: prepare -> loss -> backward -> step
     def draw(self, tags: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -177,6 +183,7 @@ class TagHead(TableStateMixin):
             u = u.float()
             if self.sharded:  # every rank, before the exchange: how many images each rank brings
                 self._share = self.table.share(u.shape[0])
+                self._decide_hot()
             if u.shape[0] == 0:  # an empty batch: no mean over 0 images (NaN); sharded, the exchange all the same
                 return self._empty_loss(u, prep)
             if self.cfg.head == "full":
@@ -188,6 +195,20 @@ class TagHead(TableStateMixin):
             if prep.ids is not None:  # serial or sharded: the rows gathered (from their owners) here
                 return sampled_loss(self.cfg, self.table, u, *prep.ids, row_map=self.tag_map)
             return self._pipelined_loss(u, prep)
+
+    def _decide_hot(self) -> None:
+        """Sharded, at the first step with images (every rank alike: from the all-reduced image count): replicate the
+        rows a rank's batch draws most (``optim.hot_rows``), synced from their owners (a collective)."""
+        if self._hot_decided or not self.hot_setting or self.table.images == 0:
+            return
+        self._hot_decided = True
+        c = self.cfg
+        negatives = 0 if c.loss == "in_batch" else c.num_negatives
+        batch = self.table.images / self.table.world
+        if c.negatives == "shared":
+            negatives = negatives / batch
+        ids = choose_hot(self.counts, self.hot_setting, c.alpha, batch, negatives, c.num_positives)
+        self.table.set_hot(ids, self._raw_opt)
 
     def _empty_loss(self, u: Tensor, prep: Prepared) -> tuple[Tensor, Tensor, Tensor]:
         """Loss 0 for a batch of no images, still joined to the trunk (u (0, d)), so backward runs as on any
@@ -261,6 +282,9 @@ class TagHead(TableStateMixin):
         stepped = self.table.weight.grad is not None  # (a subclass's loss may not touch the table)
         t0 = time.perf_counter()
         opt_table.step()  # with overlap: only Lightning's bookkeeping, the update itself is queued (_table_step)
+        if self.sharded:
+            self._raw_opt = opt_table
+            self.table.step_hot(opt_table)  # the replicated rows' update (the learning rate before the schedule steps)
         if deferred:
             self.worker.submit(table_sched.step)  # after this step's update, before the next one's
             return
@@ -286,7 +310,7 @@ class TagHead(TableStateMixin):
         opt_table.step() then runs only its bookkeeping and hooks); a checkpoint's table optimizer state goes
         in, in host memory (kept out of Lightning's restore, which moves every state tensor to the trunk's device)."""
         self.device = torch.device(device)
-        self._table_step = raw_opt.step
+        self._table_step, self._raw_opt = raw_opt.step, raw_opt
         if self.variant == "pipelined" and self.overlap:
             raw_opt.step = _deferred_table_step
         self.restore_optimizer_state(raw_opt)
@@ -300,6 +324,8 @@ class TagHead(TableStateMixin):
         """Wait for the table's queued work (updates, schedule steps): before anything reads the table."""
         if self._worker is not None:
             self._worker.drain()
+        if self.sharded:  # the replicated rows back into their owners' shards
+            self.table.flush_hot(self._raw_opt)
 
     def close(self) -> None:
         if self._worker is not None:
