@@ -141,14 +141,14 @@ def validation_problem():
     return counts, table, u, obs, clean, keys, images
 
 
-def _tag_head_steps(head, opt, sched, batches) -> dict:
+def _tag_head_steps(head, opt, sched, batches, backward=lambda x: x.backward()) -> dict:
     """A TagHead's steps (prepare, loss, backward, step) on (u, tags) batches -> the losses and u's gradients."""
     losses, grads = [], []
     for u, tags in batches:
         u = u.clone().requires_grad_(True)
         opt.zero_grad(set_to_none=True)
         loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
-        head.backward(loss, lambda x: x.backward())
+        head.backward(loss, backward)
         head.step(opt, sched)
         losses.append(loss.detach())
         grads.append(u.grad)
@@ -220,3 +220,39 @@ def empty_rank_reference(world: int) -> dict:
         opt.step()
     result["uneven"] = table.weight.detach().clone()
     return result
+
+
+def overlap_steps(rank: int, world: int, port: int, out: str, overlap: bool, hot_rows: int, empty_rank: int) -> None:
+    """TagHead's sharded steps, overlapped (the exchange on the worker thread, its own group) or serial, with a
+    decaying table LR (the schedule's place in the queue matters) and, in backward, an all-reduce on the default
+    group as DDP's; ``empty_rank``'s batches hold no image. Rank 0 saves losses, u's gradients, table and moments."""
+    from im2vec.wide.tag_head import TagHead, _deferred_table_step
+
+    init(rank, world, port)
+    counts, full, steps = problem(world)
+    head = TagHead(counts, D, SamplerConfig(num_negatives=K, num_positives=P), 0.01, seed=3, overlap=overlap,
+                   hot_rows=hot_rows)
+    head.table.weight.data.copy_(full)
+    head.shard(rank, world, timeout_s=30)
+    opt = head.make_optimizer("sparse_adam", 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+    head.start(opt, torch.device("cpu"))
+    deferred = vars(opt).get("step") is _deferred_table_step  # overlapped: the optimizer's own step is the worker's, opt.step() only Lightning's
+    batches = [(u[:0], tags[:0]) if rank == empty_rank else (u, tags) for u, tags, _ in (x[rank] for x in steps)]
+
+    def ddp_backward(loss):  # the trunk's all-reduce inside backward, on the default group
+        loss.backward()
+        dist.all_reduce(torch.ones(3))
+
+    result = _tag_head_steps(head, opt, sched, batches, ddp_backward)
+    head.end(opt)
+    assert head.worker.overlap == overlap
+    result["hot_rows"] = 0 if head.table.hot is None else head.table.hot.size
+    result["deferred"] = deferred
+    state = opt.state[head.table.weight]
+    result.update({"weight": head.table.assemble(),
+                   **{k: assemble_rows(state[k], V, rank, world, head.group) for k in ("exp_avg", "exp_avg_sq")}})
+    result["lr"] = torch.tensor(opt.param_groups[0]["lr"])
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()

@@ -196,3 +196,24 @@ def test_a_module_built_for_rank_1_of_2_holds_rank_1s_rows_of_the_one_device_tab
     assert m.sharded and m.table.num_tags == 30 and m.table.weight.shape == (15, 8)
     assert torch.equal(m.table.weight.detach(), whole[1::2])
     assert torch.equal(torch.rand(2), after)
+
+
+@pytest.mark.parametrize("hot_rows,empty_rank", [(0, -1), (40, -1), (40, 1)])
+def test_the_overlapped_sharded_step_equals_the_serial_one(tmp_path, hot_rows, empty_rank):
+    """optim.overlap with trainer=ddp: share, draw and exchange on the worker thread (a gloo group of its own), the
+    update queued from inside backward, beside an all-reduce on the default group in backward (DDP's), with a
+    decaying LR: the same losses, u gradients, table and moments as the serial sharded step (a hang ends at the
+    groups' 30-60 s timeouts; ``empty_rank`` has no images)."""
+    got = {}
+    for overlap in (False, True):
+        out = tmp_path / f"overlap{overlap}.pt"
+        spawn(w.overlap_steps, 2, str(out), overlap, hot_rows, empty_rank)
+        got[overlap] = torch.load(out)
+    serial, overlapped = got[False], got[True]
+    assert serial["hot_rows"] == overlapped["hot_rows"] == hot_rows
+    assert overlapped["deferred"] and not serial["deferred"]  # else the main thread could step a half-set gradient
+    assert float(serial["lr"]) < 0.05  # the schedule stepped
+    for key in ("loss", "u_grad", "weight", "exp_avg", "exp_avg_sq", "lr"):
+        torch.testing.assert_close(overlapped[key], serial[key], rtol=0, atol=1e-6, msg=key)
+    moved = (serial["weight"] - w.problem(2)[1]).abs().sum(1) > 0
+    assert int(moved.sum()) > 0

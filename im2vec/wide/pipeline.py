@@ -111,6 +111,8 @@ class HeadInputs:
     extras: dict[str, Tensor | None]  # negative weights, log sampling probabilities: on the device
     ready: object = None  # a CUDA event the head waits for (the side stream's copies), else None
     prepare_ms: float = 0.0  # the CPU side's time, draw included (set by TagHead._gather_rows)
+    route: object = None  # sharded: where the rows' gradient goes (ShardedTagTable.rows_for)
+    share: float = 1.0  # sharded: this rank's weight in the mean over all ranks' images
 
 
 class TableWorker:
@@ -174,21 +176,29 @@ class TableWorker:
         (negative weights, log sampling probabilities: small CPU tensors), to the device."""
         ids = torch.cat([pos_ids.flatten(), neg_ids.flatten()])
         uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        b, s = self.buffers, self.stream
+        b = self.buffers
         host_rows = b.get("rows", (uniq.numel(), weight.shape[1]), weight.dtype) if b.pin else None
         host_rows = gather_rows(weight.detach(), uniq, out=host_rows)
-        if b.pin:
+        return self.stage(uniq, host_rows, inverse, tuple(pos_ids.shape), tuple(neg_ids.shape), extras, staged=True)
+
+    def stage(self, uniq: Tensor, host_rows: Tensor, inverse: Tensor, pos_shape: tuple, neg_shape: tuple,
+              extras: dict[str, Tensor | None], staged: bool = False) -> HeadInputs:
+        """Rows read on the host (``staged``: already in this worker's pinned "rows" buffer), the positions of the
+        flattened [positives, negatives] in them and the ``extras`` -> the device, through pinned buffers on the
+        side stream (a GPU), the event to wait for in ``ready``."""
+        b, s = self.buffers, self.stream
+        if b.pin and staged:
             rows = to_device(host_rows, self.device, s)
             b.copied(s)
         else:
-            rows = host_rows
+            rows = b.stage("rows", host_rows, s)
         inv = b.stage("inverse", inverse, s)
         moved = {k: None if v is None else b.stage(k, v, s) for k, v in extras.items()}
         ready = None
         if s is not None:
             ready = torch.cuda.Event()
             ready.record(s)
-        return HeadInputs(uniq, rows, inv, tuple(pos_ids.shape), tuple(neg_ids.shape), moved, ready)
+        return HeadInputs(uniq, rows, inv, pos_shape, neg_shape, moved, ready)
 
     def grad_to_host(self, grad: Tensor) -> tuple[Tensor, object]:
         """The rows' gradient (n, d) to host fp32: into a pinned buffer without blocking on a GPU (returns

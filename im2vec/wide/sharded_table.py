@@ -88,6 +88,7 @@ class ShardedTagTable(CPUTagTable):
         if not 0 <= rank < world:
             raise BadValue(f"table: rank {rank} is not in [0, {world})", "check RANK and WORLD_SIZE")
         self.rank, self.world, self.group = rank, world, group
+        self._step_group = None  # the training step's exchange (gloo): its own group when it runs on a worker thread
         self.total = counts.numel()
         n = shard_rows(self.total, rank, world)
         weight = empty_hugepages(n, dim)
@@ -108,6 +109,16 @@ class ShardedTagTable(CPUTagTable):
     def num_tags(self) -> int:
         return self.total
 
+    @property
+    def step_group(self):
+        """The group of the step's exchange (share, rows, gradients, hot rows): ``group`` unless a group of its own
+        was given (the overlapped step's worker thread: the main thread's collectives stay on ``group``)."""
+        return self._step_group if self._step_group is not None else self.group
+
+    @step_group.setter
+    def step_group(self, group) -> None:
+        self._step_group = group
+
     # ---- what the local shard cannot do: CPUTagTable's lookup and forward index it with global ids
     def lookup(self, ids: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
         raise RuntimeError(_NO_LOCAL_READ.format("lookup", self.rank, self.world))
@@ -118,7 +129,7 @@ class ShardedTagTable(CPUTagTable):
     # ---- the exchange
     def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int]) -> None:
         t0 = time.perf_counter()
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.step_group)
         self.stats["exchange_s"] += time.perf_counter() - t0
         mine_in, mine_out = in_splits[self.rank], out_splits[self.rank]  # what stays on this rank is not sent
         row = math.prod(inp.shape[1:]) * inp.element_size()  # bytes per entry (0 rows: nothing sent)
@@ -152,7 +163,7 @@ class ShardedTagTable(CPUTagTable):
         an empty rank (and 0 everywhere when N = 0)."""
         t0 = time.perf_counter()
         total = torch.tensor([n], dtype=torch.long)
-        dist.all_reduce(total, group=self.group)
+        dist.all_reduce(total, group=self.step_group)
         self.stats["exchange_s"] += time.perf_counter() - t0
         self.images = int(total)
         return n * self.world / int(total) if n else 0.0
@@ -163,21 +174,38 @@ class ShardedTagTable(CPUTagTable):
         if self._pending is not None:
             raise RuntimeError("ShardedTagTable.gather called twice without reduce_grads in between")
         uniq, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
-        if self.hot is None:
-            rows, route = self.fetch(uniq)
-            hot = None
-        else:  # the hot rows from the replica, the tail from its owners
-            slot = self.hot.slot[uniq].long()
-            is_hot = slot >= 0
-            hot = (is_hot, slot[is_hot])
-            tail, route = self.fetch(uniq[~is_hot])
-            rows = torch.empty(uniq.numel(), self.dim)
-            rows[~is_hot] = tail
-            rows[is_hot] = self.hot.weight.detach()[hot[1]]
+        rows, route = self.rows_for(uniq)
         rows.requires_grad_(True)
-        self._pending = (rows, route, hot)
+        self._pending = (rows, route)
         out = rows.to(device=device, dtype=dtype, non_blocking=True)
         return out.index_select(0, inverse.flatten().to(out.device)).view(*ids.shape, out.shape[1])
+
+    def rows_for(self, uniq: Tensor) -> tuple[Tensor, tuple]:
+        """Distinct sorted ids (n,) -> their rows (n, d) in host memory (the hot ones from the replica, the tail from
+        its owners) and the routing that ``reduce_grad`` sends their gradient back along. Every rank, every step."""
+        if self.hot is None:
+            rows, route = self.fetch(uniq)
+            return rows, (route, None)
+        slot = self.hot.slot[uniq].long()
+        is_hot = slot >= 0
+        tail, route = self.fetch(uniq[~is_hot])
+        rows = torch.empty(uniq.numel(), self.dim)
+        rows[~is_hot] = tail
+        rows[is_hot] = self.hot.weight.detach()[slot[is_hot]]
+        return rows, (route, (is_hot, slot[is_hot]))
+
+    def reduce_grad(self, grad: Tensor, route: tuple) -> None:
+        """The gradient (n, d) of ``rows_for``'s rows (host) -> the owners' shards (their sparse gradient: the sum
+        over the ranks / W) and the replica's (all-reduced). Every rank, once per ``rows_for``."""
+        (order, asked, send_split, recv_split), hot = route
+        if hot is not None:  # the replica's rows: summed over the ranks in one all-reduce
+            self.hot.reduce(hot[1], grad[hot[0]], self.step_group, self.stats)
+            grad = grad[~hot[0]]
+        got = torch.empty(sum(recv_split), self.dim)
+        self._all_to_all(got, grad[order].contiguous(), recv_split, send_split)
+        local = self.embedding.weight
+        g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False)
+        local.grad = g.coalesce()  # a row asked for by several ranks: its gradients summed once
 
     def reduce_grads(self) -> None:
         """Send the fetched rows' gradients to their owners; set this shard's gradient to their sum / W
@@ -185,18 +213,9 @@ class ShardedTagTable(CPUTagTable):
         on every rank, as on one device)."""
         if self._pending is None:
             raise RuntimeError("ShardedTagTable.reduce_grads without a gather")
-        rows, (order, asked, send_split, recv_split), hot = self._pending
+        rows, route = self._pending
         self._pending = None
-        grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
-        if hot is not None:  # the replica's rows: summed over the ranks in one all-reduce
-            self.hot.reduce(hot[1], grad[hot[0]], self.group, self.stats)
-            grad = grad[~hot[0]]
-        got = torch.empty(sum(recv_split), self.dim)
-        self._all_to_all(got, grad[order].contiguous(), recv_split, send_split)
-        local = self.embedding.weight
-        g = torch.sparse_coo_tensor(asked.unsqueeze(0), got.div_(self.world), local.shape, check_invariants=False)
-        g = g.coalesce()  # a row asked for by several ranks: its gradients summed once
-        local.grad = g
+        self.reduce_grad(rows.grad if rows.grad is not None else torch.zeros_like(rows), route)
 
     # ---- the hot rows (im2vec/wide/hot_rows.py)
     def set_hot(self, ids: Tensor, table_opt=None) -> None:
@@ -205,7 +224,7 @@ class ShardedTagTable(CPUTagTable):
         self.flush_hot(table_opt)
         self.hot = HotRows(ids, self.total, self.dim, self.rank, self.world) if ids.numel() else None
         if self.hot is not None:
-            self.hot.sync(self.embedding.weight, table_opt, self.group)
+            self.hot.sync(self.embedding.weight, table_opt, self.step_group)
 
     def step_hot(self, table_opt) -> None:
         """After ``table_opt.step()``: the replica's update (every rank the same)."""

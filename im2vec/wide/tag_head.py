@@ -37,6 +37,7 @@ from im2vec.wide.hot_rows import choose_hot
 from im2vec.wide.loss import full_bce_loss, multi_hot
 from im2vec.wide.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
 from im2vec.wide.sampler import NegativeSampler, PositiveSampler
+from im2vec.wide.sharded_step import ShardedOverlap
 from im2vec.wide.sharded_table import ShardedTagTable, assemble_rows, exchange_group, rank_seed, shard_rows
 from im2vec.wide.tag_table import CPUTagTable, make_table_optimizer
 from im2vec.wide.tag_vectors import TagVectorMap
@@ -64,7 +65,7 @@ def _deferred_table_step(closure=None, **kwargs):
 _deferred_table_step._wrapped_by_lr_sched = True  # torch's LR scheduler: the real (queued) step is still wrapped
 
 
-class TagHead(TableStateMixin):
+class TagHead(TableStateMixin, ShardedOverlap):
     def __init__(self, counts: Tensor, dim: int, sampler: SamplerConfig, table_init_std: float, seed: int,
                  overlap: str | bool = "auto", shard: tuple[int, int] | None = None,
                  tag_map: TagVectorMap | None = None, hot_rows: int | float = 0):
@@ -86,7 +87,7 @@ class TagHead(TableStateMixin):
         self._table_step = None  # the table optimizer's own step (called on the worker thread with overlap)
         self._table_opt_state = None  # the table optimizer's state read from a checkpoint, restored on the CPU
         self._prepare_ms = 0.0
-        self._step_stats: dict[str, float] = {}
+        self._stats_mark: dict | None = None  # sharded: the exchange's counters at the last log
         self._share = 1.0  # sharded: this rank's weight in the mean over all ranks' images (ShardedTagTable.share)
 
     # ---- which variant, and where
@@ -106,14 +107,11 @@ class TagHead(TableStateMixin):
 
     @property
     def overlap(self) -> bool:
-        """Whether the table's CPU work runs on the worker thread beside the trunk: optim.overlap, "auto" = on
-        when the trunk is on a GPU and the table is not sharded."""
+        """Whether the table's CPU work (sharded: its exchange too, im2vec/wide/sharded_step.py) runs on the worker
+        thread beside the trunk: optim.overlap, "auto" = on when the trunk is on a GPU."""
         o = self.overlap_setting
         if o == "auto":
-            return self.device.type == "cuda" and not self.sharded
-        if o and self.sharded:
-            raise BadValue("optim.overlap=true with a sharded table (DDP): its exchange runs on the step's thread",
-                           "use optim.overlap=auto or false with trainer=ddp")
+            return self.device.type == "cuda"
         return bool(o)
 
     @property
@@ -142,6 +140,8 @@ class TagHead(TableStateMixin):
                                f"{rank} of {world}", "build the module with shard=(trainer.global_rank, "
                                "trainer.world_size)")
             self.table.group = group
+        if self.sharded:  # the step's exchange on a group of its own (the worker thread's, with overlap)
+            self.table.step_group = exchange_group(timeout_s)
         else:  # built whole: keep this rank's rows of the seeded initial table (the same on every rank)
             full = self.table.weight.detach()
             self.table = ShardedTagTable(self.counts, self.table.dim, self.init_std, rank, world, group, full=full)
@@ -161,6 +161,8 @@ class TagHead(TableStateMixin):
         variant = self.variant
         if variant == "full" or (tags.shape[0] == 0 and variant != "sharded"):  # (sharded: the exchange even so)
             return Prepared(tags)
+        if variant == "sharded" and self.overlap:  # share, draw and exchange on the worker while the trunk runs
+            return Prepared(tags, future=self.worker.submit(self._sharded_rows, tags))
         if variant != "pipelined":
             return Prepared(tags, ids=self.draw(tags))
         if self.overlap:
@@ -181,9 +183,10 @@ class TagHead(TableStateMixin):
         the trunk's precision (bf16 would sum a repeated row's gradient in bf16)."""
         with torch.autocast(u.device.type, enabled=False):
             u = u.float()
+            if self.sharded and prep.future is not None:  # overlapped: the exchange ran on the worker
+                return self._sharded_overlap_loss(u, prep.future)
             if self.sharded:  # every rank, before the exchange: how many images each rank brings
-                self._share = self.table.share(u.shape[0])
-                self._decide_hot()
+                self._share = self._share_step(u.shape[0])
             if u.shape[0] == 0:  # an empty batch: no mean over 0 images (NaN); sharded, the exchange all the same
                 return self._empty_loss(u, prep)
             if self.cfg.head == "full":
@@ -265,24 +268,22 @@ class TagHead(TableStateMixin):
             if not self.sharded:
                 backward(loss)
                 return
-            before = dict(self.table.stats)
+            if self.overlap:  # the rows' gradient goes to its owners on the worker, from inside backward
+                self._sharded_overlap_backward(loss, backward)
+                return
             try:  # weighted by this rank's share: the W ranks' average is the mean over all their images
                 backward(loss if self._share == 1.0 else loss * self._share)
             finally:
                 self.table.reduce_grads()
-        st = self.table.stats  # this step's exchange, logged with the step
-        self._step_stats = {"dist/bytes_sent": float(st["bytes_sent"] - before["bytes_sent"]),
-                            "dist/bytes_received": float(st["bytes_received"] - before["bytes_received"]),
-                            "dist/exchange_ms": (st["exchange_s"] - before["exchange_s"]) * 1e3}
 
     def step(self, opt_table, table_sched) -> None:
         """The table's update and its LR schedule: here, or (overlap) queued on the worker after the update that
         the backward pass already queued."""
-        deferred = self.variant == "pipelined" and self.overlap
+        deferred = self.variant in ("pipelined", "sharded") and self.overlap
         stepped = self.table.weight.grad is not None  # (a subclass's loss may not touch the table)
         t0 = time.perf_counter()
         opt_table.step()  # with overlap: only Lightning's bookkeeping, the update itself is queued (_table_step)
-        if self.sharded:
+        if self.sharded and not deferred:
             self._raw_opt = opt_table
             self.table.step_hot(opt_table)  # the replicated rows' update (the learning rate before the schedule steps)
         if deferred:
@@ -293,12 +294,17 @@ class TagHead(TableStateMixin):
             self.worker.update_ms += (time.perf_counter() - t0) * 1e3
 
     def logs(self, batches: int) -> dict[str, float]:
-        """The table's time per step over the last ``batches`` steps (and, sharded, the last step's exchange);
+        """The table's time per step over the last ``batches`` steps (and, sharded, its exchange per step: bytes, ms);
         resets the sums."""
         w, n = self.worker, max(1, batches)
         out = {"train/table_update_ms": w.update_ms / n, "train/table_prepare_ms": self._prepare_ms / n,
-               "train/table_wait_ms": w.wait_ms / n, **self._step_stats}
+               "train/table_wait_ms": w.wait_ms / n}
         w.update_ms = w.wait_ms = self._prepare_ms = 0.0
+        if self.sharded:
+            st, mark = dict(self.table.stats), self._stats_mark or {}
+            out.update({f"dist/{k}": (v - mark.get(k, 0)) / n for k, v in st.items() if k != "exchange_s"})
+            out["dist/exchange_ms"] = (st["exchange_s"] - mark.get("exchange_s", 0.0)) * 1e3 / n
+            self._stats_mark = st
         return out
 
     # ---- around training
@@ -311,7 +317,7 @@ class TagHead(TableStateMixin):
         in, in host memory (kept out of Lightning's restore, which moves every state tensor to the trunk's device)."""
         self.device = torch.device(device)
         self._table_step, self._raw_opt = raw_opt.step, raw_opt
-        if self.variant == "pipelined" and self.overlap:
+        if self.variant in ("pipelined", "sharded") and self.overlap:
             raw_opt.step = _deferred_table_step
         self.restore_optimizer_state(raw_opt)
 
