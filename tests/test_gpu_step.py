@@ -281,7 +281,9 @@ def test_overlap_worker_error_surfaces(make_cfg, tmp_path, monkeypatch):
         train(make_cfg("optim.overlap=true", "trainer.max_epochs=1"))
 
 
-def test_overlap_refused_with_a_sharded_table():
+def test_overlap_with_a_sharded_table_is_on_with_a_gpu_trunk_and_asked_for_on_the_cpu():
+    """The decision a GPU run makes (no GPU here): optim.overlap=auto overlaps the sharded step when the trunk's
+    device is a GPU, not on the CPU; true overlaps it anywhere (its arithmetic: tests/test_dist.py)."""
     from im2vec.deep.encoder import ImageEncoder
     from im2vec.train.module import OptimConfig
 
@@ -289,10 +291,12 @@ def test_overlap_refused_with_a_sharded_table():
         OptimConfig(overlap="sometimes")
     kw = dict(encoder=ImageEncoder("small_cnn", 16), tags=[str(i) for i in range(500)], counts=_counts(),
               total_batches=10, shard=(0, 2))  # rank 0 of 2: a sharded table
-    with pytest.raises(BadValue, match="sharded"):
-        Im2VecModule(optim=OptimConfig(overlap=True), **kw).head.overlap
+    assert Im2VecModule(optim=OptimConfig(overlap=True), **kw).head.overlap
     mod = Im2VecModule(optim=OptimConfig(overlap="auto"), **kw)
     assert mod.sharded and not mod.head.overlap and mod.head.variant == "sharded"
+    mod.head.device = torch.device("cuda", 0)  # where the trunk would be
+    assert mod.head.overlap
+    assert not Im2VecModule(optim=OptimConfig(overlap=False), **kw).head.overlap
 
 
 def test_train_with_decode_on_the_trunks_device(make_cfg):
