@@ -62,3 +62,15 @@ def test_a_bad_setting_is_refused_in_one_line(bad):
 @pytest.mark.parametrize("good", [0, 0.0, False, 100, 0.5])
 def test_good_settings_pass(good):
     check_setting(good)
+
+
+def test_draw_share_is_the_ids_share_of_a_steps_draws():
+    from im2vec.wide.hot_rows import draw_share
+
+    counts = torch.tensor([8, 4, 2, 2])
+    neg = torch.tensor([8, 4, 2, 2], dtype=torch.float64) ** 0.5
+    neg /= neg.sum()
+    pos = torch.tensor([8, 4, 2, 2], dtype=torch.float64) / 16
+    want = float((3 * neg[[0, 2]] + pos[[0, 2]]).sum() / 4)  # 3 negatives and 1 positive per image
+    assert draw_share(counts, torch.tensor([0, 2]), 0.5, 3, 1) == pytest.approx(want, rel=1e-12)
+    assert draw_share(counts, torch.tensor([], dtype=torch.long), 0.5, 3, 1) == 0.0

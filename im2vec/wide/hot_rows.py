@@ -186,12 +186,9 @@ def _copy(v):
     return v.clone() if isinstance(v, Tensor) else v
 
 
-def expected_hot(counts: Tensor, setting, alpha: float, batch: float, negatives: float, positives: float) -> dict:
-    """For the benchmark and the README: how many rows a setting makes hot and what share of a step's draws they take."""
-    ids = choose_hot(counts, setting, alpha, batch, negatives, positives)
-    c = counts.double()
-    q = c.pow(alpha)
-    q = q / q.sum()
-    share = c / c.sum()
-    draws = negatives * q + positives * share
-    return {"rows": ids.numel(), "draw_share": float(draws[ids].sum() / draws.sum()) if ids.numel() else 0.0}
+def draw_share(counts: Tensor, ids: Tensor, alpha: float, negatives: float, positives: float) -> float:
+    """The share of a step's draws (``negatives`` ∝ count^alpha and ``positives`` ∝ count per image) that fall on ``ids``."""
+    c = counts.double().clamp_min(0)
+    q = torch.where(c > 0, c.pow(alpha), 0.0)
+    draws = negatives * q / q.sum().clamp_min(1e-300) + positives * c / c.sum().clamp_min(1e-300)
+    return float(draws[ids].sum() / draws.sum()) if ids.numel() else 0.0

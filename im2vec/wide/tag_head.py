@@ -33,7 +33,7 @@ from torch import Tensor
 from im2vec.errors import BadValue
 from im2vec.wide.head import SamplerConfig, draw_ids, head_extras, loss_on_rows, sampled_loss
 from im2vec.wide.hot_rows import check_setting as check_hot
-from im2vec.wide.hot_rows import choose_hot
+from im2vec.wide.hot_rows import choose_hot, draw_share
 from im2vec.wide.loss import full_bce_loss, multi_hot
 from im2vec.wide.pipeline import HeadInputs, TableWorker, attach_rows, sparse_grad
 from im2vec.wide.sampler import NegativeSampler, PositiveSampler
@@ -212,6 +212,10 @@ class TagHead(TableStateMixin, ShardedOverlap):
             negatives = negatives / batch
         ids = choose_hot(self.counts, self.hot_setting, c.alpha, batch, negatives, c.num_positives)
         self.table.set_hot(ids, self._raw_opt)
+        if self.table.rank == 0:
+            share = draw_share(self.counts, ids, c.alpha, negatives, c.num_positives)
+            print(f"im2vec: optim.hot_rows={self.hot_setting}: {ids.numel():,} of {self.table.num_tags:,} rows kept on every "
+                  f"rank ({share:.0%} of the draws), the rest sharded over {self.table.world} ranks")
 
     def _empty_loss(self, u: Tensor, prep: Prepared) -> tuple[Tensor, Tensor, Tensor]:
         """Loss 0 for a batch of no images, still joined to the trunk (u (0, d)), so backward runs as on any
