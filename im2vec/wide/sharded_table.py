@@ -26,7 +26,14 @@ Ordering, so that the two groups cannot deadlock each other: every rank issues t
 collectives in the same order (counts, sizes, ids, rows; then gradients) on the table's own gloo group, and
 only from the training step's thread, before backward (1) and after it (3); the trunk's all-reduce
 runs on the default group inside backward (2) and has finished when (3) starts. No collective of
-one group is ever waited on while the other group has one outstanding.
+one group is ever waited on while the other group has one outstanding. With ``optim.overlap`` the step's
+collectives run on the TableWorker's thread instead, over ``step_group`` (a third gloo group), while the
+training thread keeps ``group`` for its own (the stop flag, validation, checkpoints): the ordering that keeps
+that free of deadlocks is in im2vec/wide/sharded_step.py.
+
+Hot rows (``optim.hot_rows``, im2vec/wide/hot_rows.py): the rows every rank draws in nearly every step can be
+replicated on every rank instead; ``rows_for`` reads them from the replica and ``reduce_grad`` all-reduces
+their gradient, and the tail goes through the exchange above.
 
 Bytes per rank per step: ≈ n·(8 + 2·4·d)·(W−1)/W sent and as many received, n the distinct ids of
 the rank's batch (≤ B·(P+K)): flat in W, as the table memory per rank shrinks as 1/W.
