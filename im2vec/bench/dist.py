@@ -211,6 +211,7 @@ def run_world(case: dict) -> dict:
         "step_ms": sum(step_ms) / w, "step_ms_max": max(step_ms),
         "table_bytes": mean("table_bytes"), "table_bytes_max": max(r["table_bytes"] for r in ranks),
         "hot_bytes": mean("hot_bytes"), "predicted_bytes": predicted, "seconds": seconds,
+        "peak_rss_max": max(r["peak_rss_bytes"] or 0 for r in ranks),  # host memory of the largest rank, training
     }
     out["head_ms"] = out["step_ms"] - out["trunk_ms"]  # the step without the trunk's (modelled) time
     # the exchange the trunk's thread waits for: serial all of it; overlapped, only its wait for the worker's rows
@@ -290,6 +291,10 @@ def table(results: list[dict], projected: list[dict], goal_rows: list[dict], inf
     for r in row_step:  # lazy_adam: its per-row int32 step counts are in table+state, not in the prediction
         mb = sum(k["state_bytes"]["row_step"] for k in r["ranks"]) / r["W"] / MB
         lines.append(f"W={r['W']}: lazy_adam's int32 row steps, {mb:,.2f} MB/rank, are in table+state (not predicted)")
+    rss = [f"{r['arm']} W={r['W']} {r['peak_rss_max'] / MB:,.0f} MB" for r in results if r.get("peak_rss_max")]
+    if rss:
+        lines.append("host memory per rank while training (peak RSS, largest rank; table + state is part of it): "
+                     + "; ".join(rss))
     lines += [""]
     for g in goal_rows:
         if g["ratio"] is None:
