@@ -155,7 +155,7 @@ def _tag_head_steps(head, opt, sched, batches, backward=lambda x: x.backward()) 
     return {"loss": torch.stack(losses), "u_grad": torch.cat(grads)}
 
 
-def empty_rank_steps(rank: int, world: int, port: int, out: str, hot_rows: int = 0) -> None:
+def empty_rank_steps(rank: int, world: int, port: int, out: str, hot_rows: int = 0, overlap: bool = False) -> None:
     """Rank 1's batches hold no image (data.decode=gpu, every JPEG failed): TagHead steps on every rank (``hot_rows``
     of them replicated); rank 0 saves its losses, u's gradients and the assembled table and moments. Then, with a
     ShardedTagTable alone, rank 1's batches cut to 2 images: each rank's loss weighted by ``share``."""
@@ -164,16 +164,17 @@ def empty_rank_steps(rank: int, world: int, port: int, out: str, hot_rows: int =
     init(rank, world, port)
     counts, full, steps = problem(world)
     s = SamplerConfig(num_negatives=K, num_positives=P)
-    head = TagHead(counts, D, s, 0.01, seed=3, hot_rows=hot_rows)
+    head = TagHead(counts, D, s, 0.01, seed=3, hot_rows=hot_rows, overlap=overlap)
     head.table.weight.data.copy_(full)
     head.shard(rank, world, timeout_s=30)
     opt = make_table_optimizer("sparse_adam", [head.table.weight], 0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    head.start(opt, torch.device("cpu"))  # (overlapped: the optimizer's step is the worker's)
     batches = [(u[:0], tags[:0]) if rank == 1 else (u, tags) for u, tags, _ in (x[rank] for x in steps)]  # rank 1 empty
     state = opt.state[head.table.weight]
     result = _tag_head_steps(head, opt, sched, batches)
     result["hot_rows"] = 0 if head.table.hot is None else head.table.hot.size
-    head.drain()  # the replicated rows back into their owners' shards
+    head.end(opt)  # drained: the queued updates applied, the replicated rows back into their owners' shards
     result = {**result, "weight": head.table.assemble(),
               **{k: assemble_rows(state[k], V, rank, world, head.group) for k in ("exp_avg", "exp_avg_sq")}}
 

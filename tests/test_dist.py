@@ -40,14 +40,15 @@ def test_w_rank_steps_equal_one_big_batch(world, hot, tmp_path):
         assert 0 < int(moved.sum()) < w.V, "the steps touch some rows, not all"
 
 
-@pytest.mark.parametrize("hot_rows", [0, 60])
-def test_an_empty_rank_neither_hangs_nor_crashes_and_adds_nothing(tmp_path, hot_rows):
+@pytest.mark.parametrize("hot_rows,overlap", [(0, False), (60, False), (60, True)])
+def test_an_empty_rank_neither_hangs_nor_crashes_and_adds_nothing(tmp_path, hot_rows, overlap):
     """Rank 1 of 2 has no image (a batch whose every JPEG failed): both ranks step (a hang ends at the groups'
     30-60 s timeouts, a crash fails the spawn). The step is then one process's step on rank 0's batch alone: its
     loss, the table and Adam's moments; u's gradient is that one's × W, which DDP's average divides back. With
-    uneven batches (5 and 2 images) the table's step is one process's on the 7 concatenated."""
+    uneven batches (5 and 2 images) the table's step is one process's on the 7 concatenated. Also with hot rows
+    replicated on both ranks, and with the step overlapped (the exchange on the worker thread): one process's."""
     out = tmp_path / "empty.pt"
-    spawn(w.empty_rank_steps, 2, str(out), hot_rows)
+    spawn(w.empty_rank_steps, 2, str(out), hot_rows, overlap)
     got, want = torch.load(out), w.empty_rank_reference(2)
     assert got["hot_rows"] == hot_rows  # (TagHead: the 60 rows most drawn, replicated from the first step)
     assert torch.isfinite(got["loss"]).all() and torch.equal(got["loss"], want["loss"])
