@@ -1,0 +1,178 @@
+"""Each uploader's own habits, measured: λ (and μ) of the per-user term chosen on validation, test figures with
+and without it (im2vec/eval/user_prior.py has the score and the counts).
+
+    python -m im2vec.bench.user_prior /work/runs/final/*/recipe/seed*/checkpoints/last.ckpt --out runs/user_prior
+    python -m im2vec.bench.user_prior --table runs/user_prior/results.jsonl
+
+For each checkpoint: the per-user counts of its own training shards (``OUT/<label>/<seed>/user_prior.pt``), its
+validation and test images embedded once, then on validation every (λ, μ) of the grid scored (precision@5 per
+image, a bootstrap over uploaders as γ's: im2vec/eval/intervals.py), the best taken (ties: the smaller λ), and
+the test split ranked exactly (im2vec/eval/ranking.py) at λ = 0 and at the chosen (λ, μ). ``auto`` keeps the
+chosen λ only where the paired 90 % interval of its validation gain over λ = 0 lies above 0, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+MUS = (10.0, 100.0, 1000.0)
+METRICS = ("precision@1", "precision@5", "map")
+
+
+def label_of(ckpt: str) -> tuple[str, str]:
+    """(collection label, seed) from a run's path: …/<label>[/recipe]/seedN/checkpoints/last.ckpt."""
+    parts = Path(ckpt).parts
+    i = max((j for j, p in enumerate(parts) if re.fullmatch(r"seed\d+", p)), default=None)
+    if i is None:
+        return Path(ckpt).parent.parent.name, "seed?"
+    j = i - 1
+    while j > 0 and parts[j] in ("recipe", "runs"):
+        j -= 1
+    return parts[j], parts[i]
+
+
+def split_shards(data: dict) -> tuple[list[str], list[str]]:
+    """(validation, test) shards a checkpoint's recorded data settings name."""
+    from im2vec.data.shards import expand_shards
+    from im2vec.errors import make
+
+    if data.get("val_shards"):
+        return expand_shards(data["val_shards"]), expand_shards(data.get("test_shards") or [])
+    dm = make({**data, "_target_": str(data["_target_"]).replace("im2vec.datamodule.", "im2vec.data.datamodule.")})
+    return dm.val_shards, dm.test_shards
+
+
+def per_image_p5(scores: torch.Tensor, obs: torch.Tensor, k: int = 5) -> torch.Tensor:
+    from im2vec.eval.metrics import precision_per_image
+    from im2vec.eval.scoring import topk_by_index
+
+    return precision_per_image(topk_by_index(scores, k)[1], obs, k)
+
+
+def grid_p5(data: dict, model, prior, lambdas, mus) -> tuple[list[tuple[float, float]], torch.Tensor]:
+    """([(λ, μ)], (N, G) per-image precision@5) of every setting of the grid on one split's images."""
+    from im2vec.eval.user_prior import user_scores
+
+    plain = user_scores(data["u"][0], model.table, model.log_counts, model.gamma)
+    settings, cols = [], []
+    for mu in mus:
+        b, row = prior.terms(data["users"], mu)
+        for lam in lambdas:
+            settings.append((lam, mu))
+            cols.append(per_image_p5(plain if lam == 0 else plain + lam * b[row], data["obs"]))
+    return settings, torch.stack(cols, 1)
+
+
+def exact(data: dict, model, prior, lam: float, mu: float) -> dict[str, float]:
+    from im2vec.eval.ranking import KS, tagging_metrics
+    from im2vec.eval.user_prior import rank_with_users
+
+    r = rank_with_users(data["u"][0], model.table, model.log_counts, model.gamma, [data["obs"]], data["users"],
+                        prior, lam, mu, kmax=max(KS))
+    m = tagging_metrics(r, 0, KS, None, model.table.shape[0])
+    return {k: m[k] for k in METRICS}
+
+
+def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | None = None, batch_size: int = 256,
+            num_workers: int = 1, log=print, label: str | None = None) -> dict:
+    """One checkpoint: the prior built (or read) under ``out``, λ and μ chosen on validation, test with and without."""
+    from im2vec.eval.heldout import embed_shards
+    from im2vec.eval.intervals import bootstrap_means, choose, interval
+    from im2vec.eval.user_prior import UserPrior, build_for_checkpoint
+    from im2vec.train.checkpoint import load_model
+
+    t0 = time.time()
+    label, seed = label or label_of(ckpt)[0], label_of(ckpt)[1]
+    model = load_model(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "user_prior.pt"
+    prior = UserPrior.load(path) if path.is_file() else build_for_checkpoint(ckpt, out=path)[0]
+    val_shards, test_shards = split_shards(model.data)
+    size = model.image_size or model.data["image_size"]
+    val, test = (embed_shards([model], s, size, batch_size, num_workers, max_images) for s in (val_shards, test_shards))
+    settings, cols = grid_p5(val, model, prior, lambdas, mus)
+    point = torch.nanmean(cols, 0)
+    boot = bootstrap_means(cols, val["users"], val["keys"])
+    best, _ = choose([lam for lam, _ in settings], point, boot, "best")
+    lam, mu = settings[best]
+    lo, hi = interval(boot[:, best : best + 1] - boot[:, :1])  # the chosen against λ = 0 (the first column)
+    auto = lam if float(lo) > 0 else 0.0
+    known = lambda d: sum(prior.row(u) is not None for u in d["users"]) / max(1, len(d["users"]))  # noqa: E731
+    test_settings, test_cols = grid_p5(test, model, prior, lambdas, mus)
+    res = {"ckpt": str(ckpt), "label": label, "seed": seed, "gamma": model.gamma, "lam": lam, "mu": mu, "auto_lam": auto,
+           "val_gain": float(point[best] - point[0]), "val_gain_lo": float(lo), "val_gain_hi": float(hi),
+           "val_images": len(val["keys"]), "test_images": len(test["keys"]), "val_known": known(val),
+           "test_known": known(test), "prior_users": len(prior.users),
+           "val_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(settings, point)},
+           "test_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(test_settings, torch.nanmean(test_cols, 0))},
+           "without": exact(test, model, prior, 0.0, mu), "with": exact(test, model, prior, lam, mu),
+           "auto": exact(test, model, prior, auto, mu), "seconds": round(time.time() - t0, 1)}
+    prior.lam, prior.mu = auto, mu  # the file records what the auto rule chose on validation
+    prior.save(path)
+    log(f"{label} {seed}: λ {lam:g} μ {mu:g} (auto λ {auto:g}; validation gain {res['val_gain']:+.4f}, 90 % "
+        f"{float(lo):+.4f} … {float(hi):+.4f}); test P@5 {res['without']['precision@5']:.4f} → "
+        f"{res['with']['precision@5']:.4f}; known uploaders: validation {res['val_known']:.0%}, test "
+        f"{res['test_known']:.0%} ({res['seconds']} s)")
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: mean ± sd over seeds per label, test figures without and with the term."""
+    def ms(xs):
+        return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["label"], []).append(r)
+    lines = ["| data | seeds | test uploaders seen in training | λ, μ chosen (validation) | auto λ | P@1 without | "
+             "P@1 with | P@5 without | P@5 with | mAP without | mAP with | P@5 auto |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label in sorted(by):
+        rs = sorted(by[label], key=lambda r: r["seed"])
+        cells = [label, str(len(rs)), f"{statistics.mean(r['test_known'] for r in rs):.0%}",
+                 ", ".join(f"{r['lam']:g}/{r['mu']:g}" for r in rs), ", ".join(f"{r['auto_lam']:g}" for r in rs)]
+        for m in METRICS:
+            cells += [ms([r["without"][m] for r in rs]), ms([r["with"][m] for r in rs])]
+        cells.append(ms([r["auto"]["precision@5"] for r in rs]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m im2vec.bench.user_prior", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="*", help="trained checkpoints (…/<label>/[recipe/]seedN/checkpoints/*.ckpt)")
+    p.add_argument("--out", default="outputs/user_prior", help="priors and results.jsonl (default: %(default)s)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
+    p.add_argument("--mus", type=float, nargs="+", default=list(MUS))
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--label", default=None, help="the rows' label (default: from each path: <label>/[recipe/]seedN)")
+    p.add_argument("--table", nargs="*", default=None, help="print the table of these results.jsonl files and stop")
+    a = p.parse_args(argv)
+    if a.table is not None:
+        files = a.table or [str(Path(a.out) / "results.jsonl")]
+        print(table([json.loads(line) for f in files for line in Path(f).read_text().splitlines() if line.strip()]))
+        return 0
+    if 0.0 not in a.lambdas:
+        p.error("--lambdas must include 0 (the plain score)")
+    a.lambdas = sorted(a.lambdas)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for ckpt in a.checkpoints:
+        label, seed = a.label or label_of(ckpt)[0], label_of(ckpt)[1]
+        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
