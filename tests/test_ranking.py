@@ -516,3 +516,15 @@ def test_rank_prior_equals_the_full_pass_with_zero_vectors(seed):
     assert torch.equal(fast.top_ids, full.top_ids)
     assert torch.equal(fast.n_gt[0], full.n_gt[0]) and torch.equal(fast.n_ge[0], full.n_ge[0])
     assert tagging_metrics(fast, 0) == pytest.approx(tagging_metrics(full, 0), nan_ok=True)
+
+
+def test_tag_groups_rare_half_and_seen_at_most_ten_times():
+    import math
+
+    from im2vec.eval.ranking import tag_groups
+
+    counts = torch.tensor([1000, 100, 11, 10, 9, 1])
+    g = tag_groups(counts.double().clamp_min(1).log().float())  # as the table's log_counts
+    assert g["le10"].tolist() == [False, False, False, True, True, True]
+    assert g["rare"].tolist() == [False, False, False, True, True, True]  # median count 10 (lower median)
+    assert math.log(10) < float(torch.tensor(10.0).log()) + 1e-6

@@ -22,6 +22,7 @@ from im2vec.eval.ranking import (
     rank_prior,
     rank_tags,
     retrieval_metrics,
+    tag_groups,
     tagging_metrics,
 )
 from im2vec.eval.scoring import topk_tags
@@ -54,13 +55,13 @@ class TrainedModel:
 def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int, batch_size: int, num_workers: int,
                  max_images: int | None, device: str = "cpu", thumb: int = 64, extra_tags: list[str] = ()) -> dict:
     """Every held-out image once: each model's vectors, the observed and clean tag ids (in the first
-    model's vocabulary, followed by ``extra_tags``: unseen tags get ids from V on), keys, small thumbnails
-    for pictures, and the skip counts."""
+    model's vocabulary, followed by ``extra_tags``: unseen tags get ids from V on), keys, uploaders ("" where
+    unknown), small thumbnails for pictures, and the skip counts."""
     vocab = Vocabulary(models[0].tags + list(extra_tags),
                        models[0].log_counts.exp().round().long().tolist() + [1] * len(extra_tags))
     # all of them, here
     loader = eval_loader(shards, vocab, image_size, batch_size, num_workers, max_images, rank=0, world_size=1)
-    us, obs, clean, keys, thumbs = [[] for _ in models], [], [], [], []
+    us, obs, clean, keys, users, thumbs = [[] for _ in models], [], [], [], [], []
     skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
     for m in models:
         m.encoder.to(device)
@@ -71,6 +72,7 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
         obs.append(batch["tags"])
         clean.append(batch["clean"])
         keys += batch["keys"]
+        users += batch.get("users") or [""] * len(batch["keys"])
         thumbs.append(torch.nn.functional.interpolate(batch["image"].float(), size=(thumb, thumb), mode="area")
                       .round().to(torch.uint8))
         skipped += batch["skipped"]
@@ -80,7 +82,8 @@ def embed_shards(models: list[TrainedModel], shards: list[str], image_size: int,
                        "check that the shards are readable and belong to the checkpoint's vocabulary")
     keep = first_by_key(keys, max_images)  # the max_images smallest key hashes: the same for any loader settings
     return {"u": [torch.cat(u)[keep] for u in us], "obs": _cat_padded(obs)[keep], "clean": _cat_padded(clean)[keep],
-            "keys": [keys[i] for i in keep.tolist()], "thumbs": torch.cat(thumbs)[keep], "skipped": int(skipped.sum()),
+            "keys": [keys[i] for i in keep.tolist()], "users": [users[i] for i in keep.tolist()],
+            "thumbs": torch.cat(thumbs)[keep], "skipped": int(skipped.sum()),
             "skipped_by": skipped, "read": len(keys)}
 
 
@@ -103,7 +106,7 @@ def score_model(u: Tensor | None, table: Tensor, log_counts: Tensor, gamma: floa
     Per-tag metrics are also given over the rarer half of the vocabulary (``tag_precision@5/rare``:
     the tags whose training count is at most the median count). The passes over the tags and the
     retrieval rankings run on ``device`` (default: the CPU), the table going there in chunks of rows."""
-    rare = {"rare": log_counts <= log_counts.median()}
+    rare = tag_groups(log_counts)
     truths = [obs] + ([clean] if clean is not None else [])
     if u is None:
         r = rank_prior(log_counts, truths, kmax=max(KS))

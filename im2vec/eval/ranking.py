@@ -23,6 +23,7 @@ image: it does not change the order): AP (pessimistic ties) and expected precisi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +189,12 @@ def _count_above(s: Tensor, thr: Tensor, order: Tensor) -> Tensor:
     hist = torch.bincount((bucket + rows).flatten(), minlength=b * (m + 1))
     above_sorted = hist.view(b, m + 1).flip(1).cumsum(1).flip(1)[:, 1:]  # scores in buckets > j: above thr j
     return torch.empty_like(above_sorted).scatter_(1, order, above_sorted)
+
+
+def tag_groups(log_counts: Tensor) -> dict[str, Tensor]:
+    """The groups of tags the per-tag metrics are also given over: ``rare``, the rarer half of the vocabulary (training
+    count at most the median), and ``le10``, the tags seen at most 10 times in training (YFCC's long tail)."""
+    return {"rare": log_counts <= log_counts.median(), "le10": log_counts <= math.log(10) + 1e-6}
 
 
 def tagging_metrics(r: TagRanks, which: int = 0, ks: tuple[int, ...] = KS, noise_ids: Tensor | None = None,

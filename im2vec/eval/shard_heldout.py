@@ -24,7 +24,7 @@ from torch import Tensor
 
 from im2vec.errors import UserError
 from im2vec.eval.metrics import noise_share, precision_at_k
-from im2vec.eval.ranking import KS, TagRanks, rank_prior, rank_tags, retrieval_metrics, tagging_metrics
+from im2vec.eval.ranking import KS, TagRanks, rank_prior, rank_tags, retrieval_metrics, tag_groups, tagging_metrics
 from im2vec.eval.shard_scoring import merge_to_rank0, own_ids, shard_topk
 from im2vec.tags import PAD
 
@@ -115,7 +115,7 @@ def shard_score_model(u: Tensor, rows: Tensor, log_counts: Tensor, gamma: float,
     tops = merge_to_rank0(*sweep, group, rank, world)
     if rank != 0:
         return None
-    v, rare = log_counts.shape[0], {"rare": log_counts <= log_counts.median()}
+    v, rare = log_counts.shape[0], tag_groups(log_counts)
     m = {}
     for prefix, ranks, uu in (("", r, u), ("prior/", rank_prior(log_counts, truths, kmax=max(KS)), None)):
         m.update(tagging_metrics(ranks, 0, KS, noise_ids, v, prefix=f"{prefix}tagging/", groups=rare))
