@@ -150,3 +150,51 @@ def test_the_benchmark_on_unseen_uploaders_falls_back_to_the_plain_figures(tiny_
     assert res["with"] == res["without"]
     assert res["without"]["precision@5"] == pytest.approx(tiny_run.metrics["test/tagging/precision@5"], abs=1e-9)
     assert f"| {res['label']} | 1 | 0% | 0/10 | 0 |" in table([res])
+
+
+def test_images_without_an_uploader_count_in_the_global_prior_only(tmp_path):
+    import io
+
+    samples = [({"tags": ["a", "b"], "user": "ann"}), ({"tags": ["a", "zz"], "user": ""}), ({"tags": ["b", "b", "c"]}),
+               ({"tags": ["c"], "user": "bob"}), ({"tags": "not a list", "user": "bob"}), ({"tags": ["a"], "user": "ann"})]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, meta in enumerate(samples):
+            raw = json.dumps(meta).encode()
+            info = tarfile.TarInfo(f"k{i}.json")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    p = UserPrior.build([str(shard)], ["a", "b", "c"], max_tags_per_user=1)
+    assert p.global_counts.tolist() == [3, 2, 2]  # a tag once an image; images of no uploader counted here only
+    assert p.users == ["ann", "bob"] and p.totals.tolist() == [3, 1]
+    assert p.row("ann")[0].tolist() == [0] and p.row("ann")[1].tolist() == [2]  # its most frequent tag, a (2)
+    assert torch.equal(p.term(""), torch.zeros(3))
+
+
+def test_tagger_and_predict_take_the_uploader(tiny_run, shards_tags, tmp_path):
+    from im2vec.use.predict import Tagger
+    from im2vec.use.predict import main as predict
+
+    UserPrior.build(*shards_tags).save(tmp_path / "prior.pt")
+    tagger = Tagger.from_checkpoint(tiny_run.ckpt)
+    u = tagger.embed(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    plain = tagger.tag_vectors(u, k=5)
+    with pytest.raises(Exception, match="user prior"):
+        tagger.tag_vectors(u, k=5, user="x")
+    tagger.use_user_prior(tmp_path / "prior.pt", lam=3.0)
+    known = tagger.user_prior.users[0]
+    assert tagger.tag_vectors(u, k=5, user="stranger") == plain  # b = 0: the plain scores, bit for bit
+    dense = user_scores(u, tagger.table, tagger.log_counts, tagger.gamma, [known] * 4, tagger.user_prior, lam=3.0)
+    got = tagger.tag_vectors(u, k=5, user=known)
+    assert [[tagger.tags.index(t) for t, _ in row] for row in got] == torch.topk(dense, 5).indices.tolist()
+    tagger.use_user_prior(tmp_path / "prior.pt", lam=0.0)
+    assert tagger.tag_vectors(u, k=5, user=known) == plain
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, jpg in enumerate(tiny_run.jpegs[:3]):
+        (folder / f"{i}.jpg").write_bytes(jpg)
+    args = ["tag", str(tiny_run.ckpt), str(folder), "--user-prior", str(tmp_path / "prior.pt")]
+    assert predict([*args, "--out", str(tmp_path / "a.jsonl"), "--user", known, "--user-lambda", "3"]) == 0
+    assert predict([*args, "--out", str(tmp_path / "b.jsonl")]) == 0
+    a, b = (tmp_path / "a.jsonl").read_text().splitlines(), (tmp_path / "b.jsonl").read_text().splitlines()
+    assert len(a) == len(b) == 3 and a != b  # λ = 3 on a known uploader moves the lists

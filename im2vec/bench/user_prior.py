@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
-MUS = (10.0, 100.0, 1000.0)
+LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+MUS = (1.0, 10.0, 100.0, 1000.0)
 METRICS = ("precision@1", "precision@5", "map")
 
 

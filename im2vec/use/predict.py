@@ -3,6 +3,7 @@
 The Python API is ``Tagger``; the command line is
 
     python -m im2vec.use.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G] [--vocabulary tags.txt]
+                                       [--user NAME [--user-prior user_prior.pt]]
     python -m im2vec.use.predict index  CKPT FOLDER --out index.pt
     python -m im2vec.use.predict search CKPT index.pt TAG [--k 10]
 
@@ -86,6 +87,7 @@ class Tagger:
         self.rows = model.index  # tag -> row; built once (TrainedModel.index builds a new dict per call)
         self.tag_map = model.tag_map  # model.tag_vectors: A, for tags outside the vocabulary (vocabulary=)
         self._vocabulary: tuple | None = None  # the last extended vocabulary's vectors, reused
+        self.user_prior, self.user_lam = None, 0.0  # use_user_prior: each uploader's own habits
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -138,21 +140,39 @@ class Tagger:
 
     # ---- vectors -> tags, tag -> tags, tag -> images
     def tag(self, images: ImageInput, k: int = 5, gamma: float | None = None, batch_size: int = 64,
-            vocabulary: Sequence[str] | None = None, word_vectors: str | None = None) -> list[list[tuple[str, float]]]:
-        """The k best tags of every image, by s(t|x) = v_t·u + γ·log count(t), best first.
+            vocabulary: Sequence[str] | None = None, word_vectors: str | None = None,
+            user: str | None = None) -> list[list[tuple[str, float]]]:
+        """The k best tags of every image, by s(t|x) = v_t·u + γ·log count(t), best first; ``user`` (the images'
+        uploader) adds λ·b(user, t) of the prior ``use_user_prior`` loaded (im2vec/eval/user_prior.py).
 
         ``vocabulary``: rank these tags instead of the checkpoint's (see ``vocabulary_vectors``): tags it was
         trained on, and, for a checkpoint trained with model.tag_vectors, any word of a word-vector file
         (``word_vectors``, default: the file it was trained with) — tags never seen with an image."""
-        return self.tag_vectors(self.embed(images, batch_size), k, gamma, vocabulary, word_vectors)
+        return self.tag_vectors(self.embed(images, batch_size), k, gamma, vocabulary, word_vectors, user)
+
+    def use_user_prior(self, path: str | os.PathLike | None = None, lam: float | None = None) -> None:
+        """Load a per-uploader prior (default: user_prior.pt beside the checkpoint) with its λ (default: the one
+        ``python -m im2vec.bench.user_prior`` chose on validation and recorded; 0 where it did not help)."""
+        from im2vec.eval.user_prior import UserPrior
+
+        path = path or Path(self.path).with_name("user_prior.pt")
+        prior = UserPrior.load(path)
+        if prior.fingerprint and prior.fingerprint != self.fingerprint or prior.num_tags != len(self.tags):
+            raise BadValue(f"user prior: {path} was counted in another vocabulary", "build it for this checkpoint")
+        self.user_prior, self.user_lam = prior, float(prior.lam or 0.0) if lam is None else float(lam)
 
     def tag_vectors(self, u: Tensor, k: int = 5, gamma: float | None = None, vocabulary: Sequence[str] | None = None,
-                    word_vectors: str | None = None) -> list[list[tuple[str, float]]]:
+                    word_vectors: str | None = None, user: str | None = None) -> list[list[tuple[str, float]]]:
         """``tag`` for image vectors already computed: u (N, d)."""
         g = self.gamma if gamma is None else float(gamma)
         names, table, log_counts = self.tags, self.table, self.log_counts
         if vocabulary is not None:
             names, table, log_counts = self.vocabulary_vectors(vocabulary, word_vectors)
+        prior, lam = self.user_prior, self.user_lam
+        if user is not None and prior is None:
+            raise BadValue("tag: user= needs a user prior", "call use_user_prior() first (predict: --user-prior)")
+        if user is not None and lam != 0 and vocabulary is None:  # b = 0 for an unknown user: the plain scores
+            log_counts, g = g * log_counts + lam * prior.term(user), 1.0  # s = v·u + 1·(γ·log count + λ·b)
         scores, ids = topk_tags(u, table, log_counts, [g], k, self.chunk)[g]  # (N, k) x2
         return [[(names[i], s) for i, s in zip(row_ids, row_scores)]
                 for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
@@ -258,10 +278,13 @@ def run_tag(args: argparse.Namespace) -> None:
             raise NotFound(f"--vocabulary: no file {args.vocabulary}", "give a file with one tag a line")
         vocabulary = Path(args.vocabulary).read_text(encoding="utf-8").splitlines()
         tagger.vocabulary_vectors(vocabulary, args.word_vectors)
+    if args.user is not None:  # every image of the folder by this uploader
+        tagger.use_user_prior(args.user_prior, args.user_lambda)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for names, u in embed_folder(tagger, folder, paths, args.batch_size, skipped):
-            for name, tags in zip(names, tagger.tag_vectors(u, args.k, args.gamma, vocabulary, args.word_vectors)):
+            for name, tags in zip(names, tagger.tag_vectors(u, args.k, args.gamma, vocabulary, args.word_vectors,
+                                                            args.user)):
                 f.write(json.dumps({"image": name, "tags": [[t, s] for t, s in tags]}) + "\n")
             done += len(names)
     print(folder_summary("tag", done, skipped, ignored, out), file=sys.stderr)
@@ -341,6 +364,10 @@ def parser() -> argparse.ArgumentParser:
                    "checkpoint's; tags it never saw need a checkpoint trained with model.tag_vectors")
     t.add_argument("--word-vectors", default=None, help="where --vocabulary's new tags' vectors are (default: "
                    "the file the checkpoint was trained with)")
+    t.add_argument("--user", default=None, help="the images' uploader: add λ·b(user, t), their own tag habits")
+    t.add_argument("--user-prior", default=None, help="python -m im2vec.eval.user_prior build's file (default: "
+                   "user_prior.pt beside the checkpoint)")
+    t.add_argument("--user-lambda", type=float, default=None, help="λ (default: the file's, chosen on validation)")
     i = command("index", run_index, "embed every image under a folder into an index file for search")
     i.add_argument("folder")
     i.add_argument("--out", required=True, help="the index file to write (e.g. index.pt)")
