@@ -83,8 +83,9 @@ def exact(data: dict, model, prior, lam: float, mu: float) -> dict[str, float]:
 
 
 def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | None = None, batch_size: int = 256,
-            num_workers: int = 1, log=print, label: str | None = None) -> dict:
-    """One checkpoint: the prior built (or read) under ``out``, λ and μ chosen on validation, test with and without."""
+            num_workers: int = 1, log=print, label: str | None = None, beside: bool = False) -> dict:
+    """One checkpoint: the prior built (or read) under ``out`` (``beside``: user_prior.pt beside the checkpoint, where
+    Tagger and predict look for it), λ and μ chosen on validation and recorded in it, test with and without."""
     from im2vec.eval.heldout import embed_shards
     from im2vec.eval.intervals import bootstrap_means, choose, interval
     from im2vec.eval.user_prior import UserPrior, build_for_checkpoint
@@ -94,7 +95,7 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
     label, seed = label or label_of(ckpt)[0], label_of(ckpt)[1]
     model = load_model(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "user_prior.pt"
+    path = Path(ckpt).with_name("user_prior.pt") if beside else out / "user_prior.pt"
     prior = UserPrior.load(path) if path.is_file() else build_for_checkpoint(ckpt, out=path)[0]
     val_shards, test_shards = split_shards(model.data)
     size = model.image_size or model.data["image_size"]
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
     p.add_argument("--mus", type=float, nargs="+", default=list(MUS))
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--beside", action="store_true", help="read / write user_prior.pt beside each checkpoint (where "
+                   "predict --user finds it) instead of under --out")
     p.add_argument("--label", default=None, help="the rows' label (default: from each path: <label>/[recipe/]seedN)")
     p.add_argument("--table", nargs="*", default=None, help="print the table of these results.jsonl files and stop")
     a = p.parse_args(argv)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for ckpt in a.checkpoints:
         label, seed = a.label or label_of(ckpt)[0], label_of(ckpt)[1]
-        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label)
+        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label, beside=a.beside)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(res) + "\n")
     return 0
