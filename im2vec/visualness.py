@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from im2vec.errors import UserError, one_line
-from im2vec.use.visualness import ALPHA, MIN_IMAGES, RESAMPLES, from_checkpoint
+from im2vec.use.visualness import ALPHA, BY, MIN_IMAGES, RESAMPLES, from_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="visual when the lower bound of AP_model − AP_prior is above it (default: %(default)s)")
     p.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=ALPHA, help="the lower bound's quantile (default: %(default)s)")
+    p.add_argument("--by", choices=BY, default="images", help="what the bootstrap resamples: single images, or "
+                   "uploaders with all their images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truth", default=None, help="a file of the tags that describe the picture, one a line: prints "
                    "precision and recall of 'visual' against it (default: the data's own, where it knows them)")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--min-images and --resamples must be ≥ 1, --alpha in (0, 1)")
     try:
         from_checkpoint(a.checkpoint, a.shards, a.out, a.min_images, a.threshold, a.resamples, a.alpha, a.seed,
-                        a.truth, a.max_images, a.batch_size, a.num_workers, a.device)
+                        a.truth, a.max_images, a.batch_size, a.num_workers, a.device, a.by)
     except UserError as e:
         print(f"im2vec.visualness: {one_line(e)}", file=sys.stderr)
         return 2

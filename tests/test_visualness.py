@@ -2,7 +2,9 @@
 the bootstrap on resampled images, a planted visual and a planted random tag, and the TSV of a trained run."""
 
 import itertools
+import json
 import math
+import tarfile
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from im2vec.use.visualness import (
     TagRow,
     average_precision,
     bootstrap_counts,
+    group_ids,
     prior_average_precision,
     read_tsv,
     resampled_average_precision,
@@ -81,6 +84,24 @@ def test_resampled_ap_equals_ap_of_the_expanded_resample():
         assert float(boot[i]) == pytest.approx(want, abs=1e-12, nan_ok=True)
 
 
+def test_uploader_bootstrap_draws_whole_uploaders():
+    users = ["b", "a", "", "b", "c", "a", ""]
+    groups = group_ids(users, [f"k{i}" for i in range(7)])
+    assert groups.tolist() == [3, 2, 0, 3, 4, 2, 1]  # sorted names; an image without an uploader alone
+    counts = bootstrap_counts(7, resamples=50, seed=0, groups=groups)
+    for i, j in ((0, 3), (1, 5)):  # one uploader's images are drawn together
+        assert torch.equal(counts[:, i], counts[:, j])
+    assert counts.sum(1).ne(7).any()  # the resample's size varies
+    # the resampled AP and the prior's still match the expanded resample
+    g = torch.Generator().manual_seed(3)
+    scores, rel = torch.randn(7, generator=g), torch.tensor([1, 0, 1, 0, 0, 1, 0]).bool()
+    boot = resampled_average_precision(scores, rel, counts)
+    for i in range(10):
+        idx = torch.repeat_interleave(torch.arange(7), counts[i].long())
+        want = _brute_ap(scores[idx], rel[idx]) if rel[idx].any() else math.nan
+        assert float(boot[i]) == pytest.approx(want, abs=1e-12, nan_ok=True)
+
+
 def _planted(n: int = 300, seed: int = 0):
     """Tag 0 (`visual`): its images score far above the others. Tag 1 (`random`): images drawn at random,
     scores independent of them. Tag 2 (`rare`): 3 images. Tag 3 (`absent`): none."""
@@ -110,6 +131,10 @@ def test_planted_visual_and_random_tags():
     n0 = int((obs == 0).any(1).sum())
     assert by["visual"].n_heldout == n0 and by["visual"].n_train == 100
     assert by["visual"].ap_prior == pytest.approx(float(prior_average_precision(n0, 300)))
+    # uploaders of 10 images each, resampled whole: the same verdicts
+    groups = torch.arange(300) // 10
+    rows_u = visualness(u, table, obs, tags, n_train, min_images=5, resamples=100, seed=0, groups=groups)
+    assert [(r.tag, r.visual) for r in rows_u] == [(r.tag, r.visual) for r in rows]
     # a threshold above the visual tag's bound: nothing is visual
     rows = visualness(u, table, obs, tags, n_train, threshold=0.99, resamples=50)
     assert not any(r.visual for r in rows)
@@ -128,12 +153,18 @@ def test_tool_on_a_trained_run_accounts_for_every_tag(tiny_run, tmp_path, capsys
     from im2vec.visualness import main
 
     out = tmp_path / "visual_tags.tsv"
-    assert main([str(tiny_run.ckpt), "--out", str(out), "--min-images", "3", "--resamples", "30",
+    assert main([str(tiny_run.ckpt), "--out", str(out), "--min-images", "3", "--resamples", "30", "--by", "uploaders",
                  "--threshold", "0.01", "--num-workers", "0"]) == 0
     printed = capsys.readouterr().out
     text = out.read_text(encoding="utf-8").splitlines()
     header = [ln for ln in text if ln.startswith("#")]
     assert header and "threshold 0.01" in "\n".join(header) and str(tiny_run.ckpt) in header[0]
+    users = set()  # the held-out images' uploaders, as the json files name them
+    for shard in tiny_run.datamodule.test_shards:
+        with tarfile.open(shard) as tar:
+            users |= {json.load(tar.extractfile(m)).get("user", "") for m in tar.getmembers()
+                      if m.name.endswith(".json")}
+    assert len(users) > 1 and f"resamples of the uploaders (seed 0, {len(users)} uploaders)" in header[1]
     assert text[len(header)].split("\t") == list(COLUMNS)
     rows = read_tsv(out)
     tags = load_model(tiny_run.ckpt).tags
@@ -163,3 +194,32 @@ def test_tool_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
 
     assert main([str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "v.tsv")]) == 2
     assert capsys.readouterr().err.startswith("im2vec.visualness:")
+
+
+def test_evaluate_prints_the_share_of_visual_tags_in_the_top_5(tiny_run, cache_dir, tmp_path):
+    from conftest import ROOT
+    from hydra import compose, initialize_config_dir
+
+    from im2vec.errors import BadValue
+    from im2vec.train.checkpoint import load_model
+    from im2vec.use.evaluate import evaluate
+    from im2vec.use.visualness import write_tsv
+
+    tags = load_model(tiny_run.ckpt).tags
+
+    def run(rows, name):
+        path = write_tsv(rows, tmp_path / f"{name}.tsv", ["test"])
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"paths.cache_dir={cache_dir}", f"paths.output_dir={tmp_path / name}",
+                                                 "num_workers=0", "grid_images=2", "query_pictures=1", "max_images=24",
+                                                 f"ckpt_path={tiny_run.ckpt}", f"visual_tags={path}"])
+        return evaluate(cfg)
+
+    m = run([TagRow(t, 5, 5, visual=True) for t in tags], "all")  # every tag visual: the whole top 5 is
+    assert m["tagging/visual_share@5"] == 1.0 and m["prior/tagging/visual_share@5"] == 1.0
+    assert m["info/visual_tags"] == len(tags)
+    m = run([TagRow(t, 5, 5, visual=i == 0) for i, t in enumerate(tags)], "one")  # one tag: at most 1 of 5
+    assert 0.0 <= m["tagging/visual_share@5"] <= 0.2 and m["info/visual_tags"] == 1
+    assert m["prior/tagging/visual_share@5"] == pytest.approx(0.2)  # row 0, the most frequent tag: in the prior's 5
+    with pytest.raises(BadValue, match="no tag of"):
+        run([TagRow("not-a-tag", 5, 5, visual=True)], "none")

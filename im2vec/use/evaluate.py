@@ -30,6 +30,7 @@ from im2vec.eval.heldout import (
     noise_ids_for,
     score_model,
 )
+from im2vec.eval.metrics import noise_share
 from im2vec.eval.ranking import (
     KS,
 )
@@ -37,6 +38,7 @@ from im2vec.eval.validation import labelled_tile
 from im2vec.eval.zeroshot import split_truths, unseen_figures
 from im2vec.tags import PAD
 from im2vec.train.checkpoint import load_model
+from im2vec.use.visualness import read_tsv
 from im2vec.wide.wordvec import read_vectors
 
 
@@ -107,6 +109,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         bm, _ = score_model(data["u"][1], b.table, b.log_counts, b.gamma if cfg.gamma is None else gamma,
                             data["obs"], clean, noise_ids, queries, "baseline/", cfg.device)
         metrics.update(bm)
+    if cfg.get("visual_tags"):  # python -m im2vec.visualness's file: the share of its visual tags in the top 5
+        visual = visual_ids(cfg.visual_tags, model.index)
+        metrics["tagging/visual_share@5"] = noise_share(top, visual, 5)
+        metrics["prior/tagging/visual_share@5"] = noise_share(prior_top, visual, 5)
+        metrics["info/visual_tags"] = float(len(visual))
     gammas = sorted(set(cfg.gammas) | {gamma})
     metrics.update(gamma_sweep(data["u"][0], model.table, model.log_counts, gammas, data["obs"], clean, noise_ids,
                                device=cfg.device))
@@ -132,6 +139,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if unseen:
         print(zero_shot_table(metrics, unseen))
     return metrics
+
+
+def visual_ids(path: str, index: dict[str, int]) -> Tensor:
+    """The vocabulary ids of the tags marked visual (1) in a file of ``python -m im2vec.visualness``."""
+    if not Path(path).is_file():
+        raise NotFound(f"evaluate: visual_tags file not found: {path}", "write it with python -m im2vec.visualness")
+    ids = [index[r["tag"]] for r in read_tsv(path) if r.get("visual") == "1" and r["tag"] in index]
+    if not ids:
+        raise BadValue(f"evaluate: no tag of {path} is both visual and in the checkpoint's vocabulary",
+                       "give the file written for this checkpoint (or its vocabulary)")
+    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 def unseen_tags(cfg: DictConfig, model: TrainedModel, datamodule) -> tuple[list[str], Tensor | None, Tensor | None]:
@@ -184,7 +202,8 @@ def table(m: dict, has_clean: bool, has_baseline: bool, gamma: float) -> str:
     cols = [("model", ""), ("prior", "prior/")] + ([("baseline", "baseline/")] if has_baseline else [])
     lines = [f"held-out evaluation: {int(m['info/images'])} images, {int(m['info/tags'])} tags, "
              f"tagging score γ={gamma:g} ({m['info/seconds']:.1f} s, scoring {m['info/scoring_seconds']:.1f} s)"]
-    sections = [("tagging (observed tags)", "tagging/", ROWS + ["noise_share@5"])]
+    sections = [("tagging (observed tags)", "tagging/", ROWS + ["noise_share@5"] +
+                 (["visual_share@5"] if "tagging/visual_share@5" in m else []))]
     if has_clean:
         sections.append(("tagging (clean tags)", "tagging/clean/", ROWS))
     sections.append(("retrieval (observed tags)", "retrieval/", ["map", "precision@10", "queries"]))

@@ -16,9 +16,10 @@ all-equal scores, which takes the precision at the end of the tie group) by up t
 The bound: the held-out images are resampled with replacement (``resamples`` times, the same draws for every
 tag, model and prior paired on each draw; a duplicated image is a tie of equal labels and its copies take
 consecutive ranks) and ``lower`` is the ``alpha`` quantile of AP_model − AP_prior over the draws (draws
-without an image of the tag are left out). A tag is visual when ``lower > threshold``. The draws are over
-images, not uploaders: images of one uploader are not independent, so the bound is optimistic on held-out
-sets of few uploaders.
+without an image of the tag are left out). A tag is visual when ``lower > threshold``. By default the draws
+are over images; images of one uploader are not independent (one person's tags and subjects repeat), so
+``by="uploaders"`` draws uploaders with all their images instead (a wider, more honest bound on held-out
+sets of few uploaders).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from im2vec.tags import PAD
 RESAMPLES = 200
 ALPHA = 0.05  # the lower bound: the 5 % quantile of the bootstrap differences
 MIN_IMAGES = 5
+BY = ("images", "uploaders")  # what the bootstrap resamples
 COLUMNS = ("tag", "visual", "ap_model", "ap_prior", "lift", "lower", "n_heldout", "n_train")
 
 
@@ -71,12 +73,24 @@ def prior_average_precision(p: Tensor | int, n: Tensor | int) -> Tensor:
     return torch.where(p > 0, ap, torch.full_like(ap, math.nan))
 
 
-def bootstrap_counts(n: int, resamples: int = RESAMPLES, seed: int = 0) -> Tensor:
-    """(resamples, n) int: how many times each of n images is drawn in each resample of n draws."""
+def bootstrap_counts(n: int, resamples: int = RESAMPLES, seed: int = 0, groups: Tensor | None = None) -> Tensor:
+    """(resamples, n) float: how many times each of n images is drawn in each resample. Without ``groups``, n
+    images drawn with replacement; with ``groups`` (n,) (e.g. uploader ids 0..G-1), G groups drawn with
+    replacement, each drawn group bringing all its images (the resample's size then varies)."""
     g = torch.Generator().manual_seed(seed)
-    draws = torch.randint(n, (resamples, n), generator=g)
-    return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones(resamples, n,
-                                                                                            dtype=torch.float64))
+    units = n if groups is None else int(groups.max()) + 1
+    draws = torch.randint(units, (resamples, units), generator=g)
+    drawn = torch.zeros(resamples, units, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, units, dtype=torch.float64))
+    return drawn if groups is None else drawn[:, groups]
+
+
+def group_ids(users: list[str], keys: list[str]) -> Tensor:
+    """(N,) uploader ids numbered in the sorted order of their names (an image without one alone, by its key):
+    the same ids whatever the images' order."""
+    names = [u if u else f"\0{k}" for u, k in zip(users, keys)]
+    ids = {name: j for j, name in enumerate(sorted(set(names)))}
+    return torch.tensor([ids[x] for x in names], dtype=torch.long)
 
 
 def resampled_average_precision(scores: Tensor, rel: Tensor, counts: Tensor) -> Tensor:
@@ -113,17 +127,18 @@ def relevance(obs: Tensor, num_tags: int) -> Tensor:
 @torch.no_grad()
 def visualness(u: Tensor, table: Tensor, obs: Tensor, tags: list[str], n_train: list[int],
                min_images: int = MIN_IMAGES, threshold: float = 0.0, resamples: int = RESAMPLES,
-               alpha: float = ALPHA, seed: int = 0) -> list[TagRow]:
+               alpha: float = ALPHA, seed: int = 0, groups: Tensor | None = None) -> list[TagRow]:
     """Every tag of the vocabulary as a TagRow: those with at least ``min_images`` held-out images tested
     (AP of v_t·u over the N held-out images u (N, d) against the prior's, the bootstrap bound, visual when
     lower > threshold) first, by lower bound, best first; then the rest, not tested (visual None), by held-out
-    then training count. ``obs`` (N, L): the held-out images' tag ids, PAD-padded."""
+    then training count. ``obs`` (N, L): the held-out images' tag ids, PAD-padded. ``groups`` (N,): resample
+    these groups (uploaders) with their images instead of single images."""
     u, table = u.float(), table.float()
     n = u.shape[0]
     rel = relevance(obs, len(tags))
     n_held = rel.sum(0)
-    counts = bootstrap_counts(n, resamples, seed)
-    rel_boot = None
+    counts = bootstrap_counts(n, resamples, seed, groups)
+    sizes = counts.sum(1)  # (R,) images in each resample
     tested, untested = [], []
     for t, name in enumerate(tags):
         row = TagRow(name, int(n_held[t]), int(n_train[t]))
@@ -138,7 +153,7 @@ def visualness(u: Tensor, table: Tensor, obs: Tensor, tags: list[str], n_train: 
             continue
         boot_model = resampled_average_precision(s, r, counts)
         rel_boot = counts[:, r].sum(1)  # copies of images with the tag in each resample
-        boot_prior = prior_average_precision(rel_boot, n)
+        boot_prior = prior_average_precision(rel_boot, sizes)
         diff = boot_model - boot_prior
         diff = diff[~diff.isnan()]
         row.lower = float(torch.quantile(diff, alpha)) if diff.numel() else math.nan
@@ -209,13 +224,16 @@ def truth_line(f: dict[str, float], threshold: float) -> str:
 def from_checkpoint(ckpt: str, shards: list[str] | None = None, out: str | Path = "visual_tags.tsv",
                     min_images: int = MIN_IMAGES, threshold: float = 0.0, resamples: int = RESAMPLES,
                     alpha: float = ALPHA, seed: int = 0, truth: str | None = None, max_images: int | None = None,
-                    batch_size: int = 256, num_workers: int = 1, device: str = "cpu", log=print) -> dict:
+                    batch_size: int = 256, num_workers: int = 1, device: str = "cpu", by: str = "images",
+                    log=print) -> dict:
     """The tool's work: ``ckpt`` on held-out ``shards`` (default: the checkpoint's own test split, else its
     validation split, as evaluate.py) -> the TSV at ``out``; returns {rows, summary, truth (figures or None)}.
     ``truth``: a file of the tags that describe the picture (one per line); default: the data's own content
-    tags where it knows them (the built-in corpus)."""
+    tags where it knows them (the built-in corpus). ``by``: resample "images" or "uploaders" (with their images)."""
     import sys
 
+    if by not in BY:
+        raise ValueError(f"by must be one of {BY}, not {by!r}")
     from im2vec.data.shards import expand_shards
     from im2vec.errors import BadValue, NotFound, make
     from im2vec.eval.heldout import check_shared_tags, embed_shards
@@ -244,13 +262,15 @@ def from_checkpoint(ckpt: str, shards: list[str] | None = None, out: str | Path 
     data = embed_shards([model], files, image_size, batch_size, num_workers, max_images, device)
     check_shared_tags(data, len(model.tags), len(files))
     n_train = model.log_counts.exp().round().long().tolist()
+    groups = group_ids(data["users"], data["keys"]) if by == "uploaders" else None
     rows = visualness(data["u"][0], model.table, data["obs"], model.tags, n_train, min_images, threshold,
-                      resamples, alpha, seed)
+                      resamples, alpha, seed, groups)
     n = len(data["keys"])
     header = [f"tag visualness of {ckpt}: held-out retrieval AP of v_t·u against the frequency prior's "
               f"(expected AP under a random order), on {n:,} images of {len(files)} shard(s)",
               f"threshold {threshold:g}: visual = 1 when lower > {threshold:g}; lower = the {alpha:g} quantile of "
-              f"AP_model − AP_prior over {resamples} bootstrap resamples of the images (seed {seed})",
+              f"AP_model − AP_prior over {resamples} bootstrap resamples of the {by} (seed {seed}"
+              + (f", {int(groups.max()) + 1} uploaders)" if groups is not None else ")"),
               f"tags with fewer than {min_images} held-out images: visual = NA (after the tested ones)"]
     write_tsv(rows, out, header)
     text = summary(rows, min_images, threshold)
