@@ -144,7 +144,13 @@ def test_build_from_a_checkpoint_finds_its_own_training_shards(tiny_run, shards_
 def test_the_benchmark_on_unseen_uploaders_falls_back_to_the_plain_figures(tiny_run, tmp_path):
     from im2vec.bench.user_prior import measure, table
 
-    res = measure(str(tiny_run.ckpt), tmp_path / "tiny" / "seed0", lambdas=(0.0, 1.0), mus=(10.0,), log=lambda *a: 0)
+    import shutil
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"  # a copy: the prior is written beside it
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(tiny_run.ckpt, ckpt)
+    res = measure(str(ckpt), tmp_path / "out", lambdas=(0.0, 1.0), mus=(10.0,), log=lambda *a: 0, beside=True)
+    assert UserPrior.load(ckpt.with_name("user_prior.pt")).lam == 0.0  # auto: recorded, off
     assert res["test_known"] == 0 and res["val_known"] == 0  # the corpus holds its uploaders out
     assert res["lam"] == 0.0 and res["auto_lam"] == 0.0  # every λ ties: the smaller wins
     assert res["with"] == res["without"]

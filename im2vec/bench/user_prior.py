@@ -6,7 +6,8 @@ and without it (im2vec/eval/user_prior.py has the score and the counts).
 
 For each checkpoint: the per-user counts of its own training shards (``OUT/<label>/<seed>/user_prior.pt``), its
 validation and test images embedded once, then on validation every (λ, μ) of the grid scored (precision@5 per
-image, a bootstrap over uploaders as γ's: im2vec/eval/intervals.py), the best taken (ties: the smaller λ), and
+image; where the images have clean tags, as the corpus's, clean precision@5 minus the noise share of the top 5, γ's
+criterion there; a bootstrap over uploaders as γ's: im2vec/eval/intervals.py), the best taken (ties: the smaller λ), and
 the test split ranked exactly (im2vec/eval/ranking.py) at λ = 0 and at the chosen (λ, μ). ``auto`` keeps the
 chosen λ only where the paired 90 % interval of its validation gain over λ = 0 lies above 0, else 0.
 """
@@ -40,26 +41,31 @@ def label_of(ckpt: str) -> tuple[str, str]:
     return parts[j], parts[i]
 
 
-def split_shards(data: dict) -> tuple[list[str], list[str]]:
-    """(validation, test) shards a checkpoint's recorded data settings name."""
+def split_shards(data: dict) -> tuple[list[str], list[str], set[str] | None]:
+    """(validation shards, test shards, content tags or None) a checkpoint's recorded data settings name."""
     from im2vec.data.shards import expand_shards
     from im2vec.errors import make
 
     if data.get("val_shards"):
-        return expand_shards(data["val_shards"]), expand_shards(data.get("test_shards") or [])
+        path = data.get("content_tags_path")
+        content = set(Path(path).read_text(encoding="utf-8").split()) if path and Path(path).is_file() else None
+        return expand_shards(data["val_shards"]), expand_shards(data.get("test_shards") or []), content
     dm = make({**data, "_target_": str(data["_target_"]).replace("im2vec.datamodule.", "im2vec.data.datamodule.")})
-    return dm.val_shards, dm.test_shards
+    return dm.val_shards, dm.test_shards, dm.content_tags
 
 
-def per_image_p5(scores: torch.Tensor, obs: torch.Tensor, k: int = 5) -> torch.Tensor:
-    from im2vec.eval.metrics import precision_per_image
+def per_image_p5(scores: torch.Tensor, data: dict, by: str = "precision@5", noise_ids=None) -> torch.Tensor:
+    """(N,) one image's criterion (im2vec/eval/validation.py's per_image: precision@5, or where the images have
+    clean tags clean_minus_noise@5, γ's own criterion there) at these scores."""
     from im2vec.eval.scoring import topk_by_index
+    from im2vec.eval.validation import per_image
 
-    return precision_per_image(topk_by_index(scores, k)[1], obs, k)
+    return per_image(by, topk_by_index(scores, 5)[1], data["obs"], data["clean"], noise_ids)
 
 
-def grid_p5(data: dict, model, prior, lambdas, mus) -> tuple[list[tuple[float, float]], torch.Tensor]:
-    """([(λ, μ)], (N, G) per-image precision@5) of every setting of the grid on one split's images."""
+def grid_p5(data: dict, model, prior, lambdas, mus, by: str = "precision@5",
+            noise_ids=None) -> tuple[list[tuple[float, float]], torch.Tensor]:
+    """([(λ, μ)], (N, G) per-image criterion ``by``) of every setting of the grid on one split's images."""
     from im2vec.eval.user_prior import user_scores
 
     plain = user_scores(data["u"][0], model.table, model.log_counts, model.gamma)
@@ -68,7 +74,7 @@ def grid_p5(data: dict, model, prior, lambdas, mus) -> tuple[list[tuple[float, f
         b, row = prior.terms(data["users"], mu)
         for lam in lambdas:
             settings.append((lam, mu))
-            cols.append(per_image_p5(plain if lam == 0 else plain + lam * b[row], data["obs"]))
+            cols.append(per_image_p5(plain if lam == 0 else plain + lam * b[row], data, by, noise_ids))
     return settings, torch.stack(cols, 1)
 
 
@@ -76,17 +82,24 @@ def exact(data: dict, model, prior, lam: float, mu: float) -> dict[str, float]:
     from im2vec.eval.ranking import KS, tagging_metrics
     from im2vec.eval.user_prior import rank_with_users
 
-    r = rank_with_users(data["u"][0], model.table, model.log_counts, model.gamma, [data["obs"]], data["users"],
+    from im2vec.tags import PAD
+
+    truths = [data["obs"]] + ([data["clean"]] if bool((data["clean"] != PAD).any()) else [])  # clean: the corpus's
+    r = rank_with_users(data["u"][0], model.table, model.log_counts, model.gamma, truths, data["users"],
                         prior, lam, mu, kmax=max(KS))
     m = tagging_metrics(r, 0, KS, None, model.table.shape[0])
-    return {k: m[k] for k in METRICS}
+    out = {k: m[k] for k in METRICS}
+    if len(truths) > 1:  # the tags that describe the picture: does the term lift content or the uploader's noise?
+        out["clean_precision@5"] = tagging_metrics(r, 1, KS, None, model.table.shape[0])["precision@5"]
+    return out
 
 
 def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | None = None, batch_size: int = 256,
-            num_workers: int = 1, log=print, label: str | None = None, beside: bool = False) -> dict:
+            num_workers: int = 1, log=print, label: str | None = None, beside: bool = False, by: str = "auto") -> dict:
     """One checkpoint: the prior built (or read) under ``out`` (``beside``: user_prior.pt beside the checkpoint, where
     Tagger and predict look for it), λ and μ chosen on validation and recorded in it, test with and without."""
-    from im2vec.eval.heldout import embed_shards
+    from im2vec.eval.heldout import embed_shards, noise_ids_for
+    from im2vec.tags import PAD
     from im2vec.eval.intervals import bootstrap_means, choose, interval
     from im2vec.eval.user_prior import UserPrior, build_for_checkpoint
     from im2vec.train.checkpoint import load_model
@@ -97,10 +110,13 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
     out.mkdir(parents=True, exist_ok=True)
     path = Path(ckpt).with_name("user_prior.pt") if beside else out / "user_prior.pt"
     prior = UserPrior.load(path) if path.is_file() else build_for_checkpoint(ckpt, out=path)[0]
-    val_shards, test_shards = split_shards(model.data)
+    val_shards, test_shards, content = split_shards(model.data)
     size = model.image_size or model.data["image_size"]
     val, test = (embed_shards([model], s, size, batch_size, num_workers, max_images) for s in (val_shards, test_shards))
-    settings, cols = grid_p5(val, model, prior, lambdas, mus)
+    noise_ids = noise_ids_for(model.tags, content)
+    if by == "auto":  # as γ's: where the images have clean tags, what describes the picture; else observed P@5
+        by = "clean_minus_noise@5" if content is not None and bool((val["clean"] != PAD).any()) else "precision@5"
+    settings, cols = grid_p5(val, model, prior, lambdas, mus, by, noise_ids)
     point = torch.nanmean(cols, 0)
     boot = bootstrap_means(cols, val["users"], val["keys"])
     best, _ = choose([lam for lam, _ in settings], point, boot, "best")
@@ -109,7 +125,7 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
     auto = lam if float(lo) > 0 else 0.0
     known = lambda d: sum(prior.row(u) is not None for u in d["users"]) / max(1, len(d["users"]))  # noqa: E731
     test_settings, test_cols = grid_p5(test, model, prior, lambdas, mus)
-    res = {"ckpt": str(ckpt), "label": label, "seed": seed, "gamma": model.gamma, "lam": lam, "mu": mu, "auto_lam": auto,
+    res = {"ckpt": str(ckpt), "label": label, "seed": seed, "by": by, "gamma": model.gamma, "lam": lam, "mu": mu, "auto_lam": auto,
            "val_gain": float(point[best] - point[0]), "val_gain_lo": float(lo), "val_gain_hi": float(hi),
            "val_images": len(val["keys"]), "test_images": len(test["keys"]), "val_known": known(val),
            "test_known": known(test), "prior_users": len(prior.users),
@@ -157,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--beside", action="store_true", help="read / write user_prior.pt beside each checkpoint (where "
                    "predict --user finds it) instead of under --out")
+    p.add_argument("--by", default="auto", help="what λ is chosen by on validation: precision@5, clean_minus_noise@5 "
+                   "(needs clean tags), auto: the latter where the images have clean tags (default: %(default)s)")
     p.add_argument("--label", default=None, help="the rows' label (default: from each path: <label>/[recipe/]seedN)")
     p.add_argument("--table", nargs="*", default=None, help="print the table of these results.jsonl files and stop")
     a = p.parse_args(argv)
@@ -171,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for ckpt in a.checkpoints:
         label, seed = a.label or label_of(ckpt)[0], label_of(ckpt)[1]
-        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label, beside=a.beside)
+        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label, beside=a.beside, by=a.by)
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(res) + "\n")
     return 0
