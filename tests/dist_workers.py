@@ -241,15 +241,17 @@ def overlap_steps(rank: int, world: int, port: int, out: str, overlap: bool, hot
     deferred = vars(opt).get("step") is _deferred_table_step  # overlapped: the optimizer's own step is the worker's, opt.step() only Lightning's
     batches = [(u[:0], tags[:0]) if rank == empty_rank else (u, tags) for u, tags, _ in (x[rank] for x in steps)]
 
-    def ddp_backward(loss):  # the trunk's all-reduce inside backward, on the default group
-        loss.backward()
+    def ddp_backward(loss):  # the trunk's all-reduce inside backward, on the default group; then, as the module's
+        loss.backward()  # per-batch stop flag does, a collective on the table's group from this (the main) thread
         dist.all_reduce(torch.ones(3))
+        dist.all_reduce(torch.ones(2), group=head.group)
 
     result = _tag_head_steps(head, opt, sched, batches, ddp_backward)
     head.end(opt)
     assert head.worker.overlap == overlap
     result["hot_rows"] = 0 if head.table.hot is None else head.table.hot.size
     result["deferred"] = deferred
+    result["own_group"] = head.table.step_group is not head.table.group  # the worker's collectives apart
     state = opt.state[head.table.weight]
     result.update({"weight": head.table.assemble(),
                    **{k: assemble_rows(state[k], V, rank, world, head.group) for k in ("exp_avg", "exp_avg_sq")}})

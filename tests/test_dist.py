@@ -213,6 +213,7 @@ def test_the_overlapped_sharded_step_equals_the_serial_one(tmp_path, hot_rows, e
     serial, overlapped = got[False], got[True]
     assert serial["hot_rows"] == overlapped["hot_rows"] == hot_rows
     assert overlapped["deferred"] and not serial["deferred"]  # else the main thread could step a half-set gradient
+    assert overlapped["own_group"] and serial["own_group"]  # else the main thread's collectives could interleave
     assert float(serial["lr"]) < 0.05  # the schedule stepped
     for key in ("loss", "u_grad", "weight", "exp_avg", "exp_avg_sq", "lr"):
         torch.testing.assert_close(overlapped[key], serial[key], rtol=0, atol=1e-6, msg=key)

@@ -140,12 +140,11 @@ class TagHead(TableStateMixin, ShardedOverlap):
                                f"{rank} of {world}", "build the module with shard=(trainer.global_rank, "
                                "trainer.world_size)")
             self.table.group = group
-        if self.sharded:  # the step's exchange on a group of its own (the worker thread's, with overlap)
-            self.table.step_group = exchange_group(timeout_s)
         else:  # built whole: keep this rank's rows of the seeded initial table (the same on every rank)
             full = self.table.weight.detach()
             self.table = ShardedTagTable(self.counts, self.table.dim, self.init_std, rank, world, group, full=full)
             del full
+        self.table.step_group = exchange_group(timeout_s)  # the step's exchange: the worker thread's, with overlap
         self.gen = torch.Generator().manual_seed(rank_seed(self.seed, rank))
         self._hot_decided = False
 
