@@ -146,8 +146,8 @@ def _tag_head_steps(head, opt, sched, batches, backward=lambda x: x.backward()) 
     losses, grads = [], []
     for u, tags in batches:
         u = u.clone().requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
         loss, _, _ = head.loss(u, head.prepare(tags, torch.device("cpu")))
+        opt.zero_grad(set_to_none=True)  # after loss, as the module's step: overlapped, the last update is done then
         head.backward(loss, backward)
         head.step(opt, sched)
         losses.append(loss.detach())

@@ -18,6 +18,8 @@ TableWorker's one thread (im2vec/wide/pipeline.py), in submission order, over a 
   host memory (an event, not a synchronization), then goes to its owners while the trunk's backward continues;
 - ``rows(i+1)`` is queued after ``update(i)``: the rows a step reads carry every earlier update, the same arithmetic
   as the serial step (tests: W = 2, overlapped against serial, table and moments to 1e-6).
+- the worker sets the shard's gradient and steps it: the caller clears the table optimizer's gradients only after
+  ``loss`` (which waits for rows(i), queued after update(i-1)), as the module's training step does, never before.
 
 **Why it cannot deadlock.** Three kinds of wait exist: a main thread waits for its own worker (the rows, a drain);
 a main thread waits for the other ranks' main threads (DDP's all-reduce on the default group; the per-step stop
