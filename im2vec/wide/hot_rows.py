@@ -38,14 +38,17 @@ from torch import Tensor, nn
 ROW_STATE = ("exp_avg", "exp_avg_sq", "row_step", "sum")
 
 
+def draw_rates(counts: Tensor, alpha: float, negatives: float, positives: float) -> Tensor:
+    """(V,) float64: each row's expected draws per image, ``negatives`` ∝ count^alpha and ``positives`` ∝ count."""
+    c = counts.double().clamp_min(0)
+    q = torch.where(c > 0, c.pow(alpha), 0.0)
+    return negatives * q / q.sum().clamp_min(1e-300) + positives * c / c.sum().clamp_min(1e-300)
+
+
 def touch_probability(counts: Tensor, alpha: float, batch: float, negatives: float, positives: float) -> Tensor:
     """(V,) float64: each row's probability of being drawn at least once by a batch of ``batch`` images with
     ``negatives`` draws ∝ count^alpha and ``positives`` draws ∝ count per image (Poisson approximation)."""
-    c = counts.double().clamp_min(0)
-    q = torch.where(c > 0, c.pow(alpha), 0.0)
-    q = q / q.sum().clamp_min(1e-300)
-    share = c / c.sum().clamp_min(1e-300)
-    return 1.0 - torch.exp(-batch * (negatives * q + positives * share))
+    return 1.0 - torch.exp(-batch * draw_rates(counts, alpha, negatives, positives))
 
 
 def choose_hot(counts: Tensor, setting, alpha: float, batch: float, negatives: float, positives: float) -> Tensor:
@@ -188,7 +191,5 @@ def _copy(v):
 
 def draw_share(counts: Tensor, ids: Tensor, alpha: float, negatives: float, positives: float) -> float:
     """The share of a step's draws (``negatives`` ∝ count^alpha and ``positives`` ∝ count per image) that fall on ``ids``."""
-    c = counts.double().clamp_min(0)
-    q = torch.where(c > 0, c.pow(alpha), 0.0)
-    draws = negatives * q / q.sum().clamp_min(1e-300) + positives * c / c.sum().clamp_min(1e-300)
+    draws = draw_rates(counts, alpha, negatives, positives)
     return float(draws[ids].sum() / draws.sum()) if ids.numel() else 0.0
