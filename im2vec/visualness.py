@@ -37,12 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tensorboard", default="auto", help="a folder for TensorBoard (counts, histograms of the bounds, "
+                   "the top and bottom tags); auto: RUN/tensorboard/visualness beside the checkpoint's folder, where "
+                   "the run has one; none: no TensorBoard (default: %(default)s)")
     a = p.parse_args(argv)
     if a.min_images < 1 or a.resamples < 1 or not 0 < a.alpha < 1:
         p.error("--min-images and --resamples must be ≥ 1, --alpha in (0, 1)")
     try:
         from_checkpoint(a.checkpoint, a.shards, a.out, a.min_images, a.threshold, a.resamples, a.alpha, a.seed,
-                        a.truth, a.max_images, a.batch_size, a.num_workers, a.device, a.by)
+                        a.truth, a.max_images, a.batch_size, a.num_workers, a.device, a.by,
+                        tensorboard=None if a.tensorboard == "none" else a.tensorboard)
     except UserError as e:
         print(f"im2vec.visualness: {one_line(e)}", file=sys.stderr)
         return 2

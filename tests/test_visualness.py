@@ -154,7 +154,7 @@ def test_tool_on_a_trained_run_accounts_for_every_tag(tiny_run, tmp_path, capsys
 
     out = tmp_path / "visual_tags.tsv"
     assert main([str(tiny_run.ckpt), "--out", str(out), "--min-images", "3", "--resamples", "30", "--by", "uploaders",
-                 "--threshold", "0.01", "--num-workers", "0"]) == 0
+                 "--threshold", "0.01", "--num-workers", "0", "--tensorboard", "none"]) == 0
     printed = capsys.readouterr().out
     text = out.read_text(encoding="utf-8").splitlines()
     header = [ln for ln in text if ln.startswith("#")]

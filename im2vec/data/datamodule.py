@@ -59,6 +59,8 @@ class ShardDataModule(pl.LightningDataModule):
         decode: str = "cpu",  # gpu: workers leave JPEGs encoded; gpu_decode.finish_batch decodes them on the device
         pin_memory: bool = False,  # batches in page-locked memory (train() sets it when the trunk is on a GPU)
         holdout_tags: list[str] | str | None = None,  # kept out of the vocabulary (zero-shot): a list or a file
+        visual_tags: str | None = None,  # python -m im2vec.visualness's TSV: its tags marked 0 (non-visual) ...
+        visual_use: str = "only",  # ... only: out of the vocabulary; negatives: never an image's positive
         seed: int = 0,
     ):
         super().__init__()
@@ -81,8 +83,17 @@ class ShardDataModule(pl.LightningDataModule):
             if not re.match(r"^[a-z][a-z0-9+.-]+:", s) and not Path(s).exists():  # pipe:, s3:, http:// pass
                 raise NotFound(f"data: shard not found: {s}", "check data.train_shards / data.val_shards")
         self.holdout_tags = read_holdout(holdout_tags)
+        self.nonvisual, self.visual_use = read_nonvisual(visual_tags, visual_use), visual_use
         self.vocab = Vocabulary.load(vocab_path, max_size=vocab_max_size, min_count=vocab_min_count,
-                                     exclude=self.holdout_tags)
+                                     exclude=self.holdout_tags + (self.nonvisual if visual_use == "only" else []))
+        # what training batches see: without the non-visual tags when they are to be negatives only
+        self.train_vocab = self.vocab.without_positives(self.nonvisual) if visual_use == "negatives" else self.vocab
+        if self.nonvisual:
+            n = sum(1 for t in self.nonvisual if t in self.vocab.index) if visual_use == "negatives" else \
+                sum(1 for t in self.nonvisual if t in self.vocab.held_out)
+            print(f"data: {len(self.nonvisual):,} tags marked non-visual in {visual_tags}; {n:,} of them in the "
+                  + ("vocabulary, never an image's positive: drawn only as negatives" if visual_use == "negatives"
+                     else "training tags, kept out of the vocabulary") + f" (data.visual_use={visual_use})")
         self.corpus_dir: Path | None = None  # the generated corpus's folder (default_corpus), else None
         self.noise_ids, self.content_tags = None, None
         if content_tags_path:
@@ -153,7 +164,7 @@ class ShardDataModule(pl.LightningDataModule):
             seed += 7919 * done
         if self.uses_memory(rank["world_size"]):
             return self._memory_loader(seed, **rank)
-        return train_loader(self.train_shards, self.vocab, self.image_size, self.batch_size, self.batches_per_epoch,
+        return train_loader(self.train_shards, self.train_vocab, self.image_size, self.batch_size, self.batches_per_epoch,
                             self.num_workers, seed=seed, shuffle_buffer=self.shuffle_buffer,
                             min_scale=self.min_scale, max_pixels=self.max_pixels, user_uses=self.user_uses,
                             interleave=self.interleave, decode=self.decode, pin_memory=self.pin_memory, **rank)
@@ -162,7 +173,7 @@ class ShardDataModule(pl.LightningDataModule):
         """This epoch's batches from the training split decoded once (decoded at the first epoch)."""
         skipped = None
         if self._decoded is None:
-            self._decoded = decode_split(self.train_shards, self.vocab, self.memory_side(), self.num_workers, rank,
+            self._decoded = decode_split(self.train_shards, self.train_vocab, self.memory_side(), self.num_workers, rank,
                                          world_size, self.max_pixels)
             skipped = self._decoded.skipped  # counted once, with the first batch
             if rank == 0:
@@ -207,6 +218,30 @@ def read_holdout(spec: list[str] | str | None) -> list[str]:
             raise NotFound(f"data.holdout_tags: no file {path}", "give a list of tags or a file with one tag a line")
         spec = path.read_text(encoding="utf-8").splitlines()
     return list(dict.fromkeys(t for t in (normalize_tag(str(x)) for x in spec) if t))
+
+
+def read_nonvisual(path: str | None, use: str = "only") -> list[str]:
+    """data.visual_tags: the tags python -m im2vec.visualness marked 0 in its TSV (NA, untested, and 1 kept)."""
+    if use not in ("only", "negatives"):
+        raise BadValue(f"data.visual_use={use!r}", "use only (non-visual tags out of the vocabulary) or negatives "
+                       "(in it, never an image's positive)")
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise NotFound(f"data.visual_tags: no file {file}", "write one: python -m im2vec.visualness CKPT 'val-*.tar' "
+                       "--out visual_tags.tsv (from validation images, not the test split)")
+    from im2vec.use.visualness import COLUMNS, read_tsv
+
+    try:
+        rows = read_tsv(file)
+    except (IndexError, UnicodeDecodeError, ValueError):
+        rows = None
+    if rows is None or not rows or any(c not in rows[0] for c in COLUMNS[:2]) or any(
+            r.get("visual") not in ("0", "1", "NA") for r in rows):
+        raise BadValue(f"data.visual_tags: {file} is not a TSV written by python -m im2vec.visualness "
+                       f"(columns {', '.join(COLUMNS)}; visual 1, 0 or NA)", "write it with python -m im2vec.visualness")
+    return [r["tag"] for r in rows if r["visual"] == "0"]
 
 
 def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> ShardDataModule:

@@ -48,6 +48,15 @@ class Vocabulary:
         """A short hash of the tag list, stored in checkpoints to refuse resuming with another vocabulary."""
         return hashlib.sha1("\n".join(self.tags).encode()).hexdigest()[:16]
 
+    def without_positives(self, tags: Iterable[str]) -> "Vocabulary":
+        """The same rows, counts and fingerprint, but ``ids`` no longer finds ``tags``: a training loader built on
+        it never gives them to an image, so they are drawn only as negatives (data.visual_use=negatives)."""
+        view = Vocabulary.__new__(Vocabulary)
+        view.__dict__.update(self.__dict__)
+        drop = set(tags)
+        view.index = {t: i for t, i in self.index.items() if t not in drop}
+        return view
+
     def ids(self, tags: Iterable[str]) -> list[int]:
         """In-vocabulary ids of ``tags`` (unknown tags dropped, duplicates kept once, order kept)."""
         return list(dict.fromkeys(self.index[t] for t in tags if t in self.index))

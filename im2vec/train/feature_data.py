@@ -127,7 +127,7 @@ class FeatureDataModule(ShardDataModule):
         # the stream per epoch and on resume as ShardDataModule's (a deterministic function of seed, epoch, done)
         epoch = self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
         seed = self.seed * 100003 + epoch + 7919 * self.resumed_at()
-        return feature_train_loader(self.train_shards, self.vocab, self.width, self.batch_size, self.batches_per_epoch,
+        return feature_train_loader(self.train_shards, self.train_vocab, self.width, self.batch_size, self.batches_per_epoch,
                                     self.num_workers, seed, self.shuffle_buffer, user_uses=self.user_uses,
                                     interleave=self.interleave, pin_memory=self.pin_memory, **self._rank())
 

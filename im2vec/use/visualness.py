@@ -225,7 +225,7 @@ def from_checkpoint(ckpt: str, shards: list[str] | None = None, out: str | Path 
                     min_images: int = MIN_IMAGES, threshold: float = 0.0, resamples: int = RESAMPLES,
                     alpha: float = ALPHA, seed: int = 0, truth: str | None = None, max_images: int | None = None,
                     batch_size: int = 256, num_workers: int = 1, device: str = "cpu", by: str = "images",
-                    log=print) -> dict:
+                    log=print, tensorboard: str | Path | None = "auto") -> dict:
     """The tool's work: ``ckpt`` on held-out ``shards`` (default: the checkpoint's own test split, else its
     validation split, as evaluate.py) -> the TSV at ``out``; returns {rows, summary, truth (figures or None)}.
     ``truth``: a file of the tags that describe the picture (one per line); default: the data's own content
@@ -280,4 +280,44 @@ def from_checkpoint(ckpt: str, shards: list[str] | None = None, out: str | Path 
         figures = truth_figures(rows, content)
         log(f"visualness: {truth_line(figures, threshold)}")
     log(f"visualness: wrote {out}")
+    board = tensorboard_dir(ckpt) if tensorboard == "auto" else tensorboard
+    if board:
+        write_tensorboard(board, rows, text, figures, threshold)
+        log(f"visualness: TensorBoard: tensorboard --logdir {board}")
     return {"rows": rows, "summary": text, "truth": figures, "images": n}
+
+
+def tensorboard_dir(ckpt: str | Path) -> Path | None:
+    """auto: ``visualness/`` in the run's TensorBoard folder (RUN/tensorboard beside RUN/checkpoints), else none."""
+    board = Path(ckpt).resolve().parent.parent / "tensorboard"
+    return board / "visualness" if board.is_dir() else None
+
+
+def write_tensorboard(board: str | Path, rows: list[TagRow], text: str, figures: dict | None, threshold: float,
+                      show: int = 30) -> None:
+    """The file's figures where TensorBoard shows them: counts (and precision/recall against a known truth) as
+    scalars, the bounds and lifts of the tested tags as histograms, the summary and the top and bottom ``show``
+    tested tags as markdown tables (TEXT tab)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    tested = [r for r in rows if r.visual is not None]
+    with SummaryWriter(str(board)) as tb:
+        tb.add_scalar("visualness/tested", len(tested), 0)
+        tb.add_scalar("visualness/visual", sum(1 for r in tested if r.visual), 0)
+        if figures:
+            for k in ("precision", "recall"):
+                if not math.isnan(figures[k]):
+                    tb.add_scalar(f"visualness/{k}", figures[k], 0)
+        for name in ("lower", "lift"):
+            xs = torch.tensor([getattr(r, name) for r in tested], dtype=torch.float64)
+            if (xs := xs[~xs.isnan()]).numel():
+                tb.add_histogram(f"visualness/{name}", xs, 0)
+        tb.add_text("visualness/summary", f"{text}; threshold {threshold:g}", 0)
+
+        def md(part: list[TagRow]) -> str:
+            head = "| tag | visual | lower | lift | AP model | AP prior | held-out images |\n|---|---|---|---|---|---|---|\n"
+            return head + "\n".join(f"| {r.tag} | {int(r.visual)} | {r.lower:.4f} | {r.lift:.4f} | {r.ap_model:.4f} | "
+                                     f"{r.ap_prior:.4f} | {r.n_heldout} |" for r in part)
+
+        tb.add_text("visualness/top", md(tested[:show]), 0)
+        tb.add_text("visualness/bottom", md(tested[-show:][::-1]), 0)
