@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
-MUS = (1.0, 10.0, 100.0, 1000.0)
+from im2vec.eval.user_prior import LAMBDAS, MUS, choose_lambda, grid_p5, split_shards
+
 METRICS = ("precision@1", "precision@5", "map")
 
 
@@ -39,43 +39,6 @@ def label_of(ckpt: str) -> tuple[str, str]:
     while j > 0 and parts[j] in ("recipe", "runs"):
         j -= 1
     return parts[j], parts[i]
-
-
-def split_shards(data: dict) -> tuple[list[str], list[str], set[str] | None]:
-    """(validation shards, test shards, content tags or None) a checkpoint's recorded data settings name."""
-    from im2vec.data.shards import expand_shards
-    from im2vec.errors import make
-
-    if data.get("val_shards"):
-        path = data.get("content_tags_path")
-        content = set(Path(path).read_text(encoding="utf-8").split()) if path and Path(path).is_file() else None
-        return expand_shards(data["val_shards"]), expand_shards(data.get("test_shards") or []), content
-    dm = make({**data, "_target_": str(data["_target_"]).replace("im2vec.datamodule.", "im2vec.data.datamodule.")})
-    return dm.val_shards, dm.test_shards, dm.content_tags
-
-
-def per_image_p5(scores: torch.Tensor, data: dict, by: str = "precision@5", noise_ids=None) -> torch.Tensor:
-    """(N,) one image's criterion (im2vec/eval/validation.py's per_image: precision@5, or where the images have
-    clean tags clean_minus_noise@5, γ's own criterion there) at these scores."""
-    from im2vec.eval.scoring import topk_by_index
-    from im2vec.eval.validation import per_image
-
-    return per_image(by, topk_by_index(scores, 5)[1], data["obs"], data["clean"], noise_ids)
-
-
-def grid_p5(data: dict, model, prior, lambdas, mus, by: str = "precision@5",
-            noise_ids=None) -> tuple[list[tuple[float, float]], torch.Tensor]:
-    """([(λ, μ)], (N, G) per-image criterion ``by``) of every setting of the grid on one split's images."""
-    from im2vec.eval.user_prior import user_scores
-
-    plain = user_scores(data["u"][0], model.table, model.log_counts, model.gamma)
-    settings, cols = [], []
-    for mu in mus:
-        b, row = prior.terms(data["users"], mu)
-        for lam in lambdas:
-            settings.append((lam, mu))
-            cols.append(per_image_p5(plain if lam == 0 else plain + lam * b[row], data, by, noise_ids))
-    return settings, torch.stack(cols, 1)
 
 
 def exact(data: dict, model, prior, lam: float, mu: float) -> dict[str, float]:
@@ -98,9 +61,7 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
             num_workers: int = 1, log=print, label: str | None = None, beside: bool = False, by: str = "auto") -> dict:
     """One checkpoint: the prior built (or read) under ``out`` (``beside``: user_prior.pt beside the checkpoint, where
     Tagger and predict look for it), λ and μ chosen on validation and recorded in it, test with and without."""
-    from im2vec.eval.heldout import embed_shards, noise_ids_for
-    from im2vec.tags import PAD
-    from im2vec.eval.intervals import bootstrap_means, choose, interval
+    from im2vec.eval.heldout import embed_shards
     from im2vec.eval.user_prior import UserPrior, build_for_checkpoint
     from im2vec.train.checkpoint import load_model
 
@@ -113,23 +74,14 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
     val_shards, test_shards, content = split_shards(model.data)
     size = model.image_size or model.data["image_size"]
     val, test = (embed_shards([model], s, size, batch_size, num_workers, max_images) for s in (val_shards, test_shards))
-    noise_ids = noise_ids_for(model.tags, content)
-    if by == "auto":  # as γ's: where the images have clean tags, what describes the picture; else observed P@5
-        by = "clean_minus_noise@5" if content is not None and bool((val["clean"] != PAD).any()) else "precision@5"
-    settings, cols = grid_p5(val, model, prior, lambdas, mus, by, noise_ids)
-    point = torch.nanmean(cols, 0)
-    boot = bootstrap_means(cols, val["users"], val["keys"])
-    best, _ = choose([lam for lam, _ in settings], point, boot, "best")
-    lam, mu = settings[best]
-    lo, hi = interval(boot[:, best : best + 1] - boot[:, :1])  # the chosen against λ = 0 (the first column)
-    auto = lam if float(lo) > 0 else 0.0
+    chosen = choose_lambda(model, prior, val, content, lambdas, mus, by)
+    lam, mu, auto = chosen["lam"], chosen["mu"], chosen["auto_lam"]
+    lo, hi = chosen["val_gain_lo"], chosen["val_gain_hi"]
     known = lambda d: sum(prior.row(u) is not None for u in d["users"]) / max(1, len(d["users"]))  # noqa: E731
     test_settings, test_cols = grid_p5(test, model, prior, lambdas, mus)
-    res = {"ckpt": str(ckpt), "label": label, "seed": seed, "by": by, "gamma": model.gamma, "lam": lam, "mu": mu, "auto_lam": auto,
-           "val_gain": float(point[best] - point[0]), "val_gain_lo": float(lo), "val_gain_hi": float(hi),
+    res = {"ckpt": str(ckpt), "label": label, "seed": seed, "gamma": model.gamma, **chosen,
            "val_images": len(val["keys"]), "test_images": len(test["keys"]), "val_known": known(val),
            "test_known": known(test), "prior_users": len(prior.users),
-           "val_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(settings, point)},
            "test_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(test_settings, torch.nanmean(test_cols, 0))},
            "without": exact(test, model, prior, 0.0, mu), "with": exact(test, model, prior, lam, mu),
            "auto": exact(test, model, prior, auto, mu), "seconds": round(time.time() - t0, 1)}

@@ -19,7 +19,8 @@ tag the user did not use gets the same b = log μ − log(n_u + μ), which shift
 alike and moves no ranking: what moves a ranking is log(1 + n_ut/(μ·p(t))) on the user's own tags.
 
 μ (pseudo-counts of the global prior mixed into each user's counts) and λ are chosen on the validation split by
-``python -m im2vec.bench.user_prior``; ``--mu`` here sets the default stored with the counts.
+``choose_lambda``: at the end of training (``user_prior=auto``, im2vec/train/training.py), or by
+``python -m im2vec.bench.user_prior CKPT --beside``; ``--mu`` here sets the default stored with the counts.
 
 Storage (one ``torch.save`` file, read with ``weights_only``): like CSR, per user a slice of ``tag_ids`` (int32,
 ascending) and ``counts`` (int32), ``offsets`` (int64, U + 1), ``totals`` n_u (int64), the users' names sorted, and
@@ -49,6 +50,8 @@ from im2vec.eval.ranking import TagRanks, rank_tags
 FORMAT = "im2vec-user-prior/1"
 MAX_TAGS_PER_USER = 4096
 MU = 100.0  # the default pseudo-count; bench.user_prior chooses μ and λ on validation
+LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # the grid λ and μ are chosen from (choose_lambda)
+MUS = (1.0, 10.0, 100.0, 1000.0)
 
 
 def count_shards(shards: list[str], index: dict[str, int]) -> tuple[dict[str, Counter], Counter, int]:
@@ -88,7 +91,7 @@ class UserPrior:
     fingerprint: str = ""  # the tags' (im2vec.data.vocab.Vocabulary.fingerprint)
     max_tags_per_user: int = MAX_TAGS_PER_USER
     mu: float = MU
-    lam: float | None = None  # λ chosen on validation (bench.user_prior --write); None: not chosen
+    lam: float | None = None  # λ chosen on validation (choose_lambda's auto_lam); None: not chosen
 
     @classmethod
     def build(cls, shards: list[str], tags: list[str], max_tags_per_user: int = MAX_TAGS_PER_USER, mu: float = MU,
@@ -234,25 +237,125 @@ def build_for_checkpoint(ckpt: str | Path, shards: list[str] | None = None, out:
                          max_tags_per_user: int = MAX_TAGS_PER_USER, mu: float = MU) -> tuple[UserPrior, Path]:
     """The checkpoint's own training shards (or ``shards``) counted in its vocabulary, saved to ``out``
     (default: user_prior.pt beside the checkpoint)."""
-    import hashlib
-
     tags, data = checkpoint_data(ckpt)
     if shards:
         files = [f for s in shards for f in expand_shards(s)]
     elif data and data.get("train_shards"):  # the shards' pattern as recorded (any layout of the package)
         files = expand_shards(data["train_shards"])
     elif data:  # the built-in corpus: its datamodule finds (or generates) the shards
-        files = make({**data, "_target_": str(data.get("_target_", "")).replace(
-            "im2vec.datamodule.", "im2vec.data.datamodule.")}).train_shards  # checkpoints before the subpackages
+        files = _datamodule(data).train_shards
     else:
         raise BadValue(f"user prior: {ckpt} records no data settings", "give the training shards: --shards …")
     if not files:
         raise NotFound("user prior: no training shards", "give them: --shards 'train-*.tar'")
-    fp = hashlib.sha1("\n".join(tags).encode()).hexdigest()[:16]
-    prior = UserPrior.build(files, tags, max_tags_per_user, mu, fp)
+    prior = build_beside(files, tags, Path(ckpt), max_tags_per_user, mu)
     out = Path(out) if out else Path(ckpt).with_name("user_prior.pt")
     prior.save(out)
     return prior, out
+
+
+def build_beside(files: list[str], tags: list[str], ckpt: Path, max_tags_per_user: int = MAX_TAGS_PER_USER,
+                 mu: float = MU) -> UserPrior:
+    """The counts of ``files`` in the vocabulary ``tags`` (a checkpoint's), with the tags' fingerprint."""
+    import hashlib
+
+    fp = hashlib.sha1("\n".join(tags).encode()).hexdigest()[:16]
+    return UserPrior.build(files, tags, max_tags_per_user, mu, fp)
+
+
+def _datamodule(data: dict):
+    """The data module a checkpoint's recorded data settings make (checkpoints before the subpackages too)."""
+    return make({**data, "_target_": str(data.get("_target_", "")).replace("im2vec.datamodule.",
+                                                                            "im2vec.data.datamodule.")})
+
+
+def held_out_of(dm) -> tuple[list[str], list[str], set[str] | None]:
+    """(validation image shards, test image shards, content tags or None) of a data module. Frozen-trunk features
+    (a ``manifest``): the validation images are the ones its val/ features were extracted from."""
+    val = list(dm.val_shards)
+    if val and getattr(dm, "manifest", None) is not None:
+        val = list(json.loads((Path(val[0]).parent / "features.json").read_text(encoding="utf-8"))["source_shards"])
+    return val, list(dm.test_shards or []), dm.content_tags
+
+
+def split_shards(data: dict) -> tuple[list[str], list[str], set[str] | None]:
+    """(validation shards, test shards, content tags or None) a checkpoint's recorded data settings name."""
+    if data.get("val_shards"):
+        path = data.get("content_tags_path")
+        content = set(Path(path).read_text(encoding="utf-8").split()) if path and Path(path).is_file() else None
+        return expand_shards(data["val_shards"]), expand_shards(data.get("test_shards") or []), content
+    return held_out_of(_datamodule(data))
+
+
+def grid_p5(data: dict, model, prior: UserPrior, lambdas, mus, by: str = "precision@5",
+            noise_ids=None) -> tuple[list[tuple[float, float]], Tensor]:
+    """([(λ, μ)], (N, G)) every setting's per-image criterion ``by`` on one split's images (im2vec/eval/validation.py's
+    per_image: precision@5, or where the images have clean tags clean_minus_noise@5, γ's criterion there)."""
+    from im2vec.eval.scoring import topk_by_index
+    from im2vec.eval.validation import per_image
+
+    plain = user_scores(data["u"][0], model.table, model.log_counts, model.gamma)  # (N, V)
+    settings, cols = [], []
+    for mu in mus:
+        b, row = prior.terms(data["users"], mu)
+        for lam in lambdas:
+            settings.append((lam, mu))
+            top = topk_by_index(plain if lam == 0 else plain + lam * b[row], 5)[1]
+            cols.append(per_image(by, top, data["obs"], data["clean"], noise_ids))
+    return settings, torch.stack(cols, 1)
+
+
+def choose_lambda(model, prior: UserPrior, val: dict, content: set[str] | None, lambdas=LAMBDAS, mus=MUS,
+                  by: str = "auto") -> dict:
+    """λ and μ chosen on the validation images ``val`` (heldout.embed_shards's): the grid's best (ties: the smaller
+    λ), and ``auto_lam``, the λ kept: the chosen one where the paired 90 % bootstrap interval over uploaders of its
+    gain over λ = 0 lies above 0, else 0."""
+    from im2vec.eval.heldout import noise_ids_for
+    from im2vec.eval.intervals import bootstrap_means, choose, interval
+    from im2vec.tags import PAD
+
+    noise_ids = noise_ids_for(model.tags, content)
+    if by == "auto":  # as γ's: where the images have clean tags, what describes the picture; else observed P@5
+        by = "clean_minus_noise@5" if content is not None and bool((val["clean"] != PAD).any()) else "precision@5"
+    settings, cols = grid_p5(val, model, prior, lambdas, mus, by, noise_ids)
+    point = torch.nanmean(cols, 0)
+    boot = bootstrap_means(cols, val["users"], val["keys"])
+    best, _ = choose([lam for lam, _ in settings], point, boot, "best")
+    lam, mu = settings[best]
+    lo, hi = interval(boot[:, best : best + 1] - boot[:, :1])  # the chosen against λ = 0 (the first column)
+    return {"by": by, "lam": lam, "mu": mu, "auto_lam": lam if float(lo) > 0 else 0.0,
+            "val_gain": float(point[best] - point[0]), "val_gain_lo": float(lo), "val_gain_hi": float(hi),
+            "val_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(settings, point)}}
+
+
+# user_prior=auto at the end of training (im2vec/train/training.py) builds only below these; true builds anyway
+AUTO_MAX_IMAGES = 2_000_000  # training images, from the ingest's .stats.json (one process: ~6,500 a second, ~5 min)
+AUTO_MAX_BYTES = 20 << 30  # training shards' bytes, where a shard has no .stats.json (the count reads every byte)
+AUTO_MAX_SCORES = 1 << 28  # validation images × tags: the choice holds a few (N, V) float32 score matrices
+
+
+def why_not_auto(train_shards: list[str], val_shards: list[str], num_tags: int) -> str | None:
+    """Why user_prior=auto does not build at the end of training (None: it builds): no uploaders named in the
+    training shards' .stats.json, or a split too large for one process."""
+    from im2vec.data.ingest import stats_name
+    from im2vec.data.shards import shard_sizes
+
+    stats = [stats_name(Path(s)) for s in train_shards]
+    if all(p.is_file() for p in stats) and not any(json.loads(p.read_text(encoding="utf-8")).get("users", 1)
+                                                    for p in stats):
+        return "the training shards name no uploader (their .stats.json)"
+    later = "; build it with python -m im2vec.eval.user_prior build CKPT, then python -m im2vec.bench.user_prior " \
+            "CKPT --beside (or user_prior=true)"
+    sizes = shard_sizes(train_shards)
+    if sizes and sum(sizes) > AUTO_MAX_IMAGES:
+        return f"{sum(sizes):,} training images (.stats.json) > {AUTO_MAX_IMAGES:,} for a one-process count{later}"
+    size = sum(Path(s).stat().st_size for s in train_shards if Path(s).is_file())
+    if not sizes and size > AUTO_MAX_BYTES:
+        return f"{size:,} bytes of training shards > {AUTO_MAX_BYTES:,} for a one-process count{later}"
+    val = shard_sizes(val_shards)
+    if val and sum(val) * num_tags > AUTO_MAX_SCORES:
+        return f"{sum(val):,} validation images × {num_tags:,} tags > {AUTO_MAX_SCORES:,} scores in one process{later}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

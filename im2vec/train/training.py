@@ -168,6 +168,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if cfg.ckpt_path:
         check_checkpoint_file(cfg.ckpt_path, "ckpt_path")  # missing, cut short or not a checkpoint: one line
     check_config(cfg)
+    check_user_prior(cfg.get("user_prior", "auto"))
     datamodule = make(cfg.data)  # data mistakes are reported first
     callbacks = [make(c) for c in cfg.get("callbacks", {}).values()]
     # checkpoints written under a temporary name, fsynced and renamed; read memory-mapped (im2vec/train/resilience.py)
@@ -225,6 +226,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         if trainer.logger is not None and zero:
             trainer.logger.log_metrics({k: v for k, v in test.items() if not math.isnan(v)},
                                        step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+    if zero:  # after the test figures (their collectives done): the other ranks go on and never wait for it
+        metrics.update(user_prior_after_fit(cfg.get("user_prior", "auto"), trainer, datamodule, module.tags))
     metrics["info/seconds"] = time.perf_counter() - t0  # the whole run: data, training, held-out figures
     if zero:  # one process writes and prints the figures (the other ranks hold only validation's)
         out = Path(cfg.paths.output_dir)
@@ -232,6 +235,60 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         print(summary(metrics, module.gamma))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def check_user_prior(setting) -> None:
+    if setting not in ("auto", True, False):
+        raise BadValue(f"user_prior={setting!r}", "use auto, true or false")
+
+
+def user_prior_after_fit(setting, trainer: pl.Trainer, datamodule, tags: list[str]) -> dict[str, float]:
+    """Rank 0, with no collective: each uploader's counts (im2vec/eval/user_prior.py) into user_prior.pt beside the
+    checkpoint, λ and μ chosen on validation and recorded in it, as ``python -m im2vec.bench.user_prior --beside``
+    does. Several ranks: the counts only (the choice scores every tag in one process, from the whole table)."""
+    from im2vec.eval.heldout import embed_shards
+    from im2vec.eval.user_prior import build_beside, choose_lambda, held_out_of, why_not_auto
+    from im2vec.train.checkpoint import load_model
+
+    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
+    say = lambda line: print(f"im2vec: user_prior: {line}")  # noqa: E731
+    if setting is False or trainer.fast_dev_run or not ckpt or not Path(ckpt).exists():
+        return {}
+    val_shards, _, content = held_out_of(datamodule)
+    reason = "no validation split to choose λ on" if not val_shards else None
+    if reason is None and setting == "auto":
+        reason = why_not_auto(datamodule.train_shards, val_shards, len(tags))
+    if reason:
+        say(f"not built: {reason}")
+        return {}
+    t0, path = time.perf_counter(), Path(ckpt).with_name("user_prior.pt")
+    try:
+        prior = build_beside(datamodule.train_shards, list(tags), Path(ckpt))
+        if not prior.users:
+            say("not built: the training shards name no uploader")
+            return {}
+        if trainer.world_size > 1:
+            prior.save(path)
+            say(f"{len(prior.users):,} uploaders, {path.stat().st_size:,} bytes → {path}; λ not chosen with "
+                f"{trainer.world_size} ranks: python -m im2vec.bench.user_prior {ckpt} --beside")
+            return {}
+        model = load_model(ckpt)
+        val = embed_shards([model], val_shards, model.image_size or datamodule.image_size, 256,
+                           datamodule.num_workers, None, device=trainer.strategy.root_device)
+        chosen = choose_lambda(model, prior, val, content)
+        prior.lam, prior.mu = chosen["auto_lam"], chosen["mu"]
+        prior.save(path)
+    except UserError as e:  # the trained model is saved: say why, do not fail the run
+        print(f"im2vec: warning: user_prior not built: {one_line(e)}", file=sys.stderr)
+        return {}
+    say(f"{len(prior.users):,} uploaders, {path.stat().st_size:,} bytes → {path}; λ {chosen['lam']:g} μ "
+        f"{chosen['mu']:g} chosen on validation ({chosen['by']}): gain {chosen['val_gain']:+.4f}, 90 % "
+        f"{chosen['val_gain_lo']:+.4f} … {chosen['val_gain_hi']:+.4f}: "
+        + ("kept" if chosen["auto_lam"] else "not kept (λ = 0 recorded)") + f" ({time.perf_counter() - t0:.1f} s)")
+    out = {"user_prior/lam": chosen["auto_lam"], "user_prior/mu": chosen["mu"], "user_prior/val_gain": chosen["val_gain"]}
+    if trainer.logger is not None:
+        trainer.logger.log_metrics(out, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return out
 
 
 def small_split_warning(images: int, uploaders: int) -> list[str]:
