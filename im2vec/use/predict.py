@@ -3,7 +3,7 @@
 The Python API is ``Tagger``; the command line is
 
     python -m im2vec.use.predict tag    CKPT FOLDER --out tags.jsonl [--k 5] [--gamma G] [--vocabulary tags.txt]
-                                       [--user NAME [--user-prior user_prior.pt]]
+                                       [--user NAME [--user-prior user_prior.pt]] [--visual-tags visual_tags.tsv]
     python -m im2vec.use.predict index  CKPT FOLDER --out index.pt
     python -m im2vec.use.predict search CKPT index.pt TAG [--k 10]
 
@@ -11,6 +11,9 @@ The scores are those of shared/DESIGN.md ("The model in one equation"):
     tagging    s(t|x) = v_t·u + γ·log count(t)   (γ: the checkpoint's, unless given)
     retrieval  v_t·u for a fixed tag t            (γ adds the same constant to every image)
     similarity cos(v_s, v_t)
+
+A file of ``python -m im2vec.visualness`` (``use_visual_tags``, ``--visual-tags``) hides the tags it marks 0
+(non-visual): they are never returned, and the next tags fill the k places.
 
 Images go through the evaluation preprocessing (``data.eval_view`` at the checkpoint's image
 size). Every file is loaded weights-only: a checkpoint or an index that pickles arbitrary
@@ -46,6 +49,9 @@ from im2vec.wide.tag_vectors import mapped_vectors
 from im2vec.wide.wordvec import read_vectors
 
 INDEX_FORMAT = "im2vec-index-1"
+# a hidden tag's shared term: finite (the ranking refuses ±inf), far below any real score, and far enough above
+# float32's lowest that adding a score to it does not overflow
+HIDDEN = -torch.finfo(torch.float32).max / 4
 
 ImageInput = Tensor | Sequence["str | os.PathLike | Image.Image"] | str | os.PathLike | Image.Image
 
@@ -88,6 +94,10 @@ class Tagger:
         self.tag_map = model.tag_map  # model.tag_vectors: A, for tags outside the vocabulary (vocabulary=)
         self._vocabulary: tuple | None = None  # the last extended vocabulary's vectors, reused
         self.user_prior, self.user_lam = None, 0.0  # use_user_prior: each uploader's own habits
+        self.user_prior_path: str | None = None
+        self.nonvisual: frozenset[str] = frozenset()  # use_visual_tags: the tags never returned by tag()
+        self._hidden: Tensor | None = None  # (V,) bool: the vocabulary's rows of those tags; None: none hidden
+        self.visual_path: str | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -141,14 +151,16 @@ class Tagger:
     # ---- vectors -> tags, tag -> tags, tag -> images
     def tag(self, images: ImageInput, k: int = 5, gamma: float | None = None, batch_size: int = 64,
             vocabulary: Sequence[str] | None = None, word_vectors: str | None = None,
-            user: str | None = None) -> list[list[tuple[str, float]]]:
+            user: str | None = None, hide: bool = True) -> list[list[tuple[str, float]]]:
         """The k best tags of every image, by s(t|x) = v_t·u + γ·log count(t), best first; ``user`` (the images'
-        uploader) adds λ·b(user, t) of the prior ``use_user_prior`` loaded (im2vec/eval/user_prior.py).
+        uploader) adds λ·b(user, t) of the prior ``use_user_prior`` loaded (im2vec/eval/user_prior.py). With
+        ``hide`` (default), tags a ``use_visual_tags`` file marks non-visual are skipped: k visible tags come back
+        (fewer only where fewer are left).
 
         ``vocabulary``: rank these tags instead of the checkpoint's (see ``vocabulary_vectors``): tags it was
         trained on, and, for a checkpoint trained with model.tag_vectors, any word of a word-vector file
         (``word_vectors``, default: the file it was trained with) — tags never seen with an image."""
-        return self.tag_vectors(self.embed(images, batch_size), k, gamma, vocabulary, word_vectors, user)
+        return self.tag_vectors(self.embed(images, batch_size), k, gamma, vocabulary, word_vectors, user, hide)
 
     def use_user_prior(self, path: str | os.PathLike | None = None, lam: float | None = None) -> None:
         """Load a per-uploader prior (default: user_prior.pt beside the checkpoint) with its λ (default: the one
@@ -156,14 +168,47 @@ class Tagger:
         from im2vec.eval.user_prior import UserPrior
 
         path = path or Path(self.path).with_name("user_prior.pt")
-        prior = UserPrior.load(path)
+        try:
+            prior = UserPrior.load(path)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or one that pickles code
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise BadValue(f"user prior: {path} cannot be read as a user prior ({why})",
+                           "build it: python -m im2vec.eval.user_prior build CKPT") from None
         if prior.fingerprint and prior.fingerprint != self.fingerprint or prior.num_tags != len(self.tags):
             raise BadValue(f"user prior: {path} was counted in another vocabulary", "build it for this checkpoint")
         self.user_prior, self.user_lam = prior, float(prior.lam or 0.0) if lam is None else float(lam)
+        self.user_prior_path = str(path)
 
-    def tag_vectors(self, u: Tensor, k: int = 5, gamma: float | None = None, vocabulary: Sequence[str] | None = None,
-                    word_vectors: str | None = None, user: str | None = None) -> list[list[tuple[str, float]]]:
-        """``tag`` for image vectors already computed: u (N, d)."""
+    def knows_user(self, user: str | None) -> bool:
+        """Whether ``user`` has images in the loaded prior's training counts (else b = 0: the plain score)."""
+        return user is not None and self.user_prior is not None and self.user_prior.row(user) is not None
+
+    def use_visual_tags(self, path: str | os.PathLike | None) -> None:
+        """Hide the tags that a file of ``python -m im2vec.visualness`` marks non-visual (visual = 0): ``tag`` never
+        returns them. Tags marked 1 or NA (not tested) are kept, and so are tags the file does not list. None:
+        hide nothing again. A file that shares no tag with this checkpoint's vocabulary is refused."""
+        if path is None:
+            self.nonvisual, self._hidden, self.visual_path = frozenset(), None, None
+            return
+        nonvisual = read_visual_tags(path)
+        rows = [self.rows[t] for t in nonvisual if t in self.rows]
+        if nonvisual and not rows:
+            raise BadValue(f"visual tags: no tag of {path} is in {self.path}'s vocabulary",
+                           "write the file from this checkpoint: python -m im2vec.visualness CKPT --out FILE")
+        hidden = torch.zeros(len(self.tags), dtype=torch.bool)
+        hidden[rows] = True
+        self.nonvisual, self._hidden, self.visual_path = frozenset(nonvisual), hidden, str(path)
+
+    @property
+    def num_hidden(self) -> int:
+        """How many of the vocabulary's tags ``use_visual_tags`` hides."""
+        return 0 if self._hidden is None else int(self._hidden.sum())
+
+    def _terms(self, gamma: float | None, vocabulary: Sequence[str] | None, word_vectors: str | None,
+               user: str | None, hide: bool) -> tuple[list[str], Tensor, Tensor, float, Tensor | None]:
+        """(tag names, their vectors (n, d), the term every image shares (n,), its weight, hidden (n,) bool or
+        None) of the score s = v·u + weight·term; the hidden tags' term is HIDDEN, the others' exactly as without
+        hiding."""
         g = self.gamma if gamma is None else float(gamma)
         names, table, log_counts = self.tags, self.table, self.log_counts
         if vocabulary is not None:
@@ -171,11 +216,45 @@ class Tagger:
         prior, lam = self.user_prior, self.user_lam
         if user is not None and prior is None:
             raise BadValue("tag: user= needs a user prior", "call use_user_prior() first (predict: --user-prior)")
-        if user is not None and lam != 0 and vocabulary is None:  # b = 0 for an unknown user: the plain scores
-            log_counts, g = g * log_counts + lam * prior.term(user), 1.0  # s = v·u + 1·(γ·log count + λ·b)
-        scores, ids = topk_tags(u, table, log_counts, [g], k, self.chunk)[g]  # (N, k) x2
+        term = log_counts
+        if lam != 0 and vocabulary is None and self.knows_user(user):  # an unknown user: b = 0, the plain scores
+            term, g = g * log_counts + lam * prior.term(user), 1.0  # s = v·u + 1·(γ·log count + λ·b)
+        hidden = None
+        if hide and self.nonvisual:
+            hidden = self._hidden if vocabulary is None else torch.tensor([t in self.nonvisual for t in names])
+            term, g = torch.where(hidden, HIDDEN, g * term), 1.0  # 1.0·x is x: the kept tags' scores do not move
+        return names, table, term, g, hidden
+
+    def tag_vectors(self, u: Tensor, k: int = 5, gamma: float | None = None, vocabulary: Sequence[str] | None = None,
+                    word_vectors: str | None = None, user: str | None = None,
+                    hide: bool = True) -> list[list[tuple[str, float]]]:
+        """``tag`` for image vectors already computed: u (N, d)."""
+        names, table, term, g, hidden = self._terms(gamma, vocabulary, word_vectors, user, hide)
+        if hidden is not None:
+            k = min(k, len(names) - int(hidden.sum()))  # the hidden tags are last: never reached
+        if k < 1:
+            return [[] for _ in range(len(u))]
+        scores, ids = topk_tags(u, table, term, [g], k, self.chunk)[g]  # (N, k) x2
         return [[(names[i], s) for i, s in zip(row_ids, row_scores)]
                 for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
+
+    def hidden_above(self, u: Tensor, floors: Sequence[float], gamma: float | None = None,
+                     vocabulary: Sequence[str] | None = None, word_vectors: str | None = None,
+                     user: str | None = None) -> list[int]:
+        """Per image (u (N, d)), how many hidden tags score above ``floors[i]`` (the last tag ``tag_vectors``
+        returned for it): the tags hiding skipped to fill its k places. 0 where nothing is hidden."""
+        names, table, term, g, _ = self._terms(gamma, vocabulary, word_vectors, user, hide=False)
+        hidden = self._hidden if vocabulary is None else torch.tensor([t in self.nonvisual for t in names])
+        if not self.nonvisual or not bool(hidden.any()):
+            return [0] * len(u)
+        rows = hidden.nonzero().squeeze(1)  # (H,)
+        floor = torch.tensor([float(f) for f in floors])  # (N,)
+        counts = torch.zeros(len(u), dtype=torch.long)
+        for start in range(0, len(rows), self.chunk):  # the hidden rows a chunk at a time: no (H, d) copy at once
+            r = rows[start : start + self.chunk]
+            s = u.float() @ table[r].float().t() + g * term[r]  # (N, h)
+            counts += (s > floor[:, None]).sum(1)
+        return counts.tolist()
 
     def vocabulary_vectors(self, vocabulary: Sequence[str], word_vectors: str | None = None
                            ) -> tuple[list[str], Tensor, Tensor]:
@@ -250,6 +329,27 @@ class Tagger:
         return h.hexdigest()[:16]
 
 
+def read_visual_tags(path: str | os.PathLike) -> list[str]:
+    """The tags a file of ``python -m im2vec.visualness`` marks non-visual (visual = 0), in its order; read with
+    that tool's own reader. Refused with one line when the file is missing or not such a file."""
+    from im2vec.use.visualness import read_tsv
+
+    fix = "write it with python -m im2vec.visualness CKPT --out visual_tags.tsv"
+    if not Path(path).is_file():
+        raise NotFound(f"visual tags: no file {path}", fix)
+    try:
+        rows = read_tsv(path)
+    except (UnicodeDecodeError, IndexError):  # binary, or no line but comments
+        raise BadValue(f"visual tags: {path} is not a tag visualness file (no tag/visual columns)", fix) from None
+    if not rows or not {"tag", "visual"} <= rows[0].keys():
+        raise BadValue(f"visual tags: {path} is not a tag visualness file (no tag/visual columns)", fix)
+    bad = [r for r in rows if r.get("visual") not in ("0", "1", "NA")]
+    if bad:
+        raise BadValue(f"visual tags: {path}: {len(bad)} line(s) whose visual is not 1, 0 or NA (the first: tag "
+                       f"{str(bad[0].get('tag'))[:40]!r}, visual {str(bad[0].get('visual'))[:20]!r})", fix)
+    return [r["tag"] for r in rows if r["visual"] == "0"]
+
+
 # ---- a folder of images through the Tagger (its stages: im2vec.use.image_files)
 def embed_folder(tagger: Tagger, folder: Path, paths: list[Path], batch_size: int,
                  skipped: Counter) -> Iterator[tuple[list[str], Tensor]]:
@@ -280,6 +380,8 @@ def run_tag(args: argparse.Namespace) -> None:
         tagger.vocabulary_vectors(vocabulary, args.word_vectors)
     if args.user is not None:  # every image of the folder by this uploader
         tagger.use_user_prior(args.user_prior, args.user_lambda)
+    if args.visual_tags:
+        tagger.use_visual_tags(args.visual_tags)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for names, u in embed_folder(tagger, folder, paths, args.batch_size, skipped):
@@ -368,6 +470,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--user-prior", default=None, help="python -m im2vec.eval.user_prior build's file (default: "
                    "user_prior.pt beside the checkpoint)")
     t.add_argument("--user-lambda", type=float, default=None, help="λ (default: the file's, chosen on validation)")
+    t.add_argument("--visual-tags", default=None, help="python -m im2vec.visualness's TSV: never output the tags it "
+                   "marks 0 (non-visual); the next tags fill the k places")
     i = command("index", run_index, "embed every image under a folder into an index file for search")
     i.add_argument("folder")
     i.add_argument("--out", required=True, help="the index file to write (e.g. index.pt)")
