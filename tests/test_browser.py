@@ -1,6 +1,8 @@
 """The demo page as a person uses it, in headless Chromium (Debian's /usr/bin/chromium, driven by
 Playwright; nothing downloaded): upload an image and see its tags as bars, move the γ slider and see them
-change, search a tag and see the images load, get "did you mean" for an unknown tag, take a screenshot.
+change, search a tag and see the images load, get "did you mean" for an unknown tag, take a screenshot;
+name the uploader (suggested from the prior's names) and hide the non-visual tags, or find both controls
+absent without their files.
 The page talks to the real server (uvicorn on a free loopback port) and to nothing else."""
 
 import io
@@ -18,11 +20,12 @@ if not Path(CHROMIUM_PATH).is_file():
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the dev extra)")
 pytest.importorskip("starlette", reason="the demo needs the serve extra: pip install -e '.[serve]'")
 
+from test_demo_user import LAM, setup  # noqa: E402,F401 -- the prior and visual tags file of test_demo_user
 from test_serve import trained  # noqa: E402,F401 -- the fixture: one tiny training run for this module too
 
-from im2vec.bench.serve_load import Client, search_job, tag_job  # noqa: E402
+from im2vec.bench.serve_load import Client, Job, multipart, search_job, tag_job  # noqa: E402
 from im2vec.use.browser import ALL_LOADED, CHROMIUM_ARGS, wait_until  # noqa: E402
-from im2vec.use.predict import load_index  # noqa: E402
+from im2vec.use.predict import Tagger, load_index  # noqa: E402
 from im2vec.use.predict import main as predict_main  # noqa: E402
 from im2vec.use.serve import create_app, running  # noqa: E402
 
@@ -137,4 +140,64 @@ def test_the_page_in_chromium(browser, trained, photos, tmp_path):  # noqa: F811
         page.press("#tag", "Enter")
         page.wait_for_selector("#similar button")
         assert page.query_selector("#grid img") is None and errors == []
+        page.close()
+
+
+def tag_answer(api, data: bytes, **fields) -> list:
+    body, content_type = multipart(data, fields={key: str(v) for key, v in fields.items()})
+    return api.send(Job("tag", "POST", "/api/tag?k=10", body, content_type)).body["tags"]
+
+
+def test_the_page_takes_an_uploader_and_hides_nonvisual_tags(browser, setup):  # noqa: F811
+    tagger = Tagger.from_checkpoint(setup.ckpt)
+    tagger.use_user_prior(setup.prior_path, lam=LAM)
+    tagger.use_visual_tags(setup.visual)
+    photo, data = setup.photos[0], setup.photos[0].read_bytes()
+    with running(create_app(tagger)) as url:
+        api = Client(url)
+        page, requested, errors = open_page(browser, url)
+        assert page.is_visible("#user") and page.is_visible("#hide") and page.is_checked("#hide")
+
+        # an upload: the non-visual tags hidden (the default), and the page says how many
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector('#tags[data-hide="1"] li')
+        want = tag_answer(api, data, hide=1)
+        assert same_tags(shown_tags(page), want) and not {t for t, _ in shown_tags(page)} & setup.nonvisual
+        assert "describe nothing in the picture" in page.text_content("#tag-notes")
+
+        # the uploader field suggests the prior's names by prefix
+        prefix = setup.known[:2]
+        page.fill("#user", prefix)
+        wait_until(page, "() => document.querySelectorAll('#user-list option').length > 0")
+        options = page.eval_on_selector_all("#user-list option", "os => os.map(o => o.value)")
+        assert setup.known in options or len(options) == 20
+        assert all(o.startswith(prefix) for o in options) and len(options) <= 20
+
+        # a known uploader: their habits re-rank, as the API says
+        page.fill("#user", setup.known)
+        page.press("#user", "Enter")
+        page.wait_for_selector(f'#tags[data-user="{setup.known}"] li')
+        want_user = tag_answer(api, data, hide=1, user=setup.known)
+        assert same_tags(shown_tags(page), want_user) and page.is_visible("#user-term")
+
+        # an unknown one: the plain tags, and the page says why
+        page.fill("#user", "nobody-ever")
+        page.press("#user", "Enter")
+        page.wait_for_selector('#tags[data-user="nobody-ever"] li')
+        assert same_tags(shown_tags(page), want) and "not seen in training" in page.text_content("#tag-notes")
+
+        # the toggle off: the non-visual tags are back
+        page.uncheck("#hide")
+        page.wait_for_selector('#tags[data-hide="0"] li')
+        assert same_tags(shown_tags(page), tag_answer(api, data, hide=0))
+        assert errors == [] and all(u.startswith((url + "/", "blob:", "data:")) for u in requested), requested
+        page.close()
+        api.close()
+
+    with running(create_app(Tagger.from_checkpoint(setup.ckpt))) as url:  # neither file: neither control
+        page, _, errors = open_page(browser, url)
+        assert not page.is_visible("#user") and not page.is_visible("#hide") and page.is_disabled("#user")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#tags li")
+        assert page.is_hidden("#tag-notes") and errors == []
         page.close()

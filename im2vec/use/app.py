@@ -1,7 +1,7 @@
 """The web demo's ASGI app (im2vec.use.serve): its routes (the page, /api/tag, /api/search, /api/similar,
-/api/info, /images/), the checks of a request's parameters and upload (its size counted while reading), and
-every refusal answered as JSON {"error": ...} with its 4xx status. The work behind the routes is ``Demo``'s
-(im2vec.use.demo)."""
+/api/users, /api/info, /images/), the checks of a request's parameters and upload (its size counted while
+reading), and every refusal answered as JSON {"error": ...} with its 4xx status. The work behind the routes is
+``Demo``'s (im2vec.use.demo)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from im2vec.data.images import MAX_PIXELS
-from im2vec.use.demo import MAX_GAMMA, MAX_K, MB, ApiError, Demo
+from im2vec.use.demo import MAX_GAMMA, MAX_K, MAX_USERS, MB, ApiError, Demo
 from im2vec.use.predict import Tagger
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -49,6 +49,17 @@ def gamma_param(value: str | None, default: float) -> float:
     if not (math.isfinite(g) and 0.0 <= g <= MAX_GAMMA):
         raise ApiError(400, f"gamma must be between 0 and {MAX_GAMMA:g}, got {value[:40]!r}")
     return g
+
+
+def bool_param(value: str | None, name: str, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    v = value.strip().lower()
+    if v in ("1", "true", "on", "yes"):
+        return True
+    if v in ("0", "false", "off", "no"):
+        return False
+    raise ApiError(400, f"{name} must be 1 or 0 (true or false), got {value[:40]!r}")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -108,16 +119,46 @@ async def api_info(request: Request) -> Response:
 
 async def api_tag(request: Request) -> Response:
     demo: Demo = request.app.state.demo
-    k = int_param(request.query_params.get("k"), "k", DEFAULT_K["tag"])  # checked before reading the upload
-    gamma = gamma_param(request.query_params.get("gamma"), demo.tagger.gamma)
+    q = request.query_params
+    k = int_param(q.get("k"), "k", DEFAULT_K["tag"])  # checked before reading the upload
+    gamma = gamma_param(q.get("gamma"), demo.tagger.gamma)
+    user = demo.known_user(q.get("user"))
+    hide = bool_param(q.get("hide"), "hide", True)
     data, fields = await uploaded_image(request, demo.max_upload)
     if "k" in fields:
         k = int_param(fields["k"], "k", k)
     if "gamma" in fields:
         gamma = gamma_param(fields["gamma"], gamma)
+    if "user" in fields:
+        user = demo.known_user(fields["user"])
+    if "hide" in fields:
+        hide = bool_param(fields["hide"], "hide", hide)
     pixels = await run_in_threadpool(demo.decode, data)
-    tags = await run_in_threadpool(demo.tag_pixels, pixels, min(k, len(demo.tagger.tags)), gamma)
-    return JSONResponse({"tags": [[t, s] for t, s in tags], "gamma": gamma, "k": k})
+    tags, hidden = await run_in_threadpool(demo.tag_pixels, pixels, min(k, len(demo.tagger.tags)), gamma, user, hide)
+    return JSONResponse({"tags": [[t, s] for t, s in tags], "gamma": gamma, "k": k,
+                         **user_answer(demo, user), **hide_answer(demo, hide, hidden)})
+
+
+def user_answer(demo: Demo, user: str | None) -> dict:
+    """What the answer says of the uploader: seen in training or not, the λ applied, and a note where the term
+    did not change the score."""
+    if user is None:
+        return {"user": None}
+    seen, lam = demo.tagger.knows_user(user), demo.tagger.user_lam
+    out = {"user": user, "user_seen": seen, "lambda": lam}
+    if not seen:
+        out["user_note"] = f"{user!r} was not seen in training: the plain score (b = 0)"
+    elif lam == 0:
+        out["user_note"] = ("λ = 0 (the prior file's, chosen on validation where the term did not help): "
+                            "the uploader's habits change nothing; --user-lambda sets another")
+    return out
+
+
+def hide_answer(demo: Demo, hide: bool, hidden: int) -> dict:
+    """Whether non-visual tags were hidden, and how many of them scored above the last tag shown."""
+    if demo.tagger.visual_path is None:
+        return {"hide": False, "hidden": 0}
+    return {"hide": hide, "hidden": hidden}
 
 
 async def api_search(request: Request) -> Response:
@@ -136,6 +177,13 @@ async def api_similar(request: Request) -> Response:
     tag = await run_in_threadpool(demo.known_tag, request.query_params.get("tag"))
     tags = await run_in_threadpool(demo.similar, tag, k)
     return JSONResponse({"tag": tag, "tags": [[t, s] for t, s in tags]})
+
+
+async def api_users(request: Request) -> Response:
+    """The prior's uploaders starting with ?prefix= (at most ?k=, ≤ 20): suggestions for the page's user field."""
+    demo: Demo = request.app.state.demo
+    k = min(int_param(request.query_params.get("k"), "k", MAX_USERS), MAX_USERS)
+    return JSONResponse(demo.users(request.query_params.get("prefix", ""), k))
 
 
 async def index_image(request: Request) -> Response:
@@ -157,7 +205,7 @@ def create_app(tagger: Tagger, index: dict | None = None, index_path: str | None
     """The demo's ASGI app around an already loaded Tagger (and index, from ``load_index``)."""
     routes = [
         Route("/", page), Route("/api/info", api_info), Route("/api/tag", api_tag, methods=["POST"]),
-        Route("/api/search", api_search), Route("/api/similar", api_similar),
+        Route("/api/search", api_search), Route("/api/similar", api_similar), Route("/api/users", api_users),
         Route("/images/{path:path}", index_image),
     ]
     app = Starlette(routes=routes, exception_handlers={ApiError: refused, HTTPException: refused, Exception: refused})

@@ -1,7 +1,9 @@
-"""What the web demo (im2vec.use.serve) serves, apart from HTTP: ``Demo`` holds the Tagger, the index of a folder
-and the limits; it makes the torch calls (one at a time, under a lock), decodes uploads as ``read_image`` reads
-a file, checks tags (an unknown one with suggestions by spelling) and the index's files. A request it refuses
-raises ``ApiError`` (status and message), which the app (im2vec.use.app) answers as JSON."""
+"""What the web demo (im2vec.use.serve) serves, apart from HTTP: ``Demo`` holds the Tagger (with the per-uploader
+prior and the visual tags file it may have loaded), the index of a folder and the limits; it makes the torch calls
+(one at a time, under a lock), decodes uploads as ``read_image`` reads a file, checks tags (an unknown one with
+suggestions by spelling), uploader names (suggested by prefix, at most ``MAX_USERS`` at a time: the prior may name
+millions) and the index's files. A request it refuses raises ``ApiError`` (status and message), which the app
+(im2vec.use.app) answers as JSON."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ MB = 1 << 20
 MAX_K = 100  # tags or images per answer: enough for a page, small enough that no request is expensive
 MAX_GAMMA = 10.0  # the page's slider goes to 4; validation sweeps 0..4
 MAX_TAG_CHARS = 200
+MAX_USER_CHARS = 200  # an uploader's name (YFCC's are NSIDs, "12345678@N00"; other collections' are names)
+MAX_USERS = 20  # uploader names per suggestion list: a prefix search, never the prior's whole list
 
 
 class ApiError(Exception):
@@ -56,9 +60,14 @@ class Demo:
             self.vectors = index["vectors"].float()
 
     # ---- the torch calls, each under the lock (run in the threadpool, never on the event loop)
-    def tag_pixels(self, pixels: Tensor, k: int, gamma: float) -> list[tuple[str, float]]:
+    def tag_pixels(self, pixels: Tensor, k: int, gamma: float, user: str | None = None,
+                   hide: bool = True) -> tuple[list[tuple[str, float]], int]:
+        """(the k best tags, how many hidden tags scored above the last of them: those hiding skipped)."""
         with self.lock:
-            return self.tagger.tag_vectors(self.tagger.embed(pixels[None]), k, gamma)[0]
+            u = self.tagger.embed(pixels[None])  # (1, d)
+            tags = self.tagger.tag_vectors(u, k, gamma, user=user, hide=hide)[0]
+            hidden = self.tagger.hidden_above(u, [tags[-1][1]], gamma, user=user)[0] if hide and tags else 0
+        return tags, hidden
 
     def search(self, tag: str, k: int) -> list[dict]:
         with self.lock:
@@ -97,6 +106,33 @@ class Demo:
         except UnknownTag as e:
             raise ApiError(404, str(e), tag=tag, suggestions=list(self.suggestions(tag))) from None
 
+    def known_user(self, user: str | None) -> str | None:
+        """``user`` checked: None for no user (missing or blank); refused (400) when it is too long, or when no
+        per-uploader prior is loaded (a user would change nothing: better said than ignored)."""
+        if user is None or not user.strip():
+            return None
+        if len(user) > MAX_USER_CHARS:
+            raise ApiError(400, f"a user name is at most {MAX_USER_CHARS} characters, got {len(user):,}")
+        if self.tagger.user_prior is None:
+            raise ApiError(400, "no per-uploader prior is loaded, so a user changes nothing: start the server with "
+                                "--user-prior FILE (python -m im2vec.eval.user_prior build CKPT), or send no user")
+        return user.strip()
+
+    def users(self, prefix: str, limit: int = MAX_USERS) -> dict:
+        """The prior's uploaders whose names start with ``prefix`` (at most ``limit``, in order) and whether more
+        do: a bisection in its sorted names, never the whole list."""
+        prior = self.tagger.user_prior
+        if prior is None:
+            raise ApiError(404, "no per-uploader prior is loaded: start the server with --user-prior FILE")
+        if len(prefix) > MAX_USER_CHARS:
+            raise ApiError(400, f"a user name is at most {MAX_USER_CHARS} characters, got {len(prefix):,}")
+        names, i = prior.users, bisect.bisect_left(prior.users, prefix)
+        out = []
+        while i < len(names) and len(out) <= limit and names[i].startswith(prefix):
+            out.append(names[i])
+            i += 1
+        return {"prefix": prefix, "users": out[:limit], "more": len(out) > limit}
+
     def _suggestions(self, tag: str, n: int = 8) -> tuple[str, ...]:
         """Known tags for an unknown one: its normalized spelling, tags it begins, then close spellings."""
         q = tag.strip().lower()
@@ -130,7 +166,13 @@ class Demo:
                 "image_size": t.image_size, "device": str(t.device), "index": self.index is not None,
                 "index_path": self.index_path, "index_root": str(self.root) if self.index else None,
                 "index_size": len(self.index["paths"]) if self.index else 0,
-                "max_upload_mb": self.max_upload / MB, "max_k": MAX_K, "max_gamma": MAX_GAMMA}
+                "max_upload_mb": self.max_upload / MB, "max_k": MAX_K, "max_gamma": MAX_GAMMA,
+                "user_prior": None if t.user_prior is None else {
+                    "path": t.user_prior_path, "users": len(t.user_prior.users), "lambda": t.user_lam,
+                    "max_user_chars": MAX_USER_CHARS},
+                "visual_tags": None if t.visual_path is None else {
+                    "path": t.visual_path, "nonvisual": len(t.nonvisual),
+                    "hidden": t.num_hidden}}
 
 
 def usable_cores() -> int:
