@@ -80,3 +80,23 @@ def test_a_vocabulary_without_noise_tags_scores():
     obs = torch.tensor([[0, -1], [1, -1], [0, 1], [1, -1], [0, -1], [-1, -1]])
     m, _ = score_model(u, table, torch.zeros(2), 0.0, obs, None, noise, None, "")
     assert m["tagging/noise_share@5"] == 0.0 and 0 <= m["tagging/map"] <= 1
+
+
+def test_a_checkpoint_naming_a_module_from_before_the_move_still_gives_its_data(tiny_run, tmp_path):
+    """Checkpoints written before the modules moved into subpackages record im2vec.datamodule.…: the tools that
+    rebuild a checkpoint's data (evaluate, visualness, the benchmarks) read them as the class's new place."""
+    import torch
+
+    from im2vec.errors import make
+    from im2vec.train.checkpoint import load_model
+
+    ckpt = torch.load(tiny_run.ckpt, map_location="cpu", weights_only=False)
+    data = ckpt["im2vec"]["data"]
+    assert data["_target_"].startswith("im2vec.data.datamodule.")
+    ckpt["im2vec"]["data"] = {**data, "_target_": data["_target_"].replace("im2vec.data.datamodule.", "im2vec.datamodule.")}
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    model = load_model(old)
+    assert model.data["_target_"] == data["_target_"]
+    dm = make(model.data)
+    assert dm.vocab.tags == tiny_run.datamodule.vocab.tags and dm.test_shards == tiny_run.datamodule.test_shards

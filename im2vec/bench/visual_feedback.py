@@ -29,7 +29,7 @@ import torch
 
 from im2vec.bench.quality import load, mean_sd
 from im2vec.bench.scale import compose
-from im2vec.errors import ArgumentParser, NotFound, run_cli
+from im2vec.errors import ArgumentParser, NotFound, make, run_cli
 
 ARMS = ("all tags", "visual only", "non-visual as negatives")
 USE = {"visual only": "only", "non-visual as negatives": "negatives"}
@@ -46,23 +46,20 @@ def train_run(overrides: list[str], out: Path) -> Path:
     return ckpt
 
 
-def visual_file(ckpt: Path, out: Path) -> Path:
-    """The baseline's visualness TSV from its validation images (never its test split)."""
-    from im2vec.errors import make
-    from im2vec.train.checkpoint import load_model
+def visual_file(ckpt: Path, dm, out: Path) -> Path:
+    """The baseline's visualness TSV from its validation images (never its test split); ``dm``: the runs' data."""
     from im2vec.use.visualness import from_checkpoint
 
     if not out.exists():
-        dm = make(load_model(ckpt).data)
         if not dm.val_shards:
             raise NotFound(f"visual_feedback: {ckpt} has no validation split", "the file must not come from test images")
-        from_checkpoint(str(ckpt), list(dm.val_shards), out=out, log=lambda m: print(m, file=sys.stderr))
+        from_checkpoint(str(ckpt), list(dm.val_shards), out=out, log=lambda m: print(m, file=sys.stderr),
+                        tensorboard=out.with_suffix(".tensorboard"))
     return out
 
 
-def score(ckpts: dict[str, Path], nonvisual: set[str], max_images: int | None = None) -> dict[str, dict]:
-    """Every checkpoint on the baseline's (the first's) test photos and truth, by tag name."""
-    from im2vec.errors import make
+def score(ckpts: dict[str, Path], dm, nonvisual: set[str], max_images: int | None = None) -> dict[str, dict]:
+    """Every checkpoint on the runs' test photos (``dm``'s) and the baseline's (the first's) truth, by tag name."""
     from im2vec.eval.heldout import embed_shards
     from im2vec.eval.metrics import noise_share, precision_at_k
     from im2vec.eval.scoring import topk_tags
@@ -70,7 +67,6 @@ def score(ckpts: dict[str, Path], nonvisual: set[str], max_images: int | None = 
 
     models = {arm: load_model(p) for arm, p in ckpts.items()}
     base = next(iter(models.values()))
-    dm = make(base.data)
     data = embed_shards(list(models.values()), list(dm.test_shards), base.image_size, 256, 1, max_images)
     index = {t: i for i, t in enumerate(base.tags)}
     obs, clean = data["obs"], data["clean"]
@@ -128,14 +124,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             base = Path(a.baseline.format(seed=seed)) if a.baseline else train_run(common, run / "all")
             if not base.exists():
                 raise NotFound(f"visual_feedback: no baseline checkpoint {base}", "train it, or leave --baseline out")
-            tsv = visual_file(base, run / "visual_tags_val.tsv")
+            # the runs' data, composed from their settings (a checkpoint of an older version may name old classes)
+            dm = make(compose(common).data)
+            tsv = visual_file(base, dm, run / "visual_tags_val.tsv")
             from im2vec.data.datamodule import read_nonvisual
 
             nonvisual = set(read_nonvisual(str(tsv)))
             ckpts = {"all tags": base}
             for arm, use in USE.items():
                 ckpts[arm] = train_run([*common, f"data.visual_tags={tsv}", f"data.visual_use={use}"], run / use)
-            figures = score(ckpts, nonvisual, a.max_images)
+            figures = score(ckpts, dm, nonvisual, a.max_images)
             with open(path, "a", encoding="utf-8") as f:
                 for arm, fig in figures.items():
                     rec = {"label": a.label, "seed": seed, "arm": arm, "nonvisual": len(nonvisual), **fig}
