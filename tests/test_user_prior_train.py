@@ -199,3 +199,23 @@ def test_frozen_trunk_features_count_their_shards_json_and_choose_on_their_sourc
     shutil.copy(ckpt, copy)
     res = measure(str(copy), tmp_path / "out", log=lambda *a: 0, beside=True)
     assert (prior.lam, prior.mu) == (res["auto_lam"], res["mu"]) and res["val_images"] > 0
+
+
+def test_joint_gamma_chooses_gamma_with_lambda_and_leaves_the_file(seen, tmp_path):
+    from im2vec.bench.user_prior import measure
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(seen.ckpt, ckpt)
+    fixed = measure(str(ckpt), tmp_path / "out", log=lambda *a: 0, beside=True)
+    before = ckpt.with_name("user_prior.pt").read_bytes()
+    joint = measure(str(ckpt), tmp_path / "out", log=lambda *a: 0, beside=True, gammas=(0.0, 4.0))
+    assert ckpt.with_name("user_prior.pt").read_bytes() == before  # λ goes with the checkpoint's γ in the file
+    g = fixed["gamma"]
+    assert fixed["val_gamma"] == g and joint["val_gamma"] in (g, 0.0, 4.0) and joint["joint_gamma"]
+    assert {k: v for k, v in joint["val_p5"].items() if k.endswith(f"/{g:g}")} == pytest.approx({
+        f"{k}/{g:g}": v for k, v in fixed["val_p5"].items()}, abs=1e-12)  # the checkpoint's γ: the same grid
+    assert len(joint["val_p5"]) == 3 * len(fixed["val_p5"])  # every (λ, μ) at each γ
+    best = max(joint["val_p5"].values())
+    assert joint["val_p5"][f"{joint['lam']:g}/{joint['mu']:g}/{joint['val_gamma']:g}"] == best
+    assert joint["val_gain"] >= fixed["val_gain"] - 1e-9 and joint["without"] == fixed["without"]

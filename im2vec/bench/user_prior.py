@@ -20,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from im2vec.eval.user_prior import LAMBDAS, MUS, choose_lambda, grid_p5, split_shards
 
 METRICS = ("precision@1", "precision@5", "map")
+GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # --joint-gamma: γ chosen with λ, μ from these
 
 
 def label_of(ckpt: str) -> tuple[str, str]:
@@ -58,9 +60,12 @@ def exact(data: dict, model, prior, lam: float, mu: float) -> dict[str, float]:
 
 
 def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | None = None, batch_size: int = 256,
-            num_workers: int = 1, log=print, label: str | None = None, beside: bool = False, by: str = "auto") -> dict:
+            num_workers: int = 1, log=print, label: str | None = None, beside: bool = False, by: str = "auto",
+            gammas=()) -> dict:
     """One checkpoint: the prior built (or read) under ``out`` (``beside``: user_prior.pt beside the checkpoint, where
-    Tagger and predict look for it), λ and μ chosen on validation and recorded in it, test with and without."""
+    Tagger and predict look for it), λ and μ chosen on validation and recorded in it, test with and without.
+    ``gammas``: γ chosen with λ and μ (the test figures "with" and "auto" at that γ); the file is then left as it
+    was (Tagger scores with the checkpoint's γ, which the recorded λ goes with)."""
     from im2vec.eval.heldout import embed_shards
     from im2vec.eval.user_prior import UserPrior, build_for_checkpoint
     from im2vec.train.checkpoint import load_model
@@ -74,8 +79,10 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
     val_shards, test_shards, content = split_shards(model.data)
     size = model.image_size or model.data["image_size"]
     val, test = (embed_shards([model], s, size, batch_size, num_workers, max_images) for s in (val_shards, test_shards))
-    chosen = choose_lambda(model, prior, val, content, lambdas, mus, by)
+    chosen = choose_lambda(model, prior, val, content, lambdas, mus, by, gammas)
     lam, mu, auto = chosen["lam"], chosen["mu"], chosen["auto_lam"]
+    at = replace(model, gamma=chosen["val_gamma"])  # the checkpoint's γ unless gammas
+    at_auto = at if chosen["val_gain_lo"] > 0 else model
     lo, hi = chosen["val_gain_lo"], chosen["val_gain_hi"]
     known = lambda d: sum(prior.row(u) is not None for u in d["users"]) / max(1, len(d["users"]))  # noqa: E731
     test_settings, test_cols = grid_p5(test, model, prior, lambdas, mus)
@@ -83,11 +90,14 @@ def measure(ckpt: str, out: Path, lambdas=LAMBDAS, mus=MUS, max_images: int | No
            "val_images": len(val["keys"]), "test_images": len(test["keys"]), "val_known": known(val),
            "test_known": known(test), "prior_users": len(prior.users),
            "test_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(test_settings, torch.nanmean(test_cols, 0))},
-           "without": exact(test, model, prior, 0.0, mu), "with": exact(test, model, prior, lam, mu),
-           "auto": exact(test, model, prior, auto, mu), "seconds": round(time.time() - t0, 1)}
-    prior.lam, prior.mu = auto, mu  # the file records what the auto rule chose on validation
-    prior.save(path)
-    log(f"{label} {seed}: λ {lam:g} μ {mu:g} (auto λ {auto:g}; validation gain {res['val_gain']:+.4f}, 90 % "
+           "without": exact(test, model, prior, 0.0, mu), "with": exact(test, at, prior, lam, mu),
+           "auto": exact(test, at_auto, prior, auto, mu), "joint_gamma": bool(gammas),
+           "seconds": round(time.time() - t0, 1)}
+    if not gammas:  # the file records what the auto rule chose on validation
+        prior.lam, prior.mu = auto, mu
+        prior.save(path)
+    log(f"{label} {seed}: λ {lam:g} μ {mu:g} γ {chosen['val_gamma']:g} (auto λ {auto:g}; validation gain "
+        f"{res['val_gain']:+.4f}, 90 % "
         f"{float(lo):+.4f} … {float(hi):+.4f}); test P@5 {res['without']['precision@5']:.4f} → "
         f"{res['with']['precision@5']:.4f}; known uploaders: validation {res['val_known']:.0%}, test "
         f"{res['test_known']:.0%} ({res['seconds']} s)")
@@ -108,7 +118,8 @@ def table(rows: list[dict]) -> str:
     for label in sorted(by):
         rs = sorted(by[label], key=lambda r: r["seed"])
         cells = [label, str(len(rs)), f"{statistics.mean(r['test_known'] for r in rs):.0%}",
-                 ", ".join(f"{r['lam']:g}/{r['mu']:g}" for r in rs), ", ".join(f"{r['auto_lam']:g}" for r in rs)]
+                 ", ".join(f"{r['lam']:g}/{r['mu']:g}" + (f"/γ {r['val_gamma']:g}" if r.get("joint_gamma") else "")
+                           for r in rs), ", ".join(f"{r['auto_lam']:g}" for r in rs)]
         for m in METRICS:
             cells += [ms([r["without"][m] for r in rs]), ms([r["with"][m] for r in rs])]
         cells.append(ms([r["auto"]["precision@5"] for r in rs]))
@@ -127,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                    "predict --user finds it) instead of under --out")
     p.add_argument("--by", default="auto", help="what λ is chosen by on validation: precision@5, clean_minus_noise@5 "
                    "(needs clean tags), auto: the latter where the images have clean tags (default: %(default)s)")
+    p.add_argument("--joint-gamma", action="store_true", help="choose γ with λ and μ on validation (γ from "
+                   f"{', '.join(f'{g:g}' for g in GAMMAS)} and the checkpoint's); the file is not rewritten")
     p.add_argument("--label", default=None, help="the rows' label (default: from each path: <label>/[recipe/]seedN)")
     p.add_argument("--table", nargs="*", default=None, help="print the table of these results.jsonl files and stop")
     a = p.parse_args(argv)
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for ckpt in a.checkpoints:
         label, seed = a.label or label_of(ckpt)[0], label_of(ckpt)[1]
-        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label, beside=a.beside, by=a.by)
+        res = measure(ckpt, out / label / seed, a.lambdas, a.mus, a.max_images, label=label, beside=a.beside, by=a.by,
+                      gammas=GAMMAS if a.joint_gamma else ())
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(res) + "\n")
     return 0

@@ -288,13 +288,13 @@ def split_shards(data: dict) -> tuple[list[str], list[str], set[str] | None]:
 
 
 def grid_p5(data: dict, model, prior: UserPrior, lambdas, mus, by: str = "precision@5",
-            noise_ids=None) -> tuple[list[tuple[float, float]], Tensor]:
-    """([(λ, μ)], (N, G)) every setting's per-image criterion ``by`` on one split's images (im2vec/eval/validation.py's
+            noise_ids=None, gamma: float | None = None) -> tuple[list[tuple[float, float]], Tensor]:
+    """([(λ, μ)], (N, G)) every setting's per-image criterion ``by`` on one split's images (eval/validation.py's
     per_image: precision@5, or where the images have clean tags clean_minus_noise@5, γ's criterion there)."""
     from im2vec.eval.scoring import topk_by_index
     from im2vec.eval.validation import per_image
 
-    plain = user_scores(data["u"][0], model.table, model.log_counts, model.gamma)  # (N, V)
+    plain = user_scores(data["u"][0], model.table, model.log_counts, model.gamma if gamma is None else gamma)  # (N, V)
     settings, cols = [], []
     for mu in mus:
         b, row = prior.terms(data["users"], mu)
@@ -306,10 +306,11 @@ def grid_p5(data: dict, model, prior: UserPrior, lambdas, mus, by: str = "precis
 
 
 def choose_lambda(model, prior: UserPrior, val: dict, content: set[str] | None, lambdas=LAMBDAS, mus=MUS,
-                  by: str = "auto") -> dict:
+                  by: str = "auto", gammas=()) -> dict:
     """λ and μ chosen on the validation images ``val`` (heldout.embed_shards's): the grid's best (ties: the smaller
     λ), and ``auto_lam``, the λ kept: the chosen one where the paired 90 % bootstrap interval over uploaders of its
-    gain over λ = 0 lies above 0, else 0."""
+    gain over λ = 0 lies above 0, else 0. ``gammas``: γ chosen with them (``val_gamma``; ties: the checkpoint's),
+    the gain still against λ = 0 at the checkpoint's γ."""
     from im2vec.eval.heldout import noise_ids_for
     from im2vec.eval.intervals import bootstrap_means, choose, interval
     from im2vec.tags import PAD
@@ -317,15 +318,20 @@ def choose_lambda(model, prior: UserPrior, val: dict, content: set[str] | None, 
     noise_ids = noise_ids_for(model.tags, content)
     if by == "auto":  # as γ's: where the images have clean tags, what describes the picture; else observed P@5
         by = "clean_minus_noise@5" if content is not None and bool((val["clean"] != PAD).any()) else "precision@5"
-    settings, cols = grid_p5(val, model, prior, lambdas, mus, by, noise_ids)
+    settings, cols = [], []
+    for g in [model.gamma] + [g for g in gammas if g != model.gamma]:
+        s, c = grid_p5(val, model, prior, lambdas, mus, by, noise_ids, g)
+        settings, cols = settings + [(lam, mu, g) for lam, mu in s], cols + [c]
+    cols = torch.cat(cols, 1)
     point = torch.nanmean(cols, 0)
     boot = bootstrap_means(cols, val["users"], val["keys"])
-    best, _ = choose([lam for lam, _ in settings], point, boot, "best")
-    lam, mu = settings[best]
+    best, _ = choose([lam for lam, _, _ in settings], point, boot, "best")
+    lam, mu, g = settings[best]
     lo, hi = interval(boot[:, best : best + 1] - boot[:, :1])  # the chosen against λ = 0 (the first column)
-    return {"by": by, "lam": lam, "mu": mu, "auto_lam": lam if float(lo) > 0 else 0.0,
+    return {"by": by, "lam": lam, "mu": mu, "auto_lam": lam if float(lo) > 0 else 0.0, "val_gamma": g,
             "val_gain": float(point[best] - point[0]), "val_gain_lo": float(lo), "val_gain_hi": float(hi),
-            "val_p5": {f"{a:g}/{b:g}": float(p) for (a, b), p in zip(settings, point)}}
+            "val_p5": {f"{a:g}/{b:g}" + (f"/{c:g}" if gammas else ""): float(p)
+                       for (a, b, c), p in zip(settings, point)}}
 
 
 # user_prior=auto at the end of training (im2vec/train/training.py) builds only below these; true builds anyway

@@ -285,7 +285,8 @@ def user_prior_after_fit(setting, trainer: pl.Trainer, datamodule, tags: list[st
         f"{chosen['mu']:g} chosen on validation ({chosen['by']}): gain {chosen['val_gain']:+.4f}, 90 % "
         f"{chosen['val_gain_lo']:+.4f} … {chosen['val_gain_hi']:+.4f}: "
         + ("kept" if chosen["auto_lam"] else "not kept (λ = 0 recorded)") + f" ({time.perf_counter() - t0:.1f} s)")
-    out = {"user_prior/lam": chosen["auto_lam"], "user_prior/mu": chosen["mu"], "user_prior/val_gain": chosen["val_gain"]}
+    out = {"user_prior/lam": chosen["auto_lam"], "user_prior/mu": chosen["mu"],
+           "user_prior/val_gain": chosen["val_gain"]}
     if trainer.logger is not None:
         trainer.logger.log_metrics(out, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
     return out
