@@ -163,7 +163,7 @@ def test_the_page_takes_an_uploader_and_hides_nonvisual_tags(browser, setup):  #
         page.wait_for_selector('#tags[data-hide="1"] li')
         want = tag_answer(api, data, hide=1)
         assert same_tags(shown_tags(page), want) and not {t for t, _ in shown_tags(page)} & setup.nonvisual
-        assert "describe nothing in the picture" in page.text_content("#tag-notes")
+        assert page.is_visible("#tag-notes") and "describe nothing in the picture" in page.inner_text("#tag-notes")
 
         # the uploader field suggests the prior's names by prefix
         prefix = setup.known[:2]
@@ -184,7 +184,7 @@ def test_the_page_takes_an_uploader_and_hides_nonvisual_tags(browser, setup):  #
         page.fill("#user", "nobody-ever")
         page.press("#user", "Enter")
         page.wait_for_selector('#tags[data-user="nobody-ever"] li')
-        assert same_tags(shown_tags(page), want) and "not seen in training" in page.text_content("#tag-notes")
+        assert same_tags(shown_tags(page), want) and "not seen in training" in page.inner_text("#tag-notes")
 
         # the toggle off: the non-visual tags are back
         page.uncheck("#hide")

@@ -188,6 +188,15 @@ def test_the_api_takes_an_uploader(apps, setup):
     assert info["visual_tags"] is None
 
 
+def test_a_known_uploader_with_lambda_0_changes_nothing_and_says_so(setup):
+    tagger = Tagger.from_checkpoint(setup.ckpt)
+    tagger.use_user_prior(setup.prior_path, lam=0.0)
+    client = TestClient(create_app(tagger))
+    r = tag(client, setup.photos[0], params={"user": setup.known}).json()
+    assert r["user_seen"] is True and r["lambda"] == 0.0 and "λ = 0" in r["user_note"]
+    assert r["tags"] == tag(client, setup.photos[0]).json()["tags"]
+
+
 def test_the_api_hides_nonvisual_tags(apps, setup):
     tagger = apps.tagger
     s = setup.u @ tagger.table.t() + tagger.gamma * tagger.log_counts  # (N, V)
@@ -224,6 +233,7 @@ def test_user_suggestions_are_bounded(setup, tmp_path):
     assert client.get("/api/users", params={"prefix": "user0012"}).json() == {
         "prefix": "user0012", "users": [f"user0012{i}" for i in range(10)], "more": False}
     assert client.get("/api/users", params={"prefix": "user04999"}).json()["users"] == ["user04999"]
+    assert client.get("/api/users", params={"prefix": "USER0012"}).json()["users"] == [f"user0012{i}" for i in range(10)]
     assert client.get("/api/users", params={"prefix": "zz"}).json()["users"] == []
     assert len(client.get("/api/users", params={"prefix": "", "k": 100}).json()["users"]) == MAX_USERS  # capped
     assert len(client.get("/api/users", params={"prefix": "u", "k": 3}).json()["users"]) == 3

@@ -149,8 +149,8 @@ def user_answer(demo: Demo, user: str | None) -> dict:
     if not seen:
         out["user_note"] = f"{user!r} was not seen in training: the plain score (b = 0)"
     elif lam == 0:
-        out["user_note"] = ("λ = 0 (the prior file's, chosen on validation where the term did not help): "
-                            "the uploader's habits change nothing; --user-lambda sets another")
+        out["user_note"] = ("λ = 0 (the prior file's: not chosen, or chosen on validation where the term did not "
+                            "help): the uploader's habits change nothing; serve --user-lambda sets another")
     return out
 
 

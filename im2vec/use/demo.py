@@ -119,19 +119,26 @@ class Demo:
         return user.strip()
 
     def users(self, prefix: str, limit: int = MAX_USERS) -> dict:
-        """The prior's uploaders whose names start with ``prefix`` (at most ``limit``, in order) and whether more
-        do: a bisection in its sorted names, never the whole list."""
+        """The prior's uploaders whose names start with ``prefix``, any case (at most ``limit``, in order), and whether
+        more do: a bisection in the sorted names, never the whole list."""
         prior = self.tagger.user_prior
         if prior is None:
             raise ApiError(404, "no per-uploader prior is loaded: start the server with --user-prior FILE")
         if len(prefix) > MAX_USER_CHARS:
             raise ApiError(400, f"a user name is at most {MAX_USER_CHARS} characters, got {len(prefix):,}")
-        names, i = prior.users, bisect.bisect_left(prior.users, prefix)
-        out = []
-        while i < len(names) and len(out) <= limit and names[i].startswith(prefix):
+        keys, names = self.user_index
+        key = prefix.casefold()
+        i, out = bisect.bisect_left(keys, key), []
+        while i < len(keys) and len(out) <= limit and keys[i].startswith(key):
             out.append(names[i])
             i += 1
         return {"prefix": prefix, "users": out[:limit], "more": len(out) > limit}
+
+    @functools.cached_property
+    def user_index(self) -> tuple[list[str], list[str]]:
+        """(the prior's names casefolded and sorted, the names in that order): people type names in any case."""
+        pairs = sorted((u.casefold(), u) for u in self.tagger.user_prior.users)
+        return [k for k, _ in pairs], [u for _, u in pairs]
 
     def _suggestions(self, tag: str, n: int = 8) -> tuple[str, ...]:
         """Known tags for an unknown one: its normalized spelling, tags it begins, then close spellings."""
