@@ -219,3 +219,21 @@ def test_joint_gamma_chooses_gamma_with_lambda_and_leaves_the_file(seen, tmp_pat
     best = max(joint["val_p5"].values())
     assert joint["val_p5"][f"{joint['lam']:g}/{joint['mu']:g}/{joint['val_gamma']:g}"] == best
     assert joint["val_gain"] >= fixed["val_gain"] - 1e-9 and joint["without"] == fixed["without"]
+
+
+@pytest.mark.slow
+def test_two_ranks_rank_zero_writes_the_counts_and_the_run_ends(tmp_path):
+    """train.py on 2 CPU ranks (DDP, the table sharded): the run ends (no rank waits on the other), rank 0 alone
+    wrote the counts beside the checkpoint folder, λ unset, and said which command chooses it."""
+    from test_ddp_train import DDP, train as train_py
+
+    p = train_py(tmp_path, *DDP, f"paths.cache_dir={tmp_path / 'cache'}", "data.corpus.num_train=256",
+                 "data.corpus.num_val=64", "data.corpus.num_test=32", "data.corpus.num_users=12",
+                 "data.corpus.shard_size=64", "data.vocab_min_count=1", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("im2vec: user_prior: ") == 1 and "λ not chosen with 2 ranks" in p.stdout
+    prior = UserPrior.load(tmp_path / "checkpoints" / "user_prior.pt")
+    shards = sorted(str(s) for s in (tmp_path / "cache").glob("corpus-*/train-*.tar"))
+    tags = [line.split("\t")[0] for line in next((tmp_path / "cache").glob("corpus-*/vocab.tsv")).read_text().splitlines()]
+    per_user, _ = brute_counts(shards, tags)
+    assert prior.lam is None and prior.users == sorted(per_user)
