@@ -7,7 +7,7 @@ __all__ = ["Tagger", "__version__"]
 def __getattr__(name: str):
     # lazy: `import im2vec` stays light (no torch); im2vec.Tagger imports the model on first use
     if name == "Tagger":
-        from im2vec.use.predict import Tagger
+        from im2vec.use.tagger import Tagger
 
         return Tagger
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

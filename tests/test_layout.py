@@ -97,7 +97,7 @@ def test_public_names_import_from_the_package():
                            "from im2vec import Tagger; print(Tagger.__module__, im2vec.__version__)"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[0] == "im2vec.use.predict"
+    assert proc.stdout.split()[0] == "im2vec.use.tagger"
 
 
 @pytest.mark.parametrize("stem", ["before-subpackages"])

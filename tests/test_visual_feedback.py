@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from im2vec.data.datamodule import read_nonvisual
+from im2vec.data.visual_file import read_nonvisual
 from im2vec.data.vocab import Vocabulary
 from im2vec.errors import BadValue, NotFound, make
 from im2vec.use.visualness import TagRow, write_tsv
@@ -27,10 +27,10 @@ def test_the_file_gives_the_tags_marked_0(tmp_path):
         read_nonvisual(str(tmp_path / "none.tsv"))
     bad = tmp_path / "bad.tsv"
     bad.write_text("tag\tcount\ncat\t3\n", encoding="utf-8")  # a vocabulary, not the tool's file
-    with pytest.raises(BadValue, match="not a TSV written by python -m im2vec.visualness"):
+    with pytest.raises(BadValue, match="data.visual_tags: .* is not a tag visualness file"):
         read_nonvisual(str(bad))
     bad.write_text("tag\tvisual\ncat\tyes\n", encoding="utf-8")
-    with pytest.raises(BadValue, match="visual 1, 0 or NA"):
+    with pytest.raises(BadValue, match="whose visual is not 1, 0 or NA"):
         read_nonvisual(str(bad))
     with pytest.raises(BadValue, match="data.visual_use='both'"):
         read_nonvisual(str(path), "both")
@@ -120,7 +120,7 @@ def test_the_tool_writes_its_figures_to_tensorboard(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_benchmark_scores_every_arm_on_the_baselines_photos(cache_dir, tmp_path):
+def test_the_benchmark_scores_every_arm_on_the_baselines_photos(cache_dir, make_cfg, tmp_path):
     """Three tiny trainings; the baseline's figures equal its own closing test pass's, the arms' vocabularies
     follow the file, and the table has every arm."""
     from conftest import TINY
@@ -128,13 +128,20 @@ def test_the_benchmark_scores_every_arm_on_the_baselines_photos(cache_dir, tmp_p
     from im2vec.bench.visual_feedback import main
 
     over = [*TINY, f"paths.cache_dir={cache_dir}"]
-    records = main([*over, "--seeds", "0", "--out", str(tmp_path)])
+    assert main([*over, "--seeds", "0", "--out", str(tmp_path / "own")])  # the baseline's own file, from validation
+    assert (tmp_path / "own" / "corpus" / "seed0" / "visual_tags_val.tsv").is_file()
+    # a file marking the 8 most frequent tags 0 (the tiny run's own marks few): they move the arms' figures
+    vocab = make(make_cfg().data).vocab.tags
+    path = _file(tmp_path, zero=vocab[:8], one=vocab[8:20])
+    records = main([*over, "--seeds", "0", "--out", str(tmp_path), "--visual-tags", str(path)])
     by = {r["arm"]: r for r in records}
     assert set(by) == {"all tags", "visual only", "non-visual as negatives"}
     base = json.loads((tmp_path / "corpus" / "seed0" / "all" / "metrics.json").read_text())
     assert by["all tags"]["p5"] == pytest.approx(base["test/tagging/precision@5"], abs=1e-6)
     assert by["all tags"]["clean_p5"] == pytest.approx(base["test/tagging/clean/precision@5"], abs=1e-6)
     n0 = by["all tags"]["nonvisual"]
+    assert n0 == 8 and by["all tags"]["nonvisual5"] > 0  # the baseline predicts the frequent tags
     assert by["visual only"]["tags"] == by["all tags"]["tags"] - n0 and by["non-visual as negatives"]["tags"] == \
         by["all tags"]["tags"]
     assert len({r["images"] for r in records}) == 1
+    assert by["visual only"]["nonvisual5"] == 0  # its predictions are read by name: none is a tag it never had

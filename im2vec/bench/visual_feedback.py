@@ -14,8 +14,8 @@ the test split is not looked at), then two runs with the file fed back (``data.v
 
 All three checkpoints are scored on the same test photos (those with a tag of the baseline's vocabulary) against
 the same truth, by tag name: P@1 and P@5 of the observed tags, P@5 of the observed tags the file does not mark 0
-("visual P@5"), clean P@5 and the noise share of the top 5 (where the data knows its clean tags), each model with
-its own γ (chosen on validation by training).
+("visual P@5"), clean P@5 and the noise share of the top 5 (where the data knows its clean tags), the share of the
+top 5 the file marks 0, each model with its own γ (chosen on validation by training).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from im2vec.errors import ArgumentParser, NotFound, make, run_cli
 ARMS = ("all tags", "visual only", "non-visual as negatives")
 USE = {"visual only": "only", "non-visual as negatives": "negatives"}
 FIGURES = [("P@1", "p1"), ("P@5", "p5"), ("visual P@5", "visual_p5"), ("clean P@5", "clean_p5"),
-           ("noise@5", "noise5"), ("vocabulary", "tags")]
+           ("noise@5", "noise5"), ("marked 0 @5", "nonvisual5"), ("vocabulary", "tags")]
 
 
 def train_run(overrides: list[str], out: Path) -> Path:
@@ -70,7 +70,8 @@ def score(ckpts: dict[str, Path], dm, nonvisual: set[str], max_images: int | Non
     data = embed_shards(list(models.values()), list(dm.test_shards), base.image_size, 256, 1, max_images)
     index = {t: i for i, t in enumerate(base.tags)}
     obs, clean = data["obs"], data["clean"]
-    visual = obs.masked_fill(torch.isin(obs, torch.tensor([index[t] for t in nonvisual if t in index] or [-2])), -1)
+    zero = torch.tensor([index[t] for t in nonvisual if t in index] or [-2])
+    visual = obs.masked_fill(torch.isin(obs, zero), -1)
     content = getattr(dm, "content_tags", None)
     noise_ids = torch.tensor([i for i, t in enumerate(base.tags) if t not in content]) if content else None
     out = {}
@@ -79,7 +80,7 @@ def score(ckpts: dict[str, Path], dm, nonvisual: set[str], max_images: int | Non
         to_base = torch.tensor([index.get(t, -3) for t in m.tags])
         pred = to_base[ids]  # (N, 5) ids of the baseline's vocabulary
         out[arm] = {"p1": precision_at_k(pred, obs, 1), "p5": precision_at_k(pred, obs, 5),
-                    "visual_p5": precision_at_k(pred, visual, 5),
+                    "visual_p5": precision_at_k(pred, visual, 5), "nonvisual5": noise_share(pred, zero, 5),
                     "clean_p5": precision_at_k(pred, clean, 5) if content else math.nan,
                     "noise5": noise_share(pred, noise_ids, 5) if content else math.nan,
                     "tags": len(m.tags), "gamma": m.gamma, "images": len(data["keys"])}
@@ -93,7 +94,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         groups.setdefault((r["label"], r["arm"]), []).append(r)
     for (label, arm), rs in sorted(groups.items(), key=lambda x: (x[0][0], ARMS.index(x[0][1]))):
-        cells = [mean_sd([r[key] for r in rs]) for _, key in FIGURES]
+        cells = [mean_sd([r[key] for r in rs]) if key != "tags" else f"{sum(r[key] for r in rs) / len(rs):,.0f}"
+                 for _, key in FIGURES]
         lines.append(f"| {label} | {arm} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--label", default="corpus", help="the data's name in the table")
     ap.add_argument("--baseline", default=None,
                     help="an existing checkpoint of the baseline run, with {seed} (else it is trained into --out)")
+    ap.add_argument("--visual-tags", default=None, help="use this file (with {seed}) instead of the baseline's own")
     ap.add_argument("--out", default="outputs/visual_feedback")
     ap.add_argument("--json", default=None, help="results as JSON lines (default: OUT/visual_feedback.jsonl)")
     ap.add_argument("--max-images", type=int, default=None, help="test photos scored (default: all)")
@@ -126,8 +129,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise NotFound(f"visual_feedback: no baseline checkpoint {base}", "train it, or leave --baseline out")
             # the runs' data, composed from their settings (a checkpoint of an older version may name old classes)
             dm = make(compose(common).data)
-            tsv = visual_file(base, dm, run / "visual_tags_val.tsv")
-            from im2vec.data.datamodule import read_nonvisual
+            tsv = Path(a.visual_tags.format(seed=seed)) if a.visual_tags else \
+                visual_file(base, dm, run / "visual_tags_val.tsv")
+            from im2vec.data.visual_file import read_nonvisual
 
             nonvisual = set(read_nonvisual(str(tsv)))
             ckpts = {"all tags": base}

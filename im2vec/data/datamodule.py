@@ -28,6 +28,7 @@ from im2vec.data.shards import (
     user_counts,
     user_uses,
 )
+from im2vec.data.visual_file import read_nonvisual
 from im2vec.data.vocab import Vocabulary
 from im2vec.data.yfcc import normalize_tag
 from im2vec.errors import BadValue, NotFound
@@ -218,30 +219,6 @@ def read_holdout(spec: list[str] | str | None) -> list[str]:
             raise NotFound(f"data.holdout_tags: no file {path}", "give a list of tags or a file with one tag a line")
         spec = path.read_text(encoding="utf-8").splitlines()
     return list(dict.fromkeys(t for t in (normalize_tag(str(x)) for x in spec) if t))
-
-
-def read_nonvisual(path: str | None, use: str = "only") -> list[str]:
-    """data.visual_tags: the tags python -m im2vec.visualness marked 0 in its TSV (NA, untested, and 1 kept)."""
-    if use not in ("only", "negatives"):
-        raise BadValue(f"data.visual_use={use!r}", "use only (non-visual tags out of the vocabulary) or negatives "
-                       "(in it, never an image's positive)")
-    if not path:
-        return []
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise NotFound(f"data.visual_tags: no file {file}", "write one: python -m im2vec.visualness CKPT 'val-*.tar' "
-                       "--out visual_tags.tsv (from validation images, not the test split)")
-    from im2vec.use.visualness import COLUMNS, read_tsv
-
-    try:
-        rows = read_tsv(file)
-    except (IndexError, UnicodeDecodeError, ValueError):
-        rows = None
-    if rows is None or not rows or any(c not in rows[0] for c in COLUMNS[:2]) or any(
-            r.get("visual") not in ("0", "1", "NA") for r in rows):
-        raise BadValue(f"data.visual_tags: {file} is not a TSV written by python -m im2vec.visualness "
-                       f"(columns {', '.join(COLUMNS)}; visual 1, 0 or NA)", "write it with python -m im2vec.visualness")
-    return [r["tag"] for r in rows if r["visual"] == "0"]
 
 
 def default_corpus(cache_dir: str, corpus: dict | None = None, **kwargs) -> ShardDataModule:

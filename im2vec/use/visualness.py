@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from im2vec.data.visual_file import COLUMNS, read_tsv  # noqa: F401 (the file's reader, re-exported)
 from im2vec.tags import PAD
 
 RESAMPLES = 200
 ALPHA = 0.05  # the lower bound: the 5 % quantile of the bootstrap differences
 MIN_IMAGES = 5
 BY = ("images", "uploaders")  # what the bootstrap resamples
-COLUMNS = ("tag", "visual", "ap_model", "ap_prior", "lift", "lower", "n_heldout", "n_train")
 
 
 @dataclass
@@ -179,13 +179,6 @@ def write_tsv(rows: list[TagRow], path: str | Path, header: list[str]) -> Path:
                                 str(r.n_heldout), str(r.n_train)]))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def read_tsv(path: str | Path) -> list[dict]:
-    """The rows of a file written by write_tsv, as dicts of strings (header lines skipped)."""
-    lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
-    cols = lines[0].split("\t")
-    return [dict(zip(cols, ln.split("\t"))) for ln in lines[1:]]
 
 
 def summary(rows: list[TagRow], min_images: int, threshold: float) -> str:
