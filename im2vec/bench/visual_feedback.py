@@ -94,7 +94,7 @@ def table(records: list[dict]) -> str:
     for r in records:
         groups.setdefault((r["label"], r["arm"]), []).append(r)
     for (label, arm), rs in sorted(groups.items(), key=lambda x: (x[0][0], ARMS.index(x[0][1]))):
-        cells = [mean_sd([r[key] for r in rs]) if key != "tags" else f"{sum(r[key] for r in rs) / len(rs):,.0f}"
+        cells = [mean_sd([r.get(key, math.nan) for r in rs]) if key != "tags" else f"{sum(r[key] for r in rs) / len(rs):,.0f}"
                  for _, key in FIGURES]
         lines.append(f"| {label} | {arm} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
