@@ -181,6 +181,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    out.mkdir(parents=True, exist_ok=True)
     for size in sorted({r["size"] for r in records}):
         fig, ax = plt.subplots(figsize=(9, 5.5))
         for arm in ARMS:
