@@ -48,3 +48,25 @@ def test_dry_run_writes_runs_table_and_plot(tmp_path):
     assert (tmp_path / "scale_2000.png").stat().st_size > 10_000
     again = main(["--dry-run", "--out", str(tmp_path)])  # finished runs are not run again
     assert [r["seconds"] for r in again] == [r["seconds"] for r in records]
+
+
+def test_a_curve_is_the_last_runs_own(tmp_path):
+    """A run stopped before it was recorded leaves its log in the run's folder: the curve of the run that follows
+    reads its own process's files only (its seconds from its own start)."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from im2vec.bench.scale import curve
+
+    with SummaryWriter(str(tmp_path / "tensorboard")) as tb:
+        tb.add_scalar("val/precision@5", 0.5, 1)
+    old = next((tmp_path / "tensorboard").glob("events.*"))
+    parts = old.name.split(".")
+    parts[-2] = str(int(parts[-2]) + 1)  # another process's file, written earlier
+    old.rename(old.with_name(".".join(parts)))
+    time.sleep(1.1)
+    with SummaryWriter(str(tmp_path / "tensorboard")) as tb:
+        tb.add_scalar("val/precision@5", 0.25, 1)
+    points = curve(tmp_path)
+    assert [v for _, v in points] == [0.25] and points[0][0] < 1.0

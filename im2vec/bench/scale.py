@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -117,7 +118,11 @@ def curve(run_dir: Path) -> list[tuple[float, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points, starts = [], []
-    for f in sorted(run_dir.rglob("events.out.tfevents.*")):
+    files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return []
+    pid = files[-1].name.split(".")[-2]  # events.out.tfevents.<time>.<host>.<pid>.<n>: the last run's process only
+    for f in (f for f in files if f.name.split(".")[-2] == pid):
         ea = EventAccumulator(str(f), size_guidance={"scalars": 0})
         ea.Reload()
         tags = ea.Tags().get("scalars", [])
@@ -138,6 +143,8 @@ def run_one(size: int, arm: str, seed: int, feats: Path, data: list[str], sample
     overrides = ["+experiment=features", f"data.features_dir={feats}", *data, f"data.vocab_max_size={size}",
                  "sampler.head=sampled", *ARMS[arm], f"seed={seed}", f"train_samples={samples}",
                  f"paths.output_dir={run_dir}"]
+    if run_dir.exists():  # a run stopped before it was recorded: start it again from nothing
+        shutil.rmtree(run_dir)
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     metrics, _ = train(compose(overrides))
