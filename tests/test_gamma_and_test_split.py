@@ -518,6 +518,8 @@ def test_gamma_fixed_when_not_chosen_and_set_gamma_rewrites_it(cache_dir, tmp_pa
     assert m["val/precision@5"] == pytest.approx(m["val_gamma/precision@5/0.7"], abs=1e-9)
     before = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert before["im2vec"]["gamma"] == 0.7 and load_model(ckpt).gamma == 0.7
+    files = sorted(p.name for p in ckpt.parent.iterdir())  # last.ckpt, and user_prior.pt (user_prior=auto)
+    assert "last.ckpt" in files
     set_gamma(ckpt, 1.25)
     after = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert after["im2vec"]["gamma"] == 1.25 and load_model(ckpt).gamma == 1.25
@@ -526,7 +528,7 @@ def test_gamma_fixed_when_not_chosen_and_set_gamma_rewrites_it(cache_dir, tmp_pa
     assert after["state_dict"].keys() == before["state_dict"].keys()
     assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
     assert after["epoch"] == before["epoch"] and after["global_step"] == before["global_step"]
-    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == files  # no temporary file left
 
 
 def test_gamma_chosen_after_fit_is_written_to_the_checkpoint(cache_dir, tmp_path):
