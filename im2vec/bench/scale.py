@@ -181,7 +181,9 @@ def table(records: list[dict]) -> str:
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
-    """One PNG per size: validation P@5 against seconds, each arm's seeds' mean at each validation."""
+    """One PNG per size, each arm's seeds' mean validation P@5 at each validation: against the training samples
+    seen (the validations are evenly spaced in samples; the same for every arm, whatever the machine's load), and
+    against the run's wall-clock seconds (which the load of the machine moves: compare runs made side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,22 +192,27 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     written = []
     out.mkdir(parents=True, exist_ok=True)
     for size in sorted({r["size"] for r in records}):
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for arm in ARMS:
+        fig, (by_samples, by_seconds) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+        for j, arm in enumerate(ARMS):
             rs = [r for r in records if r["size"] == size and r["arm"] == arm and r["curve"]]
             if not rs:
                 continue
+            style = {"marker": "o", "color": plt.cm.tab20(j % 20), "linestyle": "-" if arm.startswith("ns ") else "--"}
             n = min(len(r["curve"]) for r in rs)
-            xs = [sum(r["curve"][i][0] for r in rs) / len(rs) for i in range(n)]
+            samples = round(rs[0]["images_per_s"] * rs[0]["seconds"])
             ys = [sum(r["curve"][i][1] for r in rs) / len(rs) for i in range(n)]
-            ax.plot(xs, ys, marker="o", label=f"{arm} ({len(rs)} seeds)")
-        ax.set_xlabel("seconds of training (wall clock, this machine)")
-        ax.set_ylabel("validation P@5")
-        ax.set_title(f"{size:,} tags: time to quality")
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
+            label = f"{arm} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+            by_samples.plot([samples * (i + 1) / n for i in range(n)], ys, label=label, **style)
+            by_seconds.plot([sum(r["curve"][i][0] for r in rs) / len(rs) for i in range(n)], ys, label=label, **style)
+        by_samples.set_xlabel("training samples")
+        by_samples.set_ylabel("validation P@5")
+        by_seconds.set_xlabel("seconds of training (wall clock, this machine, under the load of the day)")
+        fig.suptitle(f"{size:,} tags: validation P@5 during training")
+        by_seconds.legend(fontsize=7, ncol=2)
+        for ax in (by_samples, by_seconds):
+            ax.grid(alpha=0.3)
         path = out / f"scale_{size}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
