@@ -31,6 +31,7 @@ import json
 import math
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -171,13 +172,20 @@ def table(records: list[dict]) -> str:
     for (size, arm), rs in sorted(groups.items(), key=lambda x: (x[0][0], order.index(x[0][1]) if x[0][1] in order else 99)):
         cells = [mean_sd([r["metrics"].get(key, math.nan) for r in rs]) for _, key in FIGURES]
         lines.append(f"| {size:,} | {arm} | {len(rs)} | " + " | ".join(cells) +
-                     f" | {mean_sd([r['seconds'] for r in rs])} | {mean_sd([r['cpu_seconds'] for r in rs])} |")
+                     f" | {_whole(r['seconds'] for r in rs)} | {_whole(r['cpu_seconds'] for r in rs)} |")
     bce = [r for r in records if r["arm"] == "BCE head" and r.get("images_per_s")]
     for r in bce[:1]:
         lines.append(f"BCE head at {r['size']:,} tags: {r['images_per_s']:,.0f} images/s over the whole run (validation "
                      f"included); its step is ∝ V, so at 600,000 tags ≈ {r['images_per_s'] * r['size'] / 600_000:,.0f} "
                      "images/s (projected, not run)")
     return "\n".join(lines)
+
+
+def _whole(xs) -> str:
+    """Seconds as a whole number, mean ± sd over the runs."""
+    xs = list(xs)
+    sd = f" ± {statistics.stdev(xs):.0f}" if len(xs) > 1 else ""
+    return f"{statistics.fmean(xs):.0f}{sd}"
 
 
 def plots(records: list[dict], out: Path) -> list[Path]:
