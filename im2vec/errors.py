@@ -87,6 +87,39 @@ def _user_full_error() -> bool:
 
 
 # ---------------------------------------------------------------- the Hydra scripts
+# Recorded settings name their classes (``_target_``), and modules moved into subpackages (data/, wide/, deep/,
+# eval/, train/, use/) after checkpoints recorded theirs: an older checkpoint's data settings name
+# im2vec.datamodule.ShardDataModule where it is now im2vec.data.datamodule.ShardDataModule. ``make`` reads them
+# where they are now.
+MOVED = {"datamodule": "data.datamodule", "corpus": "data.corpus", "data": "data.loader", "features": "train.features"}
+
+
+def current_targets(node):
+    """``node`` (a checkpoint's recorded settings) with every ``_target_`` of a moved module renamed to where it is
+    now; a target that imports as it is, or whose new place does not hold it either, is left as it was."""
+    if isinstance(node, list):
+        return [current_targets(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: current_targets(v) for k, v in node.items()}
+    target = out.get("_target_")
+    if isinstance(target, str) and target.count(".") >= 2 and not _importable(target):
+        _, mod, rest = target.split(".", 2)
+        if mod in MOVED and _importable(renamed := f"im2vec.{MOVED[mod]}.{rest}"):
+            out["_target_"] = renamed
+    return out
+
+
+def _importable(target: str) -> bool:
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
 def make(node, **kwargs):
     """instantiate(node), its constructor's own user error shown as it is; a constructor that refuses its
     arguments (TypeError, ValueError) is a bad config value."""
@@ -94,7 +127,7 @@ def make(node, **kwargs):
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(current_targets(node), **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if as_user_error(cause) is not None:  # the constructor's own one-line message, not Hydra's wrapper

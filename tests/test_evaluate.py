@@ -100,3 +100,5 @@ def test_a_checkpoint_naming_a_module_from_before_the_move_still_gives_its_data(
     assert model.data["_target_"] == data["_target_"]
     dm = make(model.data)
     assert dm.vocab.tags == tiny_run.datamodule.vocab.tags and dm.test_shards == tiny_run.datamodule.test_shards
+    # the recorded settings as they are in the file (bench.user_prior reads them without the model): make renames
+    assert make(ckpt["im2vec"]["data"]).vocab.tags == dm.vocab.tags

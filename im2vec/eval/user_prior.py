@@ -243,7 +243,7 @@ def build_for_checkpoint(ckpt: str | Path, shards: list[str] | None = None, out:
     elif data and data.get("train_shards"):  # the shards' pattern as recorded (any layout of the package)
         files = expand_shards(data["train_shards"])
     elif data:  # the built-in corpus: its datamodule finds (or generates) the shards
-        files = _datamodule(data).train_shards
+        files = make(data).train_shards
     else:
         raise BadValue(f"user prior: {ckpt} records no data settings", "give the training shards: --shards …")
     if not files:
@@ -263,12 +263,6 @@ def build_beside(files: list[str], tags: list[str], ckpt: Path, max_tags_per_use
     return UserPrior.build(files, tags, max_tags_per_user, mu, fp)
 
 
-def _datamodule(data: dict):
-    """The data module a checkpoint's recorded data settings make (checkpoints before the subpackages too)."""
-    return make({**data, "_target_": str(data.get("_target_", "")).replace("im2vec.datamodule.",
-                                                                            "im2vec.data.datamodule.")})
-
-
 def held_out_of(dm) -> tuple[list[str], list[str], set[str] | None]:
     """(validation image shards, test image shards, content tags or None) of a data module. Frozen-trunk features
     (a ``manifest``): the validation images are the ones its val/ features were extracted from."""
@@ -284,7 +278,7 @@ def split_shards(data: dict) -> tuple[list[str], list[str], set[str] | None]:
         path = data.get("content_tags_path")
         content = set(Path(path).read_text(encoding="utf-8").split()) if path and Path(path).is_file() else None
         return expand_shards(data["val_shards"]), expand_shards(data.get("test_shards") or []), content
-    return held_out_of(_datamodule(data))
+    return held_out_of(make(data))
 
 
 def grid_p5(data: dict, model, prior: UserPrior, lambdas, mus, by: str = "precision@5",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from im2vec.deep.encoder import ImageEncoder
-from im2vec.errors import BadValue, NotFound
+from im2vec.errors import BadValue, NotFound, current_targets
 from im2vec.eval.heldout import TrainedModel
 from im2vec.wide.row_checkpoint import METADATA, ROW_SHARDS, is_sharded_checkpoint, read_sharded
 from im2vec.wide.tag_vectors import TagVectorMap
@@ -107,38 +107,6 @@ def load_model(path: str | os.PathLike) -> TrainedModel:
     return TrainedModel(encoder=encoder, table=table, log_counts=log_counts, tags=tags, gamma=gamma,
                         image_size=meta.get("image_size"), fingerprint=fingerprint, path=str(path), tag_map=tag_map,
                         holdout_tags=list(meta.get("holdout_tags") or []), data=current_targets(meta.get("data")))
-
-
-# Modules that moved into subpackages (data/, wide/, deep/, eval/, train/, use/) after checkpoints recorded their
-# classes: a checkpoint's data settings name im2vec.datamodule.ShardDataModule where it is now
-# im2vec.data.datamodule.ShardDataModule.
-MOVED = {"datamodule": "data.datamodule", "corpus": "data.corpus", "data": "data.loader", "features": "train.features"}
-
-
-def current_targets(node):
-    """``node`` (a checkpoint's recorded settings) with every ``_target_`` of a moved module renamed to where it is
-    now; a target that imports as it is, or whose new place does not hold it either, is left as it was."""
-    if isinstance(node, list):
-        return [current_targets(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: current_targets(v) for k, v in node.items()}
-    target = out.get("_target_")
-    if isinstance(target, str) and target.count(".") >= 2 and not _importable(target):
-        _, mod, rest = target.split(".", 2)
-        if mod in MOVED and _importable(renamed := f"im2vec.{MOVED[mod]}.{rest}"):
-            out["_target_"] = renamed
-    return out
-
-
-def _importable(target: str) -> bool:
-    import importlib
-
-    module, _, name = target.rpartition(".")
-    try:
-        return hasattr(importlib.import_module(module), name)
-    except ImportError:
-        return False
 
 
 def set_gamma(path: str | os.PathLike, gamma: float) -> None:
